@@ -1,0 +1,5 @@
+import sys
+
+from nestnas.cli import main
+
+sys.exit(main())

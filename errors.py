@@ -1,0 +1,21 @@
+"""Errors raised by nestnas. User errors are NestnasError subclasses; the CLI turns them into one line."""
+
+
+class NestnasError(Exception):
+    """Base class of every error nestnas raises on bad input."""
+
+
+class ConfigError(NestnasError, ValueError):
+    """A subnet config, search space or option is outside what is allowed."""
+
+
+class CheckpointError(NestnasError):
+    """A checkpoint is missing, corrupt, or belongs to another space."""
+
+
+class ProfileError(NestnasError):
+    """A device profile is missing, corrupt, or measured on another space."""
+
+
+class ArtifactError(NestnasError):
+    """An exported artifact or its manifest is missing, tampered with or inconsistent."""

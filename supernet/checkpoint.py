@@ -1,0 +1,56 @@
+"""Supernet checkpoints: one `torch.save` file of tensors and plain data, always loaded with
+`weights_only=True` (nothing in a user's file is unpickled as code)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nestnas.errors import CheckpointError, ConfigError
+from nestnas.fileio import atomic_path
+from nestnas.supernet.base import Supernet, build_supernet
+from nestnas.supernet.space import SearchSpace
+
+FORMAT = "nestnas.supernet"
+VERSION = 1
+
+
+def save_checkpoint(net: Supernet, path: str | os.PathLike, train_state: dict[str, Any] | None = None) -> None:
+    """Write `net` (its space, constructor spec and weights) and optional training state atomically."""
+    payload = {
+        "format": FORMAT, "version": VERSION, "space": net.space.to_dict(), "spec": net.spec(),
+        "model": net.state_dict(), "train": train_state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw checkpoint payload, checked for format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a nestnas supernet checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {payload.get('version')!r}; this nestnas reads version {VERSION}")
+    return payload
+
+
+def load_supernet(path: str | os.PathLike) -> Supernet:
+    """Rebuild the supernet saved at `path` (eval mode)."""
+    payload = read_checkpoint(path)
+    try:
+        space = SearchSpace.from_dict(payload["space"])
+        net = build_supernet(space, **payload["spec"])
+        net.load_state_dict(payload["model"])
+    except (ConfigError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not describe a valid supernet: {str(exc).splitlines()[0]}") from None
+    return net.eval()

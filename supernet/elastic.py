@@ -1,0 +1,113 @@
+"""Elastic layers: one set of largest weights, and a smaller choice is always its leading slice.
+
+Every layer takes the sub-layer it should run as explicit arguments (no active-subnet state)
+and can emit the equivalent static `torch.nn` layer with the sliced weights copied.
+
+Kernel size is elastic by centre crop, without Once-for-All's kernel transform matrices: those
+matrices help when a large pretrained kernel is shrunk progressively, but here every kernel size
+is trained together from the start (sandwich rule), and a plain crop keeps the extracted kernel
+an exact slice of the shared one, so extraction needs no extra parameters and stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def centre_crop(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    full = weight.shape[-1]
+    if kernel_size == full:
+        return weight
+    start = (full - kernel_size) // 2
+    return weight[..., start : start + kernel_size, start : start + kernel_size]
+
+
+class ElasticConv2d(nn.Module):
+    """Conv2d whose output channels and kernel size are chosen per call; input channels follow
+    the input. `depthwise=True` makes it a depthwise conv (groups == channels)."""
+
+    def __init__(self, max_in: int, max_out: int, max_kernel: int = 1, stride: int = 1, depthwise: bool = False):
+        super().__init__()
+        if depthwise and max_in != max_out:
+            raise ValueError("a depthwise conv has as many outputs as inputs")
+        self.stride, self.depthwise, self.max_kernel = stride, depthwise, max_kernel
+        self.weight = nn.Parameter(torch.empty(max_out, 1 if depthwise else max_in, max_kernel, max_kernel))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+
+    def sliced_weight(self, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+        w = self.weight[:out_channels] if self.depthwise else self.weight[:out_channels, :in_channels]
+        return centre_crop(w, kernel_size)
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel_size: int | None = None) -> torch.Tensor:
+        k = kernel_size or self.max_kernel
+        c = x.shape[1]
+        if self.depthwise:
+            out_channels = c
+        w = self.sliced_weight(c, out_channels, k)
+        return F.conv2d(x, w, None, self.stride, k // 2, 1, c if self.depthwise else 1)
+
+    def to_static(self, in_channels: int, out_channels: int, kernel_size: int | None = None) -> nn.Conv2d:
+        k = kernel_size or self.max_kernel
+        if self.depthwise:
+            out_channels = in_channels
+        conv = nn.Conv2d(in_channels, out_channels, k, self.stride, k // 2,
+                         groups=in_channels if self.depthwise else 1, bias=False)
+        conv.weight.data.copy_(self.sliced_weight(in_channels, out_channels, k))
+        return conv
+
+
+class ElasticBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over the leading channels of the input. In training mode the running
+    statistics of those channels are updated in place (slices are views)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        use_batch = self.training or not self.track_running_stats
+        return F.batch_norm(
+            x, self.running_mean[:c], self.running_var[:c], self.weight[:c], self.bias[:c],
+            use_batch, self.momentum, self.eps,
+        )
+
+    def to_static(self, channels: int) -> nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, name).data.copy_(getattr(self, name)[:channels])
+        bn.num_batches_tracked.copy_(self.num_batches_tracked)
+        return bn
+
+
+class ElasticLinear(nn.Module):
+    """Linear layer whose output width is chosen per call; the input width follows the input."""
+
+    def __init__(self, max_in: int, max_out: int, bias: bool = True):
+        super().__init__()
+        ref = nn.Linear(max_in, max_out, bias=bias)  # torch's default initialisation
+        self.weight = nn.Parameter(ref.weight.data.clone())
+        self.bias = nn.Parameter(ref.bias.data.clone()) if bias else None
+
+    def forward(self, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        w = self.weight[:out_features, : x.shape[-1]]
+        return F.linear(x, w, None if self.bias is None else self.bias[:out_features])
+
+    def to_static(self, in_features: int, out_features: int) -> nn.Linear:
+        lin = nn.Linear(in_features, out_features, bias=self.bias is not None)
+        lin.weight.data.copy_(self.weight[:out_features, :in_features])
+        if self.bias is not None:
+            lin.bias.data.copy_(self.bias[:out_features])
+        return lin
+
+
+class ElasticLayerNorm(nn.LayerNorm):
+    """LayerNorm over the leading features of the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        return F.layer_norm(x, (d,), self.weight[:d], self.bias[:d], self.eps)
+
+    def to_static(self, features: int) -> nn.LayerNorm:
+        ln = nn.LayerNorm(features, eps=self.eps)
+        ln.weight.data.copy_(self.weight[:features])
+        ln.bias.data.copy_(self.bias[:features])
+        return ln

@@ -1,0 +1,73 @@
+"""Honest shared-weight accuracy: extract a subnet, recalibrate its batch norm, evaluate."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from nestnas.supernet.base import Supernet
+from nestnas.supernet.config import SubnetConfig
+
+
+@torch.no_grad()
+def recalibrate_bn(module: nn.Module, batches: Iterable[torch.Tensor], num_batches: int | None = None) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics of `module` as the exact average over
+    `batches` (the supernet's shared statistics are a blend of all subnets, so a subnet needs its
+    own). Leaves `module` in eval mode."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return module.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    module.train()
+    seen = 0
+    for x in itertools.islice(batches, num_batches):
+        module(x)
+        seen += 1
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    if seen == 0:
+        raise ValueError("recalibrate_bn needs at least one batch")
+    return module.eval()
+
+
+@torch.no_grad()
+def accuracy(module: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy of a static module over (x, y) batches."""
+    module.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (module(x).argmax(dim=1) == y).sum().item()
+        total += len(y)
+    return correct / max(total, 1)
+
+
+class _Prepared:
+    """(x, y) batches brought to a subnet's input shape."""
+
+    def __init__(self, net: Supernet, config: SubnetConfig, loader: DataLoader):
+        self.net, self.config, self.loader = net, config, loader
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield self.net.prepare_input(x, self.config), y
+
+
+def subnet_accuracy(net: Supernet, config: SubnetConfig | None, val_loader: DataLoader,
+                    calib_loader: DataLoader | None = None, calib_batches: int = 8, seed: int = 0) -> float:
+    """Validation accuracy of `config` on the shared weights, after batch-norm recalibration
+    on up to `calib_batches` batches of `calib_loader` (skipped when it is None). The
+    calibration batches are drawn under `seed`, leaving the global RNG untouched."""
+    config = net.resolve(config)
+    sub = net.extract(config)
+    if calib_loader is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            recalibrate_bn(sub, (x for x, _ in _Prepared(net, config, calib_loader)), calib_batches)
+    return accuracy(sub, _Prepared(net, config, val_loader))
