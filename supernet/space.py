@@ -163,12 +163,21 @@ class SearchSpace:
         return self.decode(np.zeros(self.n_var, dtype=np.int64))
 
     def ladder(self, n: int) -> list[SubnetConfig]:
-        """`n` nested configs from smallest to largest (each choice non-decreasing along the
-        ladder): the sorted sub-network sequence of SortedNet."""
-        if n < 2:
-            raise ConfigError(f"a ladder needs at least 2 rungs, got {n}")
+        """`n` distinct nested configs from smallest to largest: the sorted sub-network sequence
+        of SortedNet. Along a chain that raises one choice at a time, round-robin over the
+        variables, every rung is at least as large as the one before in every choice."""
         top = self.upper_bounds()
-        return [self.decode(np.rint(t * top).astype(np.int64)) for t in np.linspace(0.0, 1.0, n)]
+        steps = int(top.sum())
+        if not 2 <= n <= steps + 1:
+            raise ConfigError(f"a ladder of this space has 2 to {steps + 1} rungs, got {n}")
+        chain, cur = [top * 0], top * 0
+        while len(chain) <= steps:
+            for i in range(len(top)):
+                if cur[i] < top[i]:
+                    cur = cur.copy()
+                    cur[i] += 1
+                    chain.append(cur)
+        return [self.decode(chain[int(p)]) for p in np.linspace(0, steps, n).round()]
 
     def config_hash(self, config: SubnetConfig) -> str:
         """Stable hash (same across processes and machines) of the canonical form."""

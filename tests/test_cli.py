@@ -1,0 +1,117 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nestnas import __version__
+from nestnas.supernet import SearchSpace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nestnas(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nestnas", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_version_from_both_entry_points():
+    assert nestnas("--version").stdout.strip() == f"nestnas {__version__}"
+    script = shutil.which("nestnas")
+    assert script is not None, "the console script is installed with the package"
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"nestnas {__version__}"
+
+
+def test_every_command_has_help():
+    for command in ("train", "eval", "quickstart"):
+        proc = nestnas(command, "--help")
+        assert proc.returncode == 0 and "--seed" in proc.stdout, command
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tr.ckpt"
+    proc = nestnas("train", "--family", "transformer", "--epochs", "2", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["checkpoint"] == str(out) and summary["epochs"] == 2 and out.is_file()
+    assert 0.0 <= summary["val_acc_smallest"] <= 1.0
+    return out
+
+
+def test_eval_reports_a_given_config(checkpoint, tmp_path):
+    space = SearchSpace.transformer()
+    config = space.sample(4)
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    for given in (path, config.to_json()):
+        proc = nestnas("eval", "--checkpoint", checkpoint, "--config", given, "--json")
+        assert proc.returncode == 0, proc.stderr
+        row = json.loads(proc.stdout)["config"]
+        assert row["hash"] == space.config_hash(config) and row["params"] > 0 and row["macs"] > 0
+
+
+def test_bad_configs_give_one_line(checkpoint, tmp_path):
+    assert_user_error(nestnas("eval", "--checkpoint", checkpoint, "--config", "{oops"), "malformed config JSON")
+    data = SearchSpace.transformer().largest().to_dict()
+    data["embed_dim"] = 40
+    assert_user_error(nestnas("eval", "--checkpoint", checkpoint, "--config", json.dumps(data)),
+                      "'embed_dim'", "40", "[32, 48, 64]")
+    cnn = SearchSpace.mobilenet().largest().to_json()
+    assert_user_error(nestnas("eval", "--checkpoint", checkpoint, "--config", cnn), "does not belong")
+    assert_user_error(nestnas("eval", "--checkpoint", checkpoint, "--config", tmp_path / "nope.json"),
+                      "neither inline JSON nor an existing file")
+
+
+def test_bad_checkpoints_give_one_line(checkpoint, tmp_path):
+    assert_user_error(nestnas("eval", "--checkpoint", tmp_path / "missing.ckpt"), "checkpoint not found")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:500])
+    assert_user_error(nestnas("eval", "--checkpoint", corrupt), "corrupt")
+
+
+def test_unknown_family_writes_nothing(tmp_path):
+    out = tmp_path / "x.ckpt"
+    assert_user_error(nestnas("train", "--family", "rnn", "--out", out), "unknown supernet family 'rnn'",
+                      "['cnn', 'transformer']")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_option_values_give_one_line(tmp_path):
+    assert_user_error(nestnas("train", "--epochs", "abc", "--out", tmp_path / "x.ckpt"), "--epochs")
+    assert_user_error(nestnas("train", "--epochs", "0", "--out", tmp_path / "x.ckpt"), "--epochs")
+    assert_user_error(nestnas("frobnicate"), "frobnicate")
+
+
+def test_quickstart_runs_every_stage(tmp_path):
+    proc = nestnas("quickstart", "--epochs", "1", "--out", tmp_path / "qs", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert Path(summary["checkpoint"]).is_file()
+    subnets = summary["subnets"]
+    assert list(subnets) == ["largest", "smallest", "random 1", "random 2", "random 3"]
+    assert subnets["largest"]["macs"] > subnets["smallest"]["macs"] > 0
+    assert subnets["largest"]["params"] > subnets["smallest"]["params"] > 0
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in subnets.values())
+    assert subnets["largest"]["accuracy"] > 0.5  # one epoch already learns digits
+
+
+def test_ci_runs_the_readme_test_line():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    lines = [line.strip().strip("`") for line in readme.splitlines() if "pytest" in line and "pip install" in line]
+    assert lines, "README has a one-line test command"
+    for line in lines:
+        assert line in ci
