@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -23,6 +22,8 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+# Typer has vendored click since 0.20; take its base class from Typer itself so either works.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 Seed = Annotated[int, typer.Option(help="Seed of every random choice (results reproduce bit for bit).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
@@ -154,16 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except NestnasError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return 1
-    except click.exceptions.Exit as exc:
+        _error(str(exc))
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted", markup=False)
-        return 1
-    except click.ClickException as exc:
-        err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
-        return 1
+    except typer.Abort:
+        _error("aborted")
+    except _ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return 0  # the help was shown
+        _error(exc.format_message())
+    return 1
+
+
+def _error(message: str) -> None:
+    line = " ".join(message.split())
+    err_console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

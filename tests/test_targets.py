@@ -11,7 +11,7 @@ from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("family, largest_min, smallest_min", [("cnn", 0.95, 0.90), ("transformer", 0.90, 0.0)])
+@pytest.mark.parametrize("family, largest_min, smallest_min", [("cnn", 0.95, 0.90), ("transformer", 0.90, 0.85)])
 def test_default_training_reaches_the_targets(family, largest_min, smallest_min):
     torch.manual_seed(0)
     space = SearchSpace.for_family(family)

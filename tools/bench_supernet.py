@@ -9,6 +9,8 @@ Measured side by side in one run, for both supernet families (``cnn`` and ``tran
    the same loss, backward and an AdamW step each; every static module has its own
    optimizer, created outside the timed region). k = 4 subnets: largest, smallest and two
    seeded random ones; one batch of 64 digits images. Target: sandwich / plain <= 1.2.
+   (The plain side pays k optimizer steps over k weight copies, the sandwich one step over the
+   shared weights; that is part of what is compared.)
 2. Inference. Batch-1 forward latency (eval mode, ``torch.no_grad``) of the supernet running
    a config against the static module extracted for that config, for the largest, the
    smallest and three seeded random configs. Ratio supernet / extracted.
@@ -16,14 +18,16 @@ Measured side by side in one run, for both supernet families (``cnn`` and ``tran
 How it is timed: ``time.perf_counter``, warm-up calls first, then the variants are
 interleaved (A B, then B A, and so on, so neither always runs first) and each sample
 repeats a call often enough to last about ``SAMPLE_S``; medians over the repeats are
-reported, since the machine is noisy. Only ratios within one run mean anything; absolute
-times do not compare across runs or machines. Torch's thread count is left at its default
-and recorded.
+reported, since the machine is noisy. The share of CPU time other processes took during the
+run is recorded (``meta.foreign_cpu_share``) and warned about: torch's OpenMP threads stall
+badly when the cores are oversubscribed, inflating absolute times many-fold. Only ratios
+within one run mean anything; absolute times do not compare across runs or machines.
+Torch's thread count is left at its default and recorded.
 
 Reproduce (from the repository root, ``pip install -e .`` done)::
 
-    python tools/bench_supernet.py                    # ~3 minutes on 2 cores
-    python tools/bench_supernet.py --quick            # ~30 s smoke run
+    python tools/bench_supernet.py                    # ~1.5 min on 2 idle cores (under 3)
+    python tools/bench_supernet.py --quick            # ~15-30 s smoke run
     python tools/bench_supernet.py --repeats 31 --out bench_supernet.json
 """
 
@@ -37,7 +41,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -57,9 +60,9 @@ BATCH = 64
 K_SUBNETS = 4  # largest + smallest + 2 random
 N_RANDOM_INFERENCE = 3
 LR, WEIGHT_DECAY = 4e-3, 0.02  # the defaults of train_supernet
-DEFAULT_REPEATS, QUICK_REPEATS = 15, 5
+DEFAULT_REPEATS, QUICK_REPEATS = 25, 7
 WARMUP = 3  # calls of every variant before timing
-SAMPLE_S = {False: 0.05, True: 0.02}  # least duration of one timing sample (by --quick)
+SAMPLE_S = {False: 0.1, True: 0.02}  # least duration of one timing sample (by --quick)
 FOREIGN_CPU_WARN = 0.1  # warn when other processes took more than this share of the CPUs
 
 
@@ -209,7 +212,7 @@ def summarise(training: list[dict], inference: list[dict]) -> dict:
 def meta(repeats: int, quick: bool, foreign_cpu: float | None) -> dict:
     return {
         "torch": torch.__version__, "num_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(), "processor": platform.processor(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "repeats": repeats, "quick": quick, "warmup_calls": WARMUP,
         "min_sample_s": SAMPLE_S[quick], "batch_training": BATCH, "batch_inference": 1, "seed": SEED,
         "statistic": "median over interleaved repeats, ms per call",
@@ -256,22 +259,23 @@ def print_report(console: Console, result: dict) -> None:
                       f"{r['ratio']:.2f}", f"<= {r['target']}", "yes" if r["met"] else "[red]no[/]")
     console.print(train)
 
-    infer = Table(title=f"Batch-1 inference latency (median of {m['repeats']})")
-    for col in ("family", "subnet", "config", "supernet ms", "extracted ms", "supernet/extracted"):
-        infer.add_column(col, justify="left" if col in ("family", "subnet", "config") else "right")
+    infer = Table(title=f"Batch-1 inference latency (median of {m['repeats']}), ratio = supernet / extracted")
+    for col in ("family", "subnet", "config hash", "supernet ms", "extracted ms", "ratio"):
+        infer.add_column(col, justify="left" if col in ("family", "subnet", "config hash") else "right", no_wrap=True)
     for r in result["inference"]:
         infer.add_row(r["family"], r["subnet"], r["config_hash"], f"{r['supernet_ms']:.3f}",
                       f"{r['extracted_ms']:.3f}", f"{r['ratio']:.2f}")
     console.print(infer)
 
     summary = Table(title="Summary (ratios)")
-    for col in ("family", "training sandwich/plain", "target met", "inference supernet/extracted (median)"):
-        summary.add_column(col)
+    for col in ("family", "train sandwich/plain", "target met", "infer supernet/extracted (median)"):
+        summary.add_column(col, no_wrap=True)
     for family, s in result["summary"].items():
         summary.add_row(family, f"{s['training_ratio_median']:.2f}", "yes" if s["training_target_met"] else "no",
                         f"{s['inference_ratio_median']:.2f}")
     console.print(summary)
-    console.print(f"torch {m['torch']}, {m['num_threads']} threads, {m['cpu_count']} CPUs, {m['processor']}")
+    cpu = m["processor"] or m["machine"]
+    console.print(f"torch {m['torch']}, {m['num_threads']} threads, {m['cpu_count']} CPUs ({cpu})")
     if (m["foreign_cpu_share"] or 0.0) > FOREIGN_CPU_WARN:
         console.print(f"[yellow]warning:[/] other processes used {m['foreign_cpu_share']:.0%} of the CPUs during "
                       "the run: absolute times are inflated (torch's OpenMP threads stall when the cores are "
@@ -285,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"timed samples per variant (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick)")
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     if repeats < 1:
         parser.error("--repeats must be at least 1")
     sample_s = SAMPLE_S[args.quick]
 
     console = Console()
+    console.width = max(console.width, 100)  # piped output defaults to 80 columns: too narrow
     watch = ForeignLoad()
     training, inference = [], []
     for family in FAMILIES:
