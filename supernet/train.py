@@ -79,8 +79,25 @@ def _subnets(net: Supernet, opts: TrainOptions, rng: np.random.Generator, ladder
     return [space.smallest(), *extra]
 
 
-def _distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """In-place distillation: KL divergence from the teacher's soft predictions."""
     return F.kl_div(F.log_softmax(student, dim=1), F.softmax(teacher, dim=1), reduction="batchmean")
+
+
+def sandwich_backward(net: Supernet, inputs: list[tuple[SubnetConfig, torch.Tensor]], y: torch.Tensor,
+                      distill: bool = True, scale: float = 1.0) -> float:
+    """Forward and backward of one sandwich step (gradients accumulate; no optimiser step).
+    `inputs` pairs each subnet with its prepared batch; the first is the teacher, trained on
+    the labels. Returns the teacher's loss."""
+    (config, x), rest = inputs[0], inputs[1:]
+    logits = net(x, config)
+    loss = F.cross_entropy(logits, y)
+    (loss * scale).backward()
+    teacher = logits.detach()
+    for config, x in rest:
+        out = net(x, config)
+        (scale * (distill_loss(out, teacher) if distill else F.cross_entropy(out, y))).backward()
+    return loss.item()
 
 
 def train_supernet(
@@ -136,15 +153,9 @@ def train_supernet(
             losses = []
             optimizer.zero_grad(set_to_none=True)
             for i, (x, y) in enumerate(train_loader):
-                logits = net(net.prepare_input(x, largest), largest)
-                loss = F.cross_entropy(logits, y)
-                (loss / opts.grad_accum).backward()
-                teacher = logits.detach()
-                for config in _subnets(net, opts, rng, ladder):
-                    out = net(net.prepare_input(x, config), config)
-                    sub_loss = _distill_loss(out, teacher) if opts.distill else F.cross_entropy(out, y)
-                    (sub_loss / opts.grad_accum).backward()
-                losses.append(loss.item())
+                configs = [largest, *_subnets(net, opts, rng, ladder)]
+                inputs = [(c, net.prepare_input(x, c)) for c in configs]
+                losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum))
                 if (i + 1) % opts.grad_accum == 0 or i + 1 == len(train_loader):
                     optimizer.step()
                     scheduler.step()

@@ -52,6 +52,7 @@ from rich.table import Table
 from nestnas.fileio import write_json
 from nestnas.supernet import ElasticCNN, ElasticTransformer, SearchSpace, SubnetConfig, Supernet
 from nestnas.supernet.data import digits_loaders
+from nestnas.supernet.train import distill_loss, sandwich_backward
 
 FAMILIES = ("cnn", "transformer")
 TARGET = 1.2  # sandwich / plain training time
@@ -92,11 +93,6 @@ def inference_configs(net: Supernet) -> list[tuple[str, SubnetConfig]]:
     return [("largest", space.largest()), ("smallest", space.smallest()), *randoms]
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The in-place distillation loss of ``supernet/train.py``."""
-    return F.kl_div(F.log_softmax(student, dim=1), F.softmax(teacher, dim=1), reduction="batchmean")
-
-
 # --- the two training variants ----------------------------------------------------------------
 # Inputs are resized to each config's resolution (prepare_input) OUTSIDE the timed region in
 # both variants, so only the network cost (forward, loss, backward, optimizer) is compared.
@@ -107,11 +103,7 @@ def sandwich_step(net: Supernet, configs: list[SubnetConfig], x: torch.Tensor, y
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits = net(inputs[0], configs[0])
-        F.cross_entropy(logits, y).backward()
-        teacher = logits.detach()
-        for config, xi in zip(configs[1:], inputs[1:]):
-            distill_loss(net(xi, config), teacher).backward()
+        sandwich_backward(net, list(zip(configs, inputs)), y)
         optimizer.step()
 
     return step
