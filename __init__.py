@@ -1,25 +1,42 @@
 """nestnas: hardware-aware subnetwork search over weight-sharing supernets.
 
-The public API, re-exported here on purpose; everything else is reachable through the
-subpackages (`nestnas.supernet`, `nestnas.predictors`).
+The public API, re-exported here on purpose. Names resolve on first use, so that the command
+line (and `import nestnas`) starts without loading torch, scikit-learn or the runtimes.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from nestnas.errors import ArtifactError, CheckpointError, ConfigError, NestnasError, ProfileError
-from nestnas.predictors.macs import count_module
-from nestnas.supernet.checkpoint import load_supernet, save_checkpoint
-from nestnas.supernet.cnn import ElasticCNN
-from nestnas.supernet.config import CNNConfig, SubnetConfig, TransformerConfig
-from nestnas.supernet.data import digits_loaders
-from nestnas.supernet.evaluate import recalibrate_bn, subnet_accuracy
-from nestnas.supernet.space import SearchSpace
-from nestnas.supernet.train import train_supernet
-from nestnas.supernet.transformer import ElasticTransformer
+_EXPORTS = {
+    "ArtifactError": "nestnas.errors", "BackendUnavailable": "nestnas.errors", "CheckpointError": "nestnas.errors",
+    "ConfigError": "nestnas.errors", "NestnasError": "nestnas.errors", "ProfileError": "nestnas.errors",
+    "SearchSpace": "nestnas.supernet.space", "SubnetConfig": "nestnas.supernet.config",
+    "CNNConfig": "nestnas.supernet.config", "TransformerConfig": "nestnas.supernet.config",
+    "ElasticCNN": "nestnas.supernet.cnn", "ElasticTransformer": "nestnas.supernet.transformer",
+    "train_supernet": "nestnas.supernet.train", "load_supernet": "nestnas.supernet.checkpoint",
+    "save_checkpoint": "nestnas.supernet.checkpoint", "digits_loaders": "nestnas.supernet.data",
+    "recalibrate_bn": "nestnas.supernet.evaluate", "subnet_accuracy": "nestnas.supernet.evaluate",
+    "count_module": "nestnas.predictors.macs", "count_macs": "nestnas.predictors.macs",
+    "count_macs_encoded": "nestnas.predictors.macs",
+    "LatencyPredictor": "nestnas.predictors.latency", "AccuracyPredictor": "nestnas.predictors.latency",
+    "load_predictor": "nestnas.predictors.store", "prediction_metrics": "nestnas.predictors.metrics",
+    "DeviceProfile": "nestnas.hw_profiles.profile", "profile_device": "nestnas.hw_profiles.profiler",
+    "list_profiles": "nestnas.hw_profiles.devices",
+    "export_onnx": "nestnas.compile.onnx_export", "get_backend": "nestnas.compile.backends",
+    "get_runner": "nestnas.compile.runners",
+}
 
-__all__ = [
-    "ArtifactError", "CNNConfig", "CheckpointError", "ConfigError", "ElasticCNN", "ElasticTransformer",
-    "NestnasError", "ProfileError", "SearchSpace", "SubnetConfig", "TransformerConfig", "__version__",
-    "count_module", "digits_loaders", "load_supernet", "recalibrate_bn", "save_checkpoint", "subnet_accuracy",
-    "train_supernet",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nestnas' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -150,6 +150,199 @@ def quickstart(
         print(json.dumps(summary, indent=2))
 
 
+class _Bar:
+    """A rich progress bar with ETA driven by (stage, done, total) callbacks."""
+
+    def __init__(self, enabled: bool, title: str):
+        self.enabled, self.title, self._task = enabled, title, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn(f"[bold]{self.title}[/]"), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=err_console)
+            self._bar.__enter__()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._task is None:
+            self._task = self._bar.add_task(stage, total=total)
+        self._bar.update(self._task, completed=done, total=total, description=stage)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.__exit__(*exc)
+        return False
+
+
+def _parse_resolutions(text: str | None, family: str) -> dict:
+    if text is None:
+        return {}
+    if family != "cnn":
+        raise ConfigError("--resolution applies to the cnn family only")
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise ConfigError(f"--resolution: expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 4:
+        raise ConfigError(f"--resolution: resolutions must be at least 4, got {text!r}")
+    return {"resolution_choices": values}
+
+
+@app.command()
+def profile(
+    backend: Annotated[str, typer.Option(help="Runtime to measure on: onnxruntime or tvm.")] = "onnxruntime",
+    family: Annotated[str, typer.Option(help="Supernet family: cnn or transformer.")] = "cnn",
+    resolution: Annotated[Optional[str], typer.Option(help="CNN input resolutions to profile, comma-separated "
+                                                           "[default: the space's own].")] = None,
+    samples: Annotated[int, typer.Option(min=2, help="Subnets to measure (space-filling sample).")] = 200,
+    name: Annotated[str, typer.Option(help="Device name recorded in the profile.")] = "local",
+    out: Annotated[Optional[Path], typer.Option(help="Profile file to write (resumed if it exists) "
+                                                     "[default: ~/.nestnas/profiles/NAME-BACKEND-FAMILY.json].",
+                                                show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Input batch size [default: the smallest power "
+                                                                 "of two at which the smallest subnet takes 0.5 ms].",
+                                                      show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: all cores].",
+                                                   show_default=False)] = None,
+    blocks: Annotated[bool, typer.Option(help="Also measure every distinct block for the lookup-table "
+                                              "predictor.")] = True,
+    seed: Seed = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Measure subnets of a search space on this device (resumable; saved after every measurement)."""
+    from nestnas.hw_profiles.devices import default_profile_path
+    from nestnas.hw_profiles.profiler import profile_device
+    from nestnas.supernet import SearchSpace
+
+    space = SearchSpace.for_family(family, **_parse_resolutions(resolution, family))
+    out = out or default_profile_path(name, backend, family)
+    with _Bar(not as_json, "profile") as bar:
+        result = profile_device(space, backend, samples, seed, out=out, name=name, batch_size=batch_size,
+                                threads=threads, blocks=blocks, progress=bar)
+    medians = sorted(m["median_ms"] for m in result.measurements.values())
+    flagged = sum(not m["stable"] for m in result.measurements.values())
+    summary = {"profile": str(out), "backend": backend, "family": family, "subnets": len(result.measurements),
+               "blocks": len(result.blocks), "batch_size": result.batch_size, "flagged_unstable": flagged,
+               "min_ms": medians[0], "max_ms": medians[-1], "seconds": result.meta.get("last_run_seconds")}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(f"profile {out}: {summary['subnets']} subnets, {summary['blocks']} blocks at batch "
+                      f"{summary['batch_size']}; {medians[0]:.3f} to {medians[-1]:.3f} ms; "
+                      f"{flagged} flagged as unstable")
+
+
+@app.command()
+def devices(as_json: AsJson = False) -> None:
+    """List the device profiles shipped with nestnas and your own (~/.nestnas/profiles)."""
+    from rich.table import Table
+
+    from nestnas.hw_profiles.devices import list_profiles
+
+    rows = list_profiles()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="device profiles")
+    for col in ("origin", "name", "backend", "family", "subnets", "blocks", "batch", "cpu", "threads", "path"):
+        table.add_column(col)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["origin"], "[red]unreadable[/]", "", "", "", "", "", r["error"], "", r["path"])
+        else:
+            table.add_row(r["origin"], r["name"], r["backend"], r["family"], str(r["subnets"]), str(r["blocks"]),
+                          str(r["batch_size"]), str(r["cpu"]), str(r["threads"]), r["path"])
+    console.print(table)
+
+
+@app.command()
+def fit(
+    out: Annotated[Path, typer.Option(help="Predictor file to write (JSON; refitted from its data on load).")],
+    profile: Annotated[Optional[Path], typer.Option(help="Device profile: fit a latency predictor.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Supernet checkpoint: fit an accuracy predictor "
+                                                            "on shared-weight accuracies.")] = None,
+    kind: Annotated[str, typer.Option(help="Latency predictor: hybrid, lut or ensemble.")] = "hybrid",
+    samples: Annotated[int, typer.Option(min=7, help="Subnets to evaluate for an accuracy predictor.")] = 200,
+    holdout: Annotated[float, typer.Option(help="Share of subnets held out for the printed figures.")] = 1 / 3,
+    seed: Seed = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Fit a latency predictor on a profile (or an accuracy predictor on a checkpoint) and print
+    RMSE, MAPE, Kendall tau and the share within +-10% on held-out subnets."""
+    from nestnas.predictors import fitting
+    from nestnas.predictors.store import save_predictor
+
+    if (profile is None) == (checkpoint is None):
+        raise ConfigError("give exactly one of --profile (latency) or --checkpoint (accuracy)")
+    if profile is not None:
+        from nestnas.hw_profiles.profile import DeviceProfile
+        from nestnas.predictors.latency import LATENCY_KINDS
+
+        if kind not in LATENCY_KINDS:
+            raise ConfigError(f"--kind: unknown latency predictor {kind!r}; allowed: {list(LATENCY_KINDS)}")
+        prof = DeviceProfile.load(profile)
+        kinds = fitting.available_kinds(prof)
+        if kind not in kinds:
+            raise ConfigError(f"--kind {kind} needs block measurements, which profile {profile} lacks; "
+                              f"allowed here: {kinds}")
+        train, held = fitting.split_hashes(prof.measurements, holdout, seed)
+        scores = fitting.score_latency(prof, kinds, train, held, seed)
+        scores.pop("_predictors")
+        save_predictor(out, "latency", profile, kind, seed, train, scores[kind])
+        rows, unit = scores, "ms"
+    else:
+        rows, unit, kind = _fit_accuracy(checkpoint, out, samples, holdout, seed, as_json), "", "accuracy"
+    summary = {"predictor": str(out), "saved_kind": kind, "heldout": rows}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"held-out subnets ({next(iter(rows.values()))['n']}), never used in fitting")
+    for col in ("predictor", f"RMSE {unit}".strip(), "MAPE %", "Kendall tau", "within +-10%"):
+        table.add_column(col, justify="right")
+    for name, m in rows.items():
+        mark = " (saved)" if name == kind else ""
+        table.add_row(name + mark, f"{m['rmse']:.4f}", f"{m['mape']:.2f}", f"{m['kendall_tau']:.3f}",
+                      f"{100 * m['within_10pct']:.1f}%")
+    console.print(table)
+    console.print(f"predictor saved to {out}")
+
+
+def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, seed: int, quiet: bool) -> dict:
+    from nestnas.hw_profiles.sampling import space_filling_sample
+    from nestnas.predictors import fitting
+    from nestnas.predictors.accuracy_data import AccuracyTable, measure_accuracies
+    from nestnas.predictors.store import save_predictor, sha256_file
+    from nestnas.supernet.checkpoint import load_supernet
+    from nestnas.supernet.data import digits_loaders
+
+    net = load_supernet(checkpoint)
+    table_path = out.with_suffix(".accuracy.json")
+    digest = sha256_file(checkpoint)
+    table = None
+    if table_path.exists():
+        table = AccuracyTable.load(table_path)
+        if table.checkpoint_sha256 != digest:
+            table = None  # another checkpoint: start afresh
+    train_loader, val_loader = digits_loaders(net.space.family, 64, seed)
+    configs = space_filling_sample(net.space, samples, seed)
+    with _Bar(not quiet, "accuracy") as bar:
+        table = measure_accuracies(net, configs, val_loader, train_loader, digest, table, seed,
+                                   progress=lambda d, t: bar("subnets", d, t))
+    table.save(table_path)
+    train, held = fitting.split_hashes(table.entries, holdout, seed)
+    _, metrics = fitting.score_accuracy(table, train, held, seed)
+    save_predictor(out, "accuracy", table_path, "ensemble", seed, train, metrics)
+    return {"accuracy": metrics}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False)

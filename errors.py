@@ -19,3 +19,7 @@ class ProfileError(NestnasError):
 
 class ArtifactError(NestnasError):
     """An exported artifact or its manifest is missing, tampered with or inconsistent."""
+
+
+class BackendUnavailable(NestnasError):
+    """A compiler backend's optional dependency (e.g. the `tvm` extra) is not installed."""

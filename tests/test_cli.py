@@ -115,3 +115,12 @@ def test_ci_runs_the_readme_test_line():
     assert lines, "README has a one-line test command"
     for line in lines:
         assert line in ci
+
+
+def test_public_api_names_resolve():
+    import nestnas
+
+    for name in nestnas.__all__:
+        assert getattr(nestnas, name) is not None, name
+    with pytest.raises(AttributeError):
+        nestnas.no_such_name  # noqa: B018

@@ -1,0 +1,38 @@
+"""Where device profiles live: the ones shipped in this package and the user's own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nestnas.errors import ProfileError
+from nestnas.hw_profiles.profile import DeviceProfile
+
+SHIPPED = Path(__file__).resolve().parent / "data"
+
+
+def user_dir() -> Path:
+    """`$NESTNAS_HOME/profiles`, by default `~/.nestnas/profiles`."""
+    return Path(os.environ.get("NESTNAS_HOME", Path.home() / ".nestnas")) / "profiles"
+
+
+def default_profile_path(name: str, backend: str, family: str) -> Path:
+    return user_dir() / f"{name}-{backend}-{family}.json"
+
+
+def list_profiles() -> list[dict[str, Any]]:
+    """One row per readable profile, shipped first; unreadable files are listed with their error."""
+    rows = []
+    for origin, folder in (("shipped", SHIPPED), ("user", user_dir())):
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                p = DeviceProfile.load(path)
+            except ProfileError as exc:
+                rows.append({"origin": origin, "path": str(path), "error": str(exc)})
+                continue
+            rows.append({"origin": origin, "path": str(path), "name": p.name, "backend": p.backend,
+                         "family": p.family, "subnets": len(p.measurements), "blocks": len(p.blocks),
+                         "batch_size": p.batch_size, "cpu": p.fingerprint.get("cpu"),
+                         "threads": p.fingerprint.get("threads"), "created": p.created})
+    return rows

@@ -1,0 +1,132 @@
+"""`DeviceProfile`: latency measurements of subnets (and of single blocks) on one device and
+backend, stored as JSON keyed by canonical config hash.
+
+A profile names the space it was measured on and the model spec and batch size of its inputs;
+predictors and searches refuse a profile of another space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nestnas.errors import ConfigError, ProfileError
+from nestnas.fileio import write_json
+from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.space import SearchSpace
+
+SCHEMA_VERSION = 1
+FORMAT = "nestnas.device_profile"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_fingerprint() -> dict[str, Any]:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "os": platform.platform(), "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
+@dataclass
+class DeviceProfile:
+    """Measurements of one device + backend. `measurements` maps a canonical config hash to
+    ``{"config": ..., "median_ms", "p10_ms", "p90_ms", "cv", "repeats", "stable", "timestamp"}``;
+    `blocks` maps a block key (see `nestnas.hw_profiles.blocks`) to the same statistics."""
+
+    name: str
+    fingerprint: dict[str, Any]
+    space: dict[str, Any]
+    spec: dict[str, Any]
+    batch_size: int
+    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    created: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        return self.fingerprint.get("backend", "?")
+
+    @property
+    def family(self) -> str:
+        return self.space.get("family", "?")
+
+    def search_space(self) -> SearchSpace:
+        return SearchSpace.from_dict(self.space)
+
+    def check_space(self, space: SearchSpace, where: str = "profile") -> None:
+        if space.to_dict() != self.space:
+            raise ProfileError(
+                f"{where} {self.name!r} was measured on another search space "
+                f"(fingerprint {SearchSpace.from_dict(self.space).fingerprint()}, expected {space.fingerprint()})"
+            )
+
+    def configs(self) -> list[SubnetConfig]:
+        return [SubnetConfig.from_dict(m["config"]) for m in self.measurements.values()]
+
+    def to_xy(self, hashes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded configs and median latencies (ms), in insertion order or for `hashes`."""
+        space = self.search_space()
+        keys = list(self.measurements) if hashes is None else hashes
+        rows = [self.measurements[k] for k in keys]
+        X = np.array([space.encode(SubnetConfig.from_dict(m["config"])) for m in rows], dtype=np.int64)
+        y = np.array([m["median_ms"] for m in rows], dtype=np.float64)
+        return X.reshape(len(rows), space.n_var), y
+
+    def add(self, config: SubnetConfig, stats: dict[str, Any]) -> str:
+        space = self.search_space()
+        key = space.config_hash(config)
+        self.measurements[key] = {"config": space.canonical(config).to_dict(), **stats,
+                                  "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return key
+
+    # --- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "name": self.name, "created": self.created,
+                "fingerprint": self.fingerprint, "space": self.space, "spec": self.spec,
+                "batch_size": self.batch_size, "meta": self.meta, "measurements": self.measurements,
+                "blocks": self.blocks}
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DeviceProfile:
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"device profile not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"device profile {path} is corrupt: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"{path} is not a nestnas device profile")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ProfileError(f"device profile {path} has schema_version {data.get('schema_version')!r}; "
+                               f"this nestnas reads schema_version {SCHEMA_VERSION}")
+        try:
+            profile = cls(name=data["name"], fingerprint=data["fingerprint"], space=data["space"], spec=data["spec"],
+                          batch_size=int(data["batch_size"]), measurements=data["measurements"],
+                          blocks=data.get("blocks", {}), created=data.get("created", ""), meta=data.get("meta", {}))
+            space = profile.search_space()
+            for key, m in profile.measurements.items():
+                config = space.validate(SubnetConfig.from_dict(m["config"]))
+                if space.config_hash(config) != key or not np.isfinite(m["median_ms"]):
+                    raise ProfileError(f"device profile {path}: measurement {key} does not match its config")
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ProfileError(f"device profile {path} is malformed: {str(exc).splitlines()[0]}") from None
+        return profile

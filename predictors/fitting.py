@@ -1,0 +1,49 @@
+"""Fit predictors on a profile or accuracy table and score them on held-out subnets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nestnas.errors import ConfigError
+from nestnas.hw_profiles.profile import DeviceProfile
+from nestnas.predictors.accuracy_data import AccuracyTable
+from nestnas.predictors.latency import LATENCY_KINDS
+from nestnas.predictors.metrics import prediction_metrics
+from nestnas.predictors.store import fit_accuracy, fit_latency
+
+
+def split_hashes(keys, holdout: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) split of measurement keys, a pure function of the keys and seed."""
+    if not 0.0 < holdout < 1.0:
+        raise ConfigError(f"--holdout must be between 0 and 1, got {holdout}")
+    keys = sorted(keys)
+    n_hold = int(round(holdout * len(keys)))
+    if n_hold < 2 or len(keys) - n_hold < 5:
+        raise ConfigError(f"{len(keys)} measured subnets are too few for a held-out split of {holdout}; "
+                          "need at least 5 to fit and 2 to test")
+    order = np.random.default_rng(seed).permutation(len(keys))
+    held = [keys[i] for i in order[:n_hold]]
+    return [keys[i] for i in order[n_hold:]], held
+
+
+def available_kinds(profile: DeviceProfile) -> list[str]:
+    return [k for k in LATENCY_KINDS if profile.blocks or k == "ensemble"]
+
+
+def score_latency(profile: DeviceProfile, kinds, train: list[str], held: list[str], seed: int = 0) -> dict[str, Any]:
+    """kind -> held-out metrics (and the fitted predictor under "_predictors")."""
+    X_held, y_held = profile.to_xy(held)
+    out: dict[str, Any] = {"_predictors": {}}
+    for kind in kinds:
+        predictor = fit_latency(profile, kind, train, seed)
+        out[kind] = prediction_metrics(y_held, predictor.predict(X_held))
+        out["_predictors"][kind] = predictor
+    return out
+
+
+def score_accuracy(table: AccuracyTable, train: list[str], held: list[str], seed: int = 0):
+    X_held, y_held = table.to_xy(held)
+    predictor = fit_accuracy(table, train, seed)
+    return predictor, prediction_metrics(y_held, predictor.predict(X_held))

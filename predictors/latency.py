@@ -1,0 +1,183 @@
+"""Latency and accuracy predictors with the scikit-learn estimator contract.
+
+`X` is always a matrix of encoded configs (rows of `space.encode(config)`), `y` the measured
+median latency in ms (or the shared-weight accuracy). Three latency predictors:
+
+- ``lut``: Once-for-All's lookup table. The sum of the latencies of a subnet's parts (stem,
+  blocks, head) measured in isolation, scaled and offset by a least-squares fit (the offset
+  is the per-run overhead a table of isolated parts cannot see).
+- ``ensemble``: ridge, gradient-boosted trees and a small MLP on config features, fitted to
+  log latency (errors are relative, like the +-10% target); the prediction is the members'
+  mean and the uncertainty their spread.
+- ``hybrid``: the same ensemble with the table's estimate as an extra feature, fitted to the
+  log ratio of measurement to table estimate (a learned residual of the table).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.linear_model import RidgeCV
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from nestnas.errors import ConfigError
+from nestnas.predictors.features import check_encoded, config_features
+from nestnas.supernet.space import SearchSpace
+
+LATENCY_KINDS = ("lut", "ensemble", "hybrid")
+MEMBERS = ("ridge", "gbt", "mlp")
+
+
+def _member(name: str, seed: int):
+    if name == "ridge":
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-4, 3, 15)))
+    if name == "gbt":
+        return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=5,
+                                             l2_regularization=1e-3, random_state=seed)
+    if name == "mlp":
+        return make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(64, 64), alpha=1e-3, max_iter=3000,
+                                                            learning_rate_init=3e-3, random_state=seed))
+    raise ConfigError(f"unknown ensemble member {name!r}; allowed: {list(MEMBERS)}")
+
+
+class _Ensemble:
+    """Members fitted on the same features and target; mean and spread of their predictions."""
+
+    def __init__(self, members: tuple[str, ...], seed: int):
+        self.models = [_member(m, seed) for m in members]
+
+    def fit(self, F: np.ndarray, t: np.ndarray) -> _Ensemble:
+        for model in self.models:
+            model.fit(F, t)
+        return self
+
+    def predict(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        preds = np.stack([m.predict(F) for m in self.models])
+        return preds.mean(axis=0), preds.std(axis=0)
+
+
+def default_spec(space: SearchSpace) -> dict:
+    """The constructor spec of the family's default supernet (e.g. 10 classes, 1 channel)."""
+    from nestnas.supernet.base import SUPERNETS
+
+    import inspect
+
+    params = inspect.signature(SUPERNETS[space.family].__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in ("self", "space")}
+
+
+def _check_xy(space: SearchSpace, X, y, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+    X = check_encoded(space, X)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(y) != len(X):
+        raise ConfigError(f"X has {len(X)} rows but y has {len(y)} values")
+    if len(y) < 5:
+        raise ConfigError(f"a predictor needs at least 5 measured subnets to fit, got {len(y)}")
+    if not np.all(np.isfinite(y)) or (positive and np.any(y <= 0)):
+        raise ConfigError("targets must be finite" + (" and positive latencies" if positive else ""))
+    return X, y
+
+
+class LatencyPredictor(RegressorMixin, BaseEstimator):
+    """Predicts a subnet's latency (ms) on one device and backend from its encoded config.
+
+    Parameters are stored as given (scikit-learn contract). `spec` is the supernet's
+    constructor spec (`net.spec()`), needed for MACs; `block_table` maps part keys to median
+    ms (`DeviceProfile.block_table()`), needed by ``lut`` and ``hybrid``."""
+
+    def __init__(self, space: SearchSpace, kind: str = "hybrid", spec: dict | None = None,
+                 block_table: dict[str, float] | None = None, members: tuple[str, ...] = MEMBERS, seed: int = 0):
+        self.space = space
+        self.kind = kind
+        self.spec = spec
+        self.block_table = block_table
+        self.members = members
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        if self.kind not in LATENCY_KINDS:
+            raise ConfigError(f"unknown latency predictor kind {self.kind!r}; allowed: {list(LATENCY_KINDS)}")
+        if self.kind in ("lut", "hybrid") and not self.block_table:
+            raise ConfigError(f"latency predictor kind {self.kind!r} needs a block table (profile with blocks)")
+
+    def _spec(self) -> dict:
+        return self.spec if self.spec is not None else default_spec(self.space)
+
+    def lut_estimate(self, X) -> np.ndarray:
+        """Sum of the isolated part latencies of each config (ms), before the fitted scaling."""
+        from nestnas.hw_profiles.blocks import config_part_keys
+
+        X = check_encoded(self.space, X)
+        keys = config_part_keys(self.space, X, self._spec())
+        missing = sorted({k for row in keys for k in row if k not in self.block_table})
+        if missing:
+            raise ConfigError(f"the block table lacks {len(missing)} part(s), e.g. {missing[0]!r}; re-profile with blocks")
+        return np.array([sum(self.block_table[k] for k in row) for row in keys])
+
+    def fit(self, X, y) -> LatencyPredictor:
+        self._check_params()
+        X, y = _check_xy(self.space, X, y, positive=True)
+        if self.kind in ("lut", "hybrid"):
+            lut = self.lut_estimate(X)
+            A = np.column_stack([lut, np.ones_like(lut)])
+            self.lut_coef_ = np.linalg.lstsq(A, y, rcond=None)[0]
+        if self.kind in ("ensemble", "hybrid"):
+            F, target = self._design(X), np.log(y)
+            if self.kind == "hybrid":
+                target = target - np.log(self._lut_fitted(X))
+            self.ensemble_ = _Ensemble(tuple(self.members), self.seed).fit(F, target)
+        self.n_features_in_ = self.space.n_var
+        return self
+
+    def _lut_fitted(self, X) -> np.ndarray:
+        a, b = self.lut_coef_
+        return np.maximum(a * self.lut_estimate(X) + b, 1e-6)
+
+    def _design(self, X) -> np.ndarray:
+        F = config_features(self.space, X, self._spec())
+        if self.kind == "hybrid":
+            F = np.column_stack([F, np.log(self._lut_fitted(X))])
+        return F
+
+    def predict(self, X, return_std: bool = False):
+        """Latency in ms; with `return_std`, also a 1-sigma uncertainty in ms (the ensemble
+        members' spread; zero for the lookup table, which has no second opinion)."""
+        check_is_fitted(self, "n_features_in_")
+        X = check_encoded(self.space, X)
+        if self.kind == "lut":
+            mean, std = self._lut_fitted(X), np.zeros(len(X))
+        else:
+            log_mean, log_std = self.ensemble_.predict(self._design(X))
+            if self.kind == "hybrid":
+                log_mean = log_mean + np.log(self._lut_fitted(X))
+            mean = np.exp(log_mean)
+            std = mean * log_std  # first-order: relative spread in log space
+        return (mean, std) if return_std else mean
+
+
+class AccuracyPredictor(RegressorMixin, BaseEstimator):
+    """Predicts a subnet's shared-weight validation accuracy from its encoded config; the same
+    ensemble as `LatencyPredictor` on the same features, fitted to accuracy directly."""
+
+    def __init__(self, space: SearchSpace, spec: dict | None = None, members: tuple[str, ...] = MEMBERS,
+                 seed: int = 0):
+        self.space = space
+        self.spec = spec
+        self.members = members
+        self.seed = seed
+
+    def fit(self, X, y) -> AccuracyPredictor:
+        X, y = _check_xy(self.space, X, y, positive=False)
+        self.ensemble_ = _Ensemble(tuple(self.members), self.seed).fit(config_features(self.space, X, self.spec if self.spec is not None else default_spec(self.space)), y)
+        self.n_features_in_ = self.space.n_var
+        return self
+
+    def predict(self, X, return_std: bool = False):
+        check_is_fitted(self, "n_features_in_")
+        X = check_encoded(self.space, X)
+        mean, std = self.ensemble_.predict(config_features(self.space, X, self.spec if self.spec is not None else default_spec(self.space)))
+        return (mean, std) if return_std else mean

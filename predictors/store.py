@@ -1,0 +1,89 @@
+"""Saving and loading fitted predictors without pickle.
+
+A saved predictor is JSON: its hyper-parameters, the file it was fitted on (a device profile or
+an accuracy table) with that file's sha256, and the hashes of the subnets it was fitted on.
+Loading re-reads the data file, refuses it if the checksum differs, and refits: every member is
+seeded, so the refitted predictor is the one that was saved, and no user file is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from nestnas.errors import ArtifactError, ProfileError
+from nestnas.fileio import write_json
+from nestnas.hw_profiles.profile import DeviceProfile
+from nestnas.hw_profiles.profiler import block_table
+from nestnas.predictors.accuracy_data import AccuracyTable
+from nestnas.predictors.latency import AccuracyPredictor, LatencyPredictor
+
+FORMAT = "nestnas.predictor"
+VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fit_latency(profile: DeviceProfile, kind: str, train_hashes: list[str], seed: int = 0) -> LatencyPredictor:
+    space = profile.search_space()
+    X, y = profile.to_xy(train_hashes)
+    table = block_table(profile) if kind in ("lut", "hybrid") else None
+    return LatencyPredictor(space, kind=kind, spec=profile.spec, block_table=table, seed=seed).fit(X, y)
+
+
+def fit_accuracy(table: AccuracyTable, train_hashes: list[str], seed: int = 0) -> AccuracyPredictor:
+    X, y = table.to_xy(train_hashes)
+    return AccuracyPredictor(table.search_space(), spec=table.spec, seed=seed).fit(X, y)
+
+
+def save_predictor(path: str | os.PathLike, target: str, data_path: str | os.PathLike, kind: str, seed: int,
+                   train_hashes: list[str], metrics: dict[str, Any] | None = None) -> None:
+    path, data_path = Path(path), Path(data_path)
+    try:
+        ref = os.path.relpath(data_path.resolve(), path.resolve().parent)
+    except ValueError:  # another drive
+        ref = str(data_path.resolve())
+    write_json(path, {
+        "format": FORMAT, "version": VERSION, "target": target, "kind": kind, "seed": seed,
+        "data": {"path": ref, "sha256": sha256_file(data_path)}, "train_hashes": train_hashes,
+        "heldout_metrics": metrics or {},
+    })
+
+
+def load_predictor(path: str | os.PathLike) -> tuple[LatencyPredictor | AccuracyPredictor, dict[str, Any]]:
+    """(refitted predictor, saved record). Raises ArtifactError naming the file on any mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"predictor file not found: {path}")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"predictor file {path} is corrupt: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a nestnas predictor file")
+    if record.get("version") != VERSION:
+        raise ArtifactError(f"predictor file {path} has version {record.get('version')!r}; this nestnas reads {VERSION}")
+    data_path = (path.parent / record["data"]["path"]).resolve()
+    if not data_path.is_file():
+        raise ArtifactError(f"predictor file {path} was fitted on {data_path}, which is missing")
+    if sha256_file(data_path) != record["data"]["sha256"]:
+        raise ArtifactError(f"predictor file {path} does not match {data_path}: the data changed since fitting "
+                            "(checksum differs); fit again")
+    hashes = record["train_hashes"]
+    try:
+        if record["target"] == "latency":
+            predictor = fit_latency(DeviceProfile.load(data_path), record["kind"], hashes, record["seed"])
+        else:
+            predictor = fit_accuracy(AccuracyTable.load(data_path), hashes, record["seed"])
+    except (KeyError, ProfileError) as exc:
+        raise ArtifactError(f"predictor file {path} does not match {data_path}: {exc}") from None
+    return predictor, record
