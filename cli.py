@@ -15,6 +15,7 @@ from rich.console import Console
 
 from nestnas import __version__
 from nestnas.errors import ConfigError, NestnasError
+from nestnas.progress import StageBar
 
 app = typer.Typer(
     name="nestnas", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,36 +151,6 @@ def quickstart(
         print(json.dumps(summary, indent=2))
 
 
-class _Bar:
-    """A rich progress bar with ETA driven by (stage, done, total) callbacks."""
-
-    def __init__(self, enabled: bool, title: str):
-        self.enabled, self.title, self._task = enabled, title, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self._bar = Progress(TextColumn(f"[bold]{self.title}[/]"), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=err_console)
-            self._bar.__enter__()
-        return self
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self._task is None:
-            self._task = self._bar.add_task(stage, total=total)
-        self._bar.update(self._task, completed=done, total=total, description=stage)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.__exit__(*exc)
-        return False
-
-
 def _parse_resolutions(text: str | None, family: str) -> dict:
     if text is None:
         return {}
@@ -212,6 +183,8 @@ def profile(
                                                    show_default=False)] = None,
     blocks: Annotated[bool, typer.Option(help="Also measure every distinct block for the lookup-table "
                                               "predictor.")] = True,
+    remeasure_unstable: Annotated[bool, typer.Option(help="On resume, measure again what was flagged as too "
+                                                          "noisy.")] = True,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -222,14 +195,16 @@ def profile(
 
     space = SearchSpace.for_family(family, **_parse_resolutions(resolution, family))
     out = out or default_profile_path(name, backend, family)
-    with _Bar(not as_json, "profile") as bar:
+    with StageBar("profile", not as_json, err_console) as bar:
         result = profile_device(space, backend, samples, seed, out=out, name=name, batch_size=batch_size,
-                                threads=threads, blocks=blocks, progress=bar)
+                                threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
+                                progress=bar)
     medians = sorted(m["median_ms"] for m in result.measurements.values())
     flagged = sum(not m["stable"] for m in result.measurements.values())
     summary = {"profile": str(out), "backend": backend, "family": family, "subnets": len(result.measurements),
                "blocks": len(result.blocks), "batch_size": result.batch_size, "flagged_unstable": flagged,
-               "min_ms": medians[0], "max_ms": medians[-1], "seconds": result.meta.get("last_run_seconds")}
+               "min_ms": medians[0], "max_ms": medians[-1], "subnet_seconds": result.meta.get("subnet_seconds"),
+               "block_seconds": result.meta.get("block_seconds")}
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -333,7 +308,7 @@ def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, see
             table = None  # another checkpoint: start afresh
     train_loader, val_loader = digits_loaders(net.space.family, 64, seed)
     configs = space_filling_sample(net.space, samples, seed)
-    with _Bar(not quiet, "accuracy") as bar:
+    with StageBar("accuracy", not quiet, err_console) as bar:
         table = measure_accuracies(net, configs, val_loader, train_loader, digest, table, seed,
                                    progress=lambda d, t: bar("subnets", d, t))
     table.save(table_path)

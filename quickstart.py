@@ -1,7 +1,8 @@
 """`nestnas quickstart`: the whole pipeline on the embedded default data (scikit-learn digits).
 
-Stages so far: train the CNN supernet with the sandwich rule, then report shared-weight accuracy,
-parameters and MACs of the largest, the smallest and three random subnets.
+Stages so far: train the CNN supernet with the sandwich rule and report shared-weight accuracy,
+parameters and MACs of the largest, the smallest and three random subnets; profile this CPU on
+ONNX Runtime; fit latency predictors and print their figures on held-out subnets.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nestnas.predictors.macs import count_module
+from nestnas.progress import StageBar
 from nestnas.supernet.checkpoint import save_checkpoint
 from nestnas.supernet.cnn import ElasticCNN
 from nestnas.supernet.data import digits_loaders
@@ -47,8 +49,47 @@ def subnet_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
     return table
 
 
+def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, console: Console,
+                    progress: bool) -> dict[str, Any]:
+    """Stages 2 and 3: profile this CPU on ONNX Runtime, fit the latency predictors, score them."""
+    from nestnas.hw_profiles.profiler import profile_device
+    from nestnas.predictors.fitting import available_kinds, score_latency, split_hashes
+    from nestnas.predictors.store import save_predictor
+
+    console.rule("[bold]2. profile[/] this CPU on ONNX Runtime (space-filling subnets, and every block)")
+    path = out_dir / "profile-local-onnxruntime-cnn.json"
+    t0 = time.perf_counter()
+    with StageBar("profile", progress, console) as bar:
+        profile = profile_device(net.space, "onnxruntime", samples, seed, out=path, name="local", spec=net.spec(),
+                                 progress=bar)
+    medians = sorted(m["median_ms"] for m in profile.measurements.values())
+    console.print(f"{len(profile.measurements)} subnets and {len(profile.blocks)} blocks at batch "
+                  f"{profile.batch_size} in {time.perf_counter() - t0:.0f} s: {medians[0]:.2f} to {medians[-1]:.2f} ms; "
+                  f"profile: {path}")
+
+    console.rule("[bold]3. fit[/] latency predictors, scored on held-out subnets never used in fitting")
+    stable = [k for k, m in profile.measurements.items() if m["stable"]]
+    train, held = split_hashes(stable, 1 / 3, seed)
+    scores = score_latency(profile, available_kinds(profile), train, held, seed)
+    scores.pop("_predictors")
+    table = Table(title=f"latency predictors: {len(train)} subnets to fit, {len(held)} held out")
+    for col in ("predictor", "RMSE ms", "MAPE %", "Kendall tau", "within +-10%"):
+        table.add_column(col, justify="left" if col == "predictor" else "right")
+    for kind, m in scores.items():
+        table.add_row(kind, f"{m['rmse']:.3f}", f"{m['mape']:.1f}", f"{m['kendall_tau']:.3f}",
+                      f"{100 * m['within_10pct']:.0f}%")
+    console.print(table)
+    kind = "hybrid" if "hybrid" in scores else "ensemble"
+    pred_path = out_dir / "latency-predictor.json"
+    save_predictor(pred_path, "latency", path, kind, seed, train, scores[kind])
+    console.print(f"saved the {kind} predictor: {pred_path}")
+    return {"profile": str(path), "profile_subnets": len(profile.measurements), "profile_blocks": len(profile.blocks),
+            "batch_size": profile.batch_size, "predictor": str(pred_path), "latency_heldout": scores}
+
+
 def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS["cnn"], seed: int = 0,
-                   console: Console | None = None, progress: bool = True) -> dict[str, Any]:
+                   console: Console | None = None, progress: bool = True,
+                   profile_samples: int = 60) -> dict[str, Any]:
     console = console or Console()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -68,7 +109,8 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
     picks += [(f"random {i + 1}", space.sample(rng)) for i in range(3)]
     rows = [(name, describe_subnet(net, c, val_loader, train_loader, seed)) for name, c in picks]
     console.print(subnet_table("subnets on shared weights (batch norm recalibrated), digits validation split", rows))
-    summary = {"checkpoint": str(ckpt), "train_seconds": result.seconds,
-               "subnets": {name: r for name, r in rows}, "total_seconds": time.perf_counter() - t0}
+    summary = {"checkpoint": str(ckpt), "train_seconds": result.seconds, "subnets": {name: r for name, r in rows}}
+    summary.update(profile_and_fit(net, out_dir, profile_samples, seed, console, progress))
+    summary["total_seconds"] = time.perf_counter() - t0
     console.print(f"quickstart finished in {summary['total_seconds']:.0f} s")
     return summary

@@ -60,11 +60,13 @@ def profile_device(
     batch_size: int | None = None,
     threads: int | None = None,
     blocks: bool = True,
+    remeasure_unstable: bool = True,
     progress: Progress | None = None,
 ) -> DeviceProfile:
     """Profile `n_samples` space-filling subnets of `space` (plus, with `blocks`, every distinct
     part of the space for a lookup table) on `backend`. With `out`, the profile is saved after
-    every measurement and an existing profile there is resumed."""
+    every measurement and an existing profile there is resumed; with `remeasure_unstable`,
+    measurements flagged as too noisy are measured again (they stay flagged if still noisy)."""
     if n_samples < 2:
         raise ConfigError(f"--samples must be at least 2, got {n_samples}")
     # TorchScript export is ~15x faster than dynamo here and yields the same graph for these
@@ -85,14 +87,19 @@ def profile_device(
     save()
 
     configs = space_filling_sample(space, n_samples, seed)
-    todo = [c for c in configs if space.config_hash(c) not in profile.measurements]
-    parts = [(k, r) for k, r in all_parts(net).items() if k not in profile.blocks] if blocks else []
+    def needed(table: dict, key: str) -> bool:
+        return key not in table or (remeasure_unstable and not table[key]["stable"])
+
+    todo = [c for c in configs if needed(profile.measurements, space.config_hash(c))]
+    parts = [(k, r) for k, r in all_parts(net).items() if needed(profile.blocks, k)] if blocks else []
     total, done = len(configs) + (len(all_parts(net)) if blocks else 0), len(configs) - len(todo)
     done += (len(all_parts(net)) - len(parts)) if blocks else 0
     t0 = time.perf_counter()
     for i, config in enumerate(todo):
         stats = _measure(be, runner, net.extract(config), net.input_shape(config, batch), seed + i)
         profile.add(config, stats)
+        profile.meta["subnet_seconds"] = profile.meta.get("subnet_seconds", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
         save()
         done += 1
         if progress:
@@ -100,12 +107,13 @@ def profile_device(
     for j, (key, recipe) in enumerate(parts):
         module, shape = build_part(net, recipe, batch)
         profile.blocks[key] = _measure(be, runner, module, shape, seed + j)
+        profile.meta["block_seconds"] = profile.meta.get("block_seconds", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
         if j % 10 == 9 or j == len(parts) - 1:
             save()
         done += 1
         if progress:
             progress("blocks", done, total)
-    profile.meta["last_run_seconds"] = time.perf_counter() - t0
     save()
     return profile
 

@@ -3,19 +3,22 @@
 `X` is always a matrix of encoded configs (rows of `space.encode(config)`), `y` the measured
 median latency in ms (or the shared-weight accuracy). Three latency predictors:
 
-- ``lut``: Once-for-All's lookup table. The sum of the latencies of a subnet's parts (stem,
-  blocks, head) measured in isolation, scaled and offset by a least-squares fit (the offset
-  is the per-run overhead a table of isolated parts cannot see).
+- ``lut``: Once-for-All's lookup table. The latencies of a subnet's parts (stem, blocks, head)
+  measured in isolation, summed per kind of part, then combined by a non-negative least-squares
+  fit with a per-part and a per-run overhead (what a table of isolated parts cannot see: data
+  handed between layers, the run's fixed cost). The fit weighs relative error, like the +-10%
+  target.
 - ``ensemble``: ridge, gradient-boosted trees and a small MLP on config features, fitted to
-  log latency (errors are relative, like the +-10% target); the prediction is the members'
-  mean and the uncertainty their spread.
-- ``hybrid``: the same ensemble with the table's estimate as an extra feature, fitted to the
-  log ratio of measurement to table estimate (a learned residual of the table).
+  log latency (errors are relative); the prediction is the members' mean and the uncertainty
+  their spread.
+- ``hybrid``: the table's estimate times a learned residual: ridge and boosted trees on the
+  config features and the log table estimate, fitted to log(measured / table estimate).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import nnls
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import RidgeCV
@@ -23,6 +26,7 @@ from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 from nestnas.errors import ConfigError
 from nestnas.predictors.features import check_encoded, config_features
@@ -30,6 +34,8 @@ from nestnas.supernet.space import SearchSpace
 
 LATENCY_KINDS = ("lut", "ensemble", "hybrid")
 MEMBERS = ("ridge", "gbt", "mlp")
+# The residual of the table is small and smooth: the MLP only adds variance there.
+DEFAULT_MEMBERS = {"ensemble": MEMBERS, "hybrid": ("ridge", "gbt")}
 
 
 def _member(name: str, seed: int):
@@ -51,12 +57,16 @@ class _Ensemble:
         self.models = [_member(m, seed) for m in members]
 
     def fit(self, F: np.ndarray, t: np.ndarray) -> _Ensemble:
-        for model in self.models:
-            model.fit(F, t)
+        # One thread: a few hundred rows gain nothing from OpenMP, and spinning threads would
+        # fight a runtime being profiled on the same cores.
+        with threadpool_limits(1):
+            for model in self.models:
+                model.fit(F, t)
         return self
 
     def predict(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        preds = np.stack([m.predict(F) for m in self.models])
+        with threadpool_limits(1):
+            preds = np.stack([m.predict(F) for m in self.models])
         return preds.mean(axis=0), preds.std(axis=0)
 
 
@@ -90,7 +100,7 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
     ms (`DeviceProfile.block_table()`), needed by ``lut`` and ``hybrid``."""
 
     def __init__(self, space: SearchSpace, kind: str = "hybrid", spec: dict | None = None,
-                 block_table: dict[str, float] | None = None, members: tuple[str, ...] = MEMBERS, seed: int = 0):
+                 block_table: dict[str, float] | None = None, members: tuple[str, ...] | None = None, seed: int = 0):
         self.space = space
         self.kind = kind
         self.spec = spec
@@ -107,8 +117,9 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
     def _spec(self) -> dict:
         return self.spec if self.spec is not None else default_spec(self.space)
 
-    def lut_estimate(self, X) -> np.ndarray:
-        """Sum of the isolated part latencies of each config (ms), before the fitted scaling."""
+    def lut_terms(self, X) -> np.ndarray:
+        """Per config: the table's summed latency (ms) of each kind of part, the number of parts
+        and a constant 1 (the design matrix of the table's fit)."""
         from nestnas.hw_profiles.blocks import config_part_keys
 
         X = check_encoded(self.space, X)
@@ -116,26 +127,27 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
         missing = sorted({k for row in keys for k in row if k not in self.block_table})
         if missing:
             raise ConfigError(f"the block table lacks {len(missing)} part(s), e.g. {missing[0]!r}; re-profile with blocks")
-        return np.array([sum(self.block_table[k] for k in row) for row in keys])
+        kinds = sorted({k.split(":", 1)[0] for k in self.block_table})
+        return np.array([[sum(self.block_table[k] for k in row if k.split(":", 1)[0] == kind) for kind in kinds]
+                         + [len(row), 1.0] for row in keys])
 
     def fit(self, X, y) -> LatencyPredictor:
         self._check_params()
         X, y = _check_xy(self.space, X, y, positive=True)
         if self.kind in ("lut", "hybrid"):
-            lut = self.lut_estimate(X)
-            A = np.column_stack([lut, np.ones_like(lut)])
-            self.lut_coef_ = np.linalg.lstsq(A, y, rcond=None)[0]
+            A = self.lut_terms(X)
+            self.lut_coef_ = nnls(A / y[:, None], np.ones_like(y))[0]  # minimises relative error
         if self.kind in ("ensemble", "hybrid"):
             F, target = self._design(X), np.log(y)
             if self.kind == "hybrid":
                 target = target - np.log(self._lut_fitted(X))
-            self.ensemble_ = _Ensemble(tuple(self.members), self.seed).fit(F, target)
+            members = self.members or DEFAULT_MEMBERS[self.kind]
+            self.ensemble_ = _Ensemble(tuple(members), self.seed).fit(F, target)
         self.n_features_in_ = self.space.n_var
         return self
 
     def _lut_fitted(self, X) -> np.ndarray:
-        a, b = self.lut_coef_
-        return np.maximum(a * self.lut_estimate(X) + b, 1e-6)
+        return np.maximum(self.lut_terms(X) @ self.lut_coef_, 1e-6)
 
     def _design(self, X) -> np.ndarray:
         F = config_features(self.space, X, self._spec())
@@ -163,7 +175,7 @@ class AccuracyPredictor(RegressorMixin, BaseEstimator):
     """Predicts a subnet's shared-weight validation accuracy from its encoded config; the same
     ensemble as `LatencyPredictor` on the same features, fitted to accuracy directly."""
 
-    def __init__(self, space: SearchSpace, spec: dict | None = None, members: tuple[str, ...] = MEMBERS,
+    def __init__(self, space: SearchSpace, spec: dict | None = None, members: tuple[str, ...] | None = None,
                  seed: int = 0):
         self.space = space
         self.spec = spec
@@ -172,7 +184,7 @@ class AccuracyPredictor(RegressorMixin, BaseEstimator):
 
     def fit(self, X, y) -> AccuracyPredictor:
         X, y = _check_xy(self.space, X, y, positive=False)
-        self.ensemble_ = _Ensemble(tuple(self.members), self.seed).fit(config_features(self.space, X, self.spec if self.spec is not None else default_spec(self.space)), y)
+        self.ensemble_ = _Ensemble(tuple(self.members or MEMBERS), self.seed).fit(config_features(self.space, X, self.spec if self.spec is not None else default_spec(self.space)), y)
         self.n_features_in_ = self.space.n_var
         return self
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from nestnas.errors import CheckpointError, ConfigError
+from nestnas.progress import StageBar
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
 from nestnas.supernet.config import SubnetConfig
@@ -145,7 +146,9 @@ def train_supernet(
     ladder = net.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
     largest = net.space.largest()
     t0 = time.perf_counter()
-    with _progress(progress, opts.epochs * len(train_loader), start_epoch * len(train_loader)) as bar:
+    n_batches = opts.epochs * len(train_loader)
+    with StageBar("train", progress) as bar:
+        bar("", start_epoch * len(train_loader), n_batches)
         for epoch in range(start_epoch, opts.epochs):
             net.train()
             torch.manual_seed(_epoch_seed(seed, epoch))
@@ -160,7 +163,8 @@ def train_supernet(
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                bar.advance(f"epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.3f}")
+                bar(f"epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.3f}", epoch * len(train_loader) + i + 1,
+                    n_batches)
             metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
             if val_loader is not None:
                 metrics["val_acc_largest"] = subnet_accuracy(net, largest, val_loader, train_loader, seed=seed)
@@ -199,29 +203,3 @@ def _resume(net, optimizer, scheduler, opts, checkpoint, result) -> int:
     result.history = list(state["history"])
     result.resumed_from_epoch = int(state["epoch"])
     return result.resumed_from_epoch
-
-
-class _progress:
-    """A rich progress bar over training batches (silent when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, completed: int):
-        self.enabled, self.total, self.completed = enabled, total, completed
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.description}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-            self._bar.__enter__()
-            self._task = self._bar.add_task("", total=self.total, completed=self.completed)
-        return self
-
-    def advance(self, description: str) -> None:
-        if self.enabled:
-            self._bar.update(self._task, advance=1, description=description)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.__exit__(*exc)
-        return False

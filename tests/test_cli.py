@@ -35,9 +35,10 @@ def test_version_from_both_entry_points():
 
 
 def test_every_command_has_help():
-    for command in ("train", "eval", "quickstart"):
+    for command in ("train", "eval", "quickstart", "profile", "fit", "devices"):
         proc = nestnas(command, "--help")
-        assert proc.returncode == 0 and "--seed" in proc.stdout, command
+        assert proc.returncode == 0 and "--json" in proc.stdout, command
+        assert ("--seed" in proc.stdout) == (command != "devices"), command  # every random job is seeded
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,72 @@ def test_public_api_names_resolve():
         assert getattr(nestnas, name) is not None, name
     with pytest.raises(AttributeError):
         nestnas.no_such_name  # noqa: B018
+
+
+@pytest.fixture(scope="module")
+def profile_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prof") / "p.json"
+    proc = nestnas("profile", "--backend", "onnxruntime", "--family", "transformer", "--samples", "21",
+                   "--threads", "1", "--name", "ci", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["subnets"] == 21 and summary["blocks"] > 0 and summary["min_ms"] > 0
+    return out
+
+
+def test_fit_prints_heldout_figures_and_saves_a_loadable_predictor(profile_file, tmp_path):
+    out = tmp_path / "lat.json"
+    proc = nestnas("fit", "--profile", profile_file, "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert set(summary["heldout"]) == {"lut", "ensemble", "hybrid"} and summary["saved_kind"] == "hybrid"
+    for m in summary["heldout"].values():
+        assert m["n"] == 7 and {"rmse", "mape", "kendall_tau", "within_10pct"} <= set(m)
+    from nestnas.predictors import load_predictor
+
+    predictor, record = load_predictor(out)
+    assert record["heldout_metrics"] == summary["heldout"]["hybrid"]
+    table = nestnas("fit", "--profile", profile_file, "--out", tmp_path / "b.json", "--kind", "ensemble")
+    assert table.returncode == 0 and "Kendall tau" in table.stdout and "ensemble (saved)" in table.stdout
+
+
+def test_devices_lists_shipped_and_user_profiles(profile_file, tmp_path):
+    home = tmp_path / "home"
+    (home / "profiles").mkdir(parents=True)
+    (home / "profiles" / "mine.json").write_text(profile_file.read_text())
+    (home / "profiles" / "broken.json").write_text("{")
+    proc = subprocess.run([sys.executable, "-m", "nestnas", "devices", "--json"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "NESTNAS_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    shipped = [r for r in rows if r["origin"] == "shipped"]
+    assert {r["backend"] for r in shipped} >= {"onnxruntime", "tvm"}
+    mine = [r for r in rows if r["origin"] == "user"]
+    assert any(r.get("name") == "ci" for r in mine) and any("error" in r for r in mine)
+
+
+def test_profile_and_fit_bad_input(profile_file, tmp_path):
+    assert_user_error(nestnas("profile", "--backend", "tensorrt", "--out", tmp_path / "x.json"),
+                      "unknown backend 'tensorrt'", "onnxruntime")
+    assert_user_error(nestnas("profile", "--family", "transformer", "--resolution", "64", "--out", tmp_path / "x.json"),
+                      "--resolution applies to the cnn family")
+    assert_user_error(nestnas("profile", "--family", "cnn", "--samples", "4", "--out", profile_file),
+                      "another search space")
+    assert not (tmp_path / "x.json").exists()
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(profile_file.read_text()[:100])
+    assert_user_error(nestnas("fit", "--profile", corrupt, "--out", tmp_path / "p.json"), "corrupt", str(corrupt))
+    assert_user_error(nestnas("fit", "--profile", profile_file, "--out", tmp_path / "p.json", "--kind", "magic"),
+                      "--kind", "hybrid")
+    assert_user_error(nestnas("fit", "--out", tmp_path / "p.json"), "exactly one of --profile")
+    assert not (tmp_path / "p.json").exists()
+    pred = tmp_path / "pred.json"
+    assert nestnas("fit", "--profile", profile_file, "--out", pred).returncode == 0
+    data = json.loads(pred.read_text())
+    data["data"]["sha256"] = "0" * 64
+    pred.write_text(json.dumps(data))
+    from nestnas.errors import ArtifactError
+    from nestnas.predictors import load_predictor
+
+    with pytest.raises(ArtifactError, match="does not match"):
+        load_predictor(pred)

@@ -91,10 +91,18 @@ def test_profile_resumes_without_measuring_twice(tiny_profile, tmp_path):
     data["measurements"] = {k: data["measurements"][k] for k in keys}  # as if killed after 10
     path = tmp_path / "resume.json"
     path.write_text(json.dumps(data))
-    done = profile_device(TINY_CNN, "onnxruntime", 24, seed=0, out=path, threads=1)
+    done = profile_device(TINY_CNN, "onnxruntime", 24, seed=0, out=path, threads=1, remeasure_unstable=False)
     assert set(done.measurements) == set(profile.measurements)
     for k in keys:  # the first ten were kept, not re-measured
         assert done.measurements[k] == data["measurements"][k]
+
+    # a measurement flagged as too noisy is measured again on the next run
+    data = json.loads(path.read_text())
+    data["measurements"][keys[0]].update(stable=False, timestamp="flagged")
+    path.write_text(json.dumps(data))
+    healed = profile_device(TINY_CNN, "onnxruntime", 24, seed=0, out=path, threads=1)
+    assert healed.measurements[keys[0]]["timestamp"] != "flagged"
+    assert all(healed.measurements[k] == data["measurements"][k] for k in keys[1:])
 
 
 def test_killed_profile_run_resumes(tmp_path):

@@ -1,0 +1,35 @@
+"""One rich progress bar for every long job: driven by (stage, done, total) calls, with ETA;
+silent when disabled (JSON output, tests)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+
+class StageBar:
+    def __init__(self, title: str = "", enabled: bool = True, console: Console | None = None):
+        self.enabled, self._task = enabled, None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn(f"[bold]{title}[/]"), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console or Console(stderr=True))
+
+    def __enter__(self) -> StageBar:
+        if self.enabled:
+            self._bar.start()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._task is None:
+            self._task = self._bar.add_task(stage, total=total, completed=done)
+        self._bar.update(self._task, completed=done, total=total, description=stage)
+
+    def __exit__(self, *exc) -> bool:
+        if self.enabled:
+            self._bar.stop()
+        return False
