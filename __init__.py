@@ -22,6 +22,7 @@ _EXPORTS = {
     "LatencyPredictor": "nestnas.predictors.latency", "AccuracyPredictor": "nestnas.predictors.latency",
     "load_predictor": "nestnas.predictors.store", "prediction_metrics": "nestnas.predictors.metrics",
     "DeviceProfile": "nestnas.hw_profiles.profile", "profile_device": "nestnas.hw_profiles.profiler",
+    "block_table": "nestnas.hw_profiles.profiler",
     "list_profiles": "nestnas.hw_profiles.devices",
     "export_onnx": "nestnas.compile.onnx_export", "get_backend": "nestnas.compile.backends",
     "get_runner": "nestnas.compile.runners",

@@ -36,3 +36,22 @@ def _umask() -> int:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_document(path: str | os.PathLike, what: str, fmt: str, version: int, error: type[Exception],
+                  version_key: str = "schema_version") -> dict[str, Any]:
+    """Read a nestnas JSON document, raising `error` with one line naming the file when it is
+    missing, not JSON, of another format, or of another version."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} is corrupt: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path} is not a nestnas {what}")
+    if data.get(version_key) != version:
+        raise error(f"{what} {path} has {version_key} {data.get(version_key)!r}; "
+                    f"this nestnas reads {version_key} {version}")
+    return data

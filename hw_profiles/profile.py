@@ -7,7 +7,6 @@ predictors and searches refuse a profile of another space.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nestnas.errors import ConfigError, ProfileError
-from nestnas.fileio import write_json
+from nestnas.fileio import read_document, write_json
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
 
@@ -106,18 +105,7 @@ class DeviceProfile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DeviceProfile:
-        path = Path(path)
-        if not path.is_file():
-            raise ProfileError(f"device profile not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"device profile {path} is corrupt: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ProfileError(f"{path} is not a nestnas device profile")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ProfileError(f"device profile {path} has schema_version {data.get('schema_version')!r}; "
-                               f"this nestnas reads schema_version {SCHEMA_VERSION}")
+        data = read_document(path, "device profile", FORMAT, SCHEMA_VERSION, ProfileError)
         try:
             profile = cls(name=data["name"], fingerprint=data["fingerprint"], space=data["space"], spec=data["spec"],
                           batch_size=int(data["batch_size"]), measurements=data["measurements"],

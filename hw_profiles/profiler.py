@@ -28,7 +28,8 @@ MAX_BATCH = 256
 Progress = Callable[[str, int, int], None]
 
 
-def _measure(backend, runner, module: torch.nn.Module, shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+def measure_module(backend, runner, module: torch.nn.Module, shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+    """Build `module` for `backend` at input `shape` and time it with `runner` (random input)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     compiled = backend.build(module, x)
     m = runner.measure(compiled, x.numpy())
@@ -41,7 +42,7 @@ def choose_batch_size(net: Supernet, backend, runner, seed: int = 0) -> int:
     module = net.extract(config)
     batch = 1
     while batch < MAX_BATCH:
-        ms = _measure(backend, runner, module, net.input_shape(config, batch), seed)["median_ms"]
+        ms = measure_module(backend, runner, module, net.input_shape(config, batch), seed)["median_ms"]
         if ms >= MIN_SMALLEST_MS:
             break
         batch *= 2 if ms * 4 >= MIN_SMALLEST_MS else 4
@@ -81,7 +82,8 @@ def profile_device(
         batch = batch_size or choose_batch_size(net, be, runner, seed)
         profile = DeviceProfile(name=name, fingerprint=fingerprint, space=space.to_dict(), spec=net.spec(),
                                 batch_size=batch, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                meta={"seed": seed, "sampling": "space-filling (Latin hypercube over size level)"})
+                                meta={"seed": seed, "sampling": "space-filling (Latin hypercube over size level)",
+                                      "runner": runner.fingerprint()})
     batch = profile.batch_size
     save = (lambda: profile.save(out)) if out is not None else (lambda: None)
     save()
@@ -96,7 +98,7 @@ def profile_device(
     done += (len(all_parts(net)) - len(parts)) if blocks else 0
     t0 = time.perf_counter()
     for i, config in enumerate(todo):
-        stats = _measure(be, runner, net.extract(config), net.input_shape(config, batch), seed + i)
+        stats = measure_module(be, runner, net.extract(config), net.input_shape(config, batch), seed + i)
         profile.add(config, stats)
         profile.meta["subnet_seconds"] = profile.meta.get("subnet_seconds", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -106,7 +108,7 @@ def profile_device(
             progress("subnets", done, total)
     for j, (key, recipe) in enumerate(parts):
         module, shape = build_part(net, recipe, batch)
-        profile.blocks[key] = _measure(be, runner, module, shape, seed + j)
+        profile.blocks[key] = measure_module(be, runner, module, shape, seed + j)
         profile.meta["block_seconds"] = profile.meta.get("block_seconds", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         if j % 10 == 9 or j == len(parts) - 1:

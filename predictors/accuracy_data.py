@@ -3,16 +3,14 @@ the training data of `AccuracyPredictor` (JSON, keyed by canonical config hash).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from nestnas.errors import ConfigError, ProfileError
-from nestnas.fileio import write_json
+from nestnas.fileio import read_document, write_json
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
@@ -44,19 +42,15 @@ class AccuracyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AccuracyTable:
-        path = Path(path)
+        data = read_document(path, "accuracy table", FORMAT, 1, ProfileError)
         try:
-            data = json.loads(path.read_text())
-            if data.get("format") != FORMAT or data.get("schema_version") != 1:
-                raise ProfileError(f"{path} is not a nestnas accuracy table of schema_version 1")
             table = cls(data["space"], data["spec"], data["checkpoint_sha256"], data["entries"])
             space = table.search_space()
             for key, e in table.entries.items():
                 if space.config_hash(SubnetConfig.from_dict(e["config"])) != key:
                     raise ProfileError(f"accuracy table {path}: entry {key} does not match its config")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
-                ConfigError) as exc:
-            raise ProfileError(f"accuracy table {path} is missing or malformed: {str(exc).splitlines()[0]}") from None
+        except (KeyError, TypeError, AttributeError, ConfigError) as exc:
+            raise ProfileError(f"accuracy table {path} is malformed: {str(exc).splitlines()[0]}") from None
         return table
 
 

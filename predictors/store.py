@@ -9,13 +9,12 @@ seeded, so the refitted predictor is the one that was saved, and no user file is
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from nestnas.errors import ArtifactError, ProfileError
-from nestnas.fileio import write_json
+from nestnas.fileio import read_document, write_json
 from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.hw_profiles.profiler import block_table
 from nestnas.predictors.accuracy_data import AccuracyTable
@@ -62,16 +61,7 @@ def save_predictor(path: str | os.PathLike, target: str, data_path: str | os.Pat
 def load_predictor(path: str | os.PathLike) -> tuple[LatencyPredictor | AccuracyPredictor, dict[str, Any]]:
     """(refitted predictor, saved record). Raises ArtifactError naming the file on any mismatch."""
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"predictor file not found: {path}")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"predictor file {path} is corrupt: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a nestnas predictor file")
-    if record.get("version") != VERSION:
-        raise ArtifactError(f"predictor file {path} has version {record.get('version')!r}; this nestnas reads {VERSION}")
+    record = read_document(path, "predictor file", FORMAT, VERSION, ArtifactError, version_key="version")
     data_path = (path.parent / record["data"]["path"]).resolve()
     if not data_path.is_file():
         raise ArtifactError(f"predictor file {path} was fitted on {data_path}, which is missing")

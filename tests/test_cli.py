@@ -194,3 +194,17 @@ def test_profile_and_fit_bad_input(profile_file, tmp_path):
 
     with pytest.raises(ArtifactError, match="does not match"):
         load_predictor(pred)
+
+
+def test_fit_accuracy_predictor_on_a_checkpoint(checkpoint, tmp_path):
+    out = tmp_path / "acc.json"
+    proc = nestnas("fit", "--checkpoint", checkpoint, "--samples", "15", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["heldout"]["accuracy"]
+    assert m["n"] == 5 and 0.0 <= m["within_10pct"] <= 1.0
+    table = json.loads(out.with_suffix(".accuracy.json").read_text())
+    assert len(table["entries"]) == 15 and all(0.0 <= e["accuracy"] <= 1.0 for e in table["entries"].values())
+    from nestnas.predictors import AccuracyPredictor, load_predictor
+
+    predictor, record = load_predictor(out)
+    assert isinstance(predictor, AccuracyPredictor) and record["target"] == "accuracy"

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -74,7 +73,8 @@ def test_profile_holds_what_it_measured(tiny_profile):
     back = DeviceProfile.load(path)
     assert back.to_dict() == json.loads(json.dumps(profile.to_dict()))
     fp = back.fingerprint
-    assert fp["backend"] == "onnxruntime" and fp["threads"] == 1 and fp["cpu"] and fp["version"]
+    assert fp["backend"] == "onnxruntime" and fp["threads"] == 1 and fp["version"]
+    assert fp["cpu"] and fp["cores"] >= 1 and fp["os"] and back.meta["runner"]["target_rel_ci"] == 0.02
     for key, m in back.measurements.items():
         assert m["p10_ms"] <= m["median_ms"] <= m["p90_ms"] and m["repeats"] >= 5 and "timestamp" in m
         assert TINY_CNN.config_hash(TINY_CNN.parse(m["config"])) == key
