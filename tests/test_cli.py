@@ -97,7 +97,7 @@ def test_bad_option_values_give_one_line(tmp_path):
 
 
 def test_quickstart_runs_every_stage(tmp_path):
-    proc = nestnas("quickstart", "--epochs", "1", "--out", tmp_path / "qs", "--json")
+    proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--out", tmp_path / "qs", "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert Path(summary["checkpoint"]).is_file()
@@ -107,6 +107,12 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert subnets["largest"]["params"] > subnets["smallest"]["params"] > 0
     assert all(0.0 <= s["accuracy"] <= 1.0 for s in subnets.values())
     assert subnets["largest"]["accuracy"] > 0.5  # one epoch already learns digits
+    assert summary["profile_subnets"] == 15 and summary["profile_blocks"] > 100
+    assert set(summary["latency_heldout"]) == {"lut", "ensemble", "hybrid"}
+    from nestnas.predictors import load_predictor
+
+    predictor, record = load_predictor(summary["predictor"])
+    assert record["kind"] == "hybrid" and record["heldout_metrics"] == summary["latency_heldout"]["hybrid"]
 
 
 def test_ci_runs_the_readme_test_line():

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench_predictors.json"))
     ap.add_argument("--tvm-blocks", action="store_true", help="also measure every block on TVM (slow)")
     args = ap.parse_args(argv)
-    console = Console()
+    console = Console(width=160)
     rows = []
     for backend in args.backends.split(","):
         for family in args.families.split(","):
