@@ -313,8 +313,7 @@ def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, see
     configs = space_filling_sample(net.space, samples, seed)
     with StageBar("accuracy", not quiet, err_console) as bar:
         table = measure_accuracies(net, configs, val_loader, train_loader, digest, table, seed,
-                                   progress=lambda d, t: bar("subnets", d, t))
-    table.save(table_path)
+                                   progress=lambda d, t: bar("subnets", d, t), out=table_path)
     train, held = fitting.split_hashes(table.entries, holdout, seed)
     _, metrics = fitting.score_accuracy(table, train, held, seed)
     save_predictor(out, "accuracy", table_path, "ensemble", seed, train, metrics)

@@ -56,8 +56,10 @@ class AccuracyTable:
 
 def measure_accuracies(net: Supernet, configs: list[SubnetConfig], val_loader, calib_loader, checkpoint_sha256: str,
                        table: AccuracyTable | None = None, seed: int = 0,
-                       progress: Callable[[int, int], None] | None = None) -> AccuracyTable:
-    """Shared-weight accuracy (batch norm recalibrated) of each config not yet in `table`."""
+                       progress: Callable[[int, int], None] | None = None,
+                       out: str | os.PathLike | None = None) -> AccuracyTable:
+    """Shared-weight accuracy (batch norm recalibrated) of each config not yet in `table`; with
+    `out`, the table is saved atomically after every new entry, so a killed run resumes."""
     space = net.space
     table = table or AccuracyTable(space.to_dict(), net.spec(), checkpoint_sha256)
     for i, config in enumerate(configs):
@@ -65,6 +67,8 @@ def measure_accuracies(net: Supernet, configs: list[SubnetConfig], val_loader, c
         if key not in table.entries:
             acc = subnet_accuracy(net, config, val_loader, calib_loader, seed=seed)
             table.entries[key] = {"config": space.canonical(config).to_dict(), "accuracy": acc}
+            if out is not None:
+                table.save(out)
         if progress:
             progress(i + 1, len(configs))
     return table
