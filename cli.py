@@ -44,6 +44,14 @@ def _root(
     """Hardware-aware subnetwork search over weight-sharing supernets, with a compiler bridge."""
 
 
+def _report(summary: dict, as_json: bool, line: str) -> None:
+    """Machine-readable JSON on stdout, or one human line."""
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(line)
+
+
 def _read_config(text: str):
     """A config given inline as JSON or as the path of a JSON file."""
     from nestnas.supernet.config import SubnetConfig
@@ -98,12 +106,9 @@ def train(
         "val_acc_largest": subnet_accuracy(net, space.largest(), val_loader, train_loader, seed=seed),
         "val_acc_smallest": subnet_accuracy(net, space.smallest(), val_loader, train_loader, seed=seed),
     }
-    if as_json:
-        print(json.dumps(summary, indent=2))
-    else:
-        console.print(f"checkpoint {out}: largest {100 * summary['val_acc_largest']:.2f}%, "
-                      f"smallest {100 * summary['val_acc_smallest']:.2f}% validation accuracy "
-                      f"({result.seconds:.0f} s of training)")
+    _report(summary, as_json, f"checkpoint {out}: largest {100 * summary['val_acc_largest']:.2f}%, "
+                              f"smallest {100 * summary['val_acc_smallest']:.2f}% validation accuracy "
+                              f"({result.seconds:.0f} s of training)")
 
 
 @app.command("eval")
@@ -208,12 +213,9 @@ def profile(
                "blocks": len(result.blocks), "batch_size": result.batch_size, "flagged_unstable": flagged,
                "min_ms": medians[0], "max_ms": medians[-1], "subnet_seconds": result.meta.get("subnet_seconds"),
                "block_seconds": result.meta.get("block_seconds")}
-    if as_json:
-        print(json.dumps(summary, indent=2))
-    else:
-        console.print(f"profile {out}: {summary['subnets']} subnets, {summary['blocks']} blocks at batch "
-                      f"{summary['batch_size']}; {medians[0]:.3f} to {medians[-1]:.3f} ms; "
-                      f"{flagged} flagged as unstable")
+    _report(summary, as_json, f"profile {out}: {summary['subnets']} subnets, {summary['blocks']} blocks at batch "
+                              f"{summary['batch_size']}; {medians[0]:.3f} to {medians[-1]:.3f} ms; "
+                              f"{flagged} flagged as unstable")
 
 
 @app.command()

@@ -7,6 +7,8 @@ every subnet that contains the same part (Once-for-All's latency table).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -123,8 +125,6 @@ def all_parts(net: Supernet) -> dict[str, tuple]:
 
 
 def _with_embed(config, e):
-    import dataclasses
-
     return dataclasses.replace(config, embed_dim=e)
 
 
