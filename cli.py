@@ -269,7 +269,8 @@ def fit(
         prof = DeviceProfile.load(profile)
         kinds = fitting.available_kinds(prof)
         if kind not in kinds:
-            raise ConfigError(f"--kind {kind} needs block measurements, which profile {profile} lacks; "
+            raise ConfigError(f"--kind {kind} needs every block measured, which profile {profile} lacks "
+                              "(resume it with `nestnas profile`); "
                               f"allowed here: {kinds}")
         train, held = fitting.split_hashes(prof.measurements, holdout, seed)
         scores = fitting.score_latency(prof, kinds, train, held, seed)

@@ -29,7 +29,15 @@ def split_hashes(keys, holdout: float, seed: int = 0) -> tuple[list[str], list[s
 
 
 def available_kinds(profile: DeviceProfile) -> list[str]:
-    return [k for k in LATENCY_KINDS if profile.blocks or k == "ensemble"]
+    """The latency predictors a profile supports: the table-based ones only when it holds every
+    distinct block of its space (a profile may have been stopped while measuring blocks)."""
+    from nestnas.hw_profiles.blocks import all_parts
+    from nestnas.hw_profiles.profiler import block_table
+    from nestnas.supernet.base import build_supernet
+
+    parts = all_parts(build_supernet(profile.search_space(), **profile.spec))
+    complete = bool(profile.blocks) and set(parts) <= set(block_table(profile))
+    return [k for k in LATENCY_KINDS if complete or k == "ensemble"]
 
 
 def score_latency(profile: DeviceProfile, kinds, train: list[str], held: list[str], seed: int = 0) -> dict[str, Any]:

@@ -212,3 +212,12 @@ def test_accuracy_predictor_learns_a_known_function():
     predictor = AccuracyPredictor(space, spec=spec).fit(X[:100], y[:100])
     metrics = prediction_metrics(y[100:], predictor.predict(X[100:]))
     assert metrics["kendall_tau"] > 0.8 and metrics["within_10pct"] > 0.9
+
+
+def test_table_predictors_need_every_block(tiny_profile):
+    from nestnas.predictors.fitting import available_kinds
+
+    _, profile = tiny_profile
+    assert available_kinds(profile) == ["lut", "ensemble", "hybrid"]
+    partial = DeviceProfile(**{**profile.__dict__, "blocks": dict(list(profile.blocks.items())[:-1])})
+    assert available_kinds(partial) == ["ensemble"]  # a profile stopped while measuring blocks

@@ -32,7 +32,7 @@ from nestnas.fileio import write_json
 from nestnas.hw_profiles import DeviceProfile, profile_device
 from nestnas.hw_profiles.profile import host_fingerprint
 from nestnas.hw_profiles.profiler import measure_module
-from nestnas.predictors.fitting import score_latency
+from nestnas.predictors.fitting import available_kinds, score_latency
 from nestnas.supernet import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def run(backend: str, family: str, profile_dir: Path, seed: int, blocks: bool, c
                   f"(batch {profile.batch_size})")
     train, held, flagged = split(profile, seed)
     per_subnet = profile.meta.get("subnet_seconds", float("nan")) / max(len(profile.measurements), 1)
-    kinds = [k for k in KINDS if profile.blocks or k == "ensemble"]
+    kinds = available_kinds(profile)
     scores = score_latency(profile, kinds, train, held, seed)
     scores.pop("_predictors")
     repeat = repeatability(profile, held[:N_REPEAT], seed)
