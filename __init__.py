@@ -26,12 +26,19 @@ _EXPORTS = {
     "list_profiles": "nestnas.hw_profiles.devices",
     "export_onnx": "nestnas.compile.onnx_export", "get_backend": "nestnas.compile.backends",
     "get_runner": "nestnas.compile.runners",
+    "ParetoFront": "nestnas.search.front", "Candidate": "nestnas.search.front", "EvalCache": "nestnas.search.cache",
+    "Objective": "nestnas.search.objectives", "Budget": "nestnas.search.objectives",
+    "accuracy_objective": "nestnas.search.objectives", "latency_objective": "nestnas.search.objectives",
+    "macs_objective": "nestnas.search.objectives", "params_objective": "nestnas.search.objectives",
+    "measured_latency_objective": "nestnas.search.objectives",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted([*_EXPORTS, "search"]) + ["__version__"]
 
 
 def __getattr__(name: str):
+    if name == "search":  # the subpackage, callable as the search function
+        return import_module("nestnas.search")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -247,7 +247,8 @@ def fit(
     profile: Annotated[Optional[Path], typer.Option(help="Device profile: fit a latency predictor.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Supernet checkpoint: fit an accuracy predictor "
                                                             "on shared-weight accuracies.")] = None,
-    kind: Annotated[str, typer.Option(help="Latency predictor: hybrid, lut or ensemble.")] = "hybrid",
+    kind: Annotated[str, typer.Option(help="Latency predictor to save: auto (chosen by cross-validation on "
+                                           "the fitting subnets), hybrid, lut or ensemble.")] = "auto",
     samples: Annotated[int, typer.Option(min=7, help="Subnets to evaluate for an accuracy predictor.")] = 200,
     holdout: Annotated[float, typer.Option(help="Share of subnets held out for the printed figures.")] = 1 / 3,
     seed: Seed = 0,
@@ -264,17 +265,19 @@ def fit(
         from nestnas.hw_profiles.profile import DeviceProfile
         from nestnas.predictors.latency import LATENCY_KINDS
 
-        if kind not in LATENCY_KINDS:
-            raise ConfigError(f"--kind: unknown latency predictor {kind!r}; allowed: {list(LATENCY_KINDS)}")
+        if kind not in ("auto", *LATENCY_KINDS):
+            raise ConfigError(f"--kind: unknown latency predictor {kind!r}; allowed: {['auto', *LATENCY_KINDS]}")
         prof = DeviceProfile.load(profile)
         kinds = fitting.available_kinds(prof)
-        if kind not in kinds:
+        if kind != "auto" and kind not in kinds:
             raise ConfigError(f"--kind {kind} needs every block measured, which profile {profile} lacks "
                               "(resume it with `nestnas profile`); "
                               f"allowed here: {kinds}")
         train, held = fitting.split_hashes(prof.measurements, holdout, seed)
         scores = fitting.score_latency(prof, kinds, train, held, seed)
         scores.pop("_predictors")
+        if kind == "auto":
+            kind, _ = fitting.choose_kind(prof, kinds, train, seed)
         save_predictor(out, "latency", profile, kind, seed, train, scores[kind])
         rows, unit = scores, "ms"
     else:
@@ -321,6 +324,134 @@ def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, see
     _, metrics = fitting.score_accuracy(table, train, held, seed)
     save_predictor(out, "accuracy", table_path, "ensemble", seed, train, metrics)
     return {"accuracy": metrics}
+
+
+@app.command()
+def search(
+    checkpoint: Annotated[Path, typer.Option(help="Trained supernet checkpoint (accuracy on the digits "
+                                                  "validation split, batch norm recalibrated).")],
+    out: Annotated[Path, typer.Option(help="Pareto front file to write (JSON).")],
+    profile: Annotated[Optional[Path], typer.Option(help="Device profile: latency from its default "
+                                                          "predictor.")] = None,
+    predictor: Annotated[Optional[Path], typer.Option(help="Saved latency predictor (instead of --profile).")] = None,
+    objectives: Annotated[str, typer.Option(help="Comma-separated: accuracy, latency, macs, params.")] =
+        "accuracy,latency",
+    budget: Annotated[Optional[list[str]], typer.Option(help="Constraint such as latency=5 (ms), macs=20M or "
+                                                             "accuracy>=0.9; repeatable.")] = None,
+    evals: Annotated[int, typer.Option(min=4, help="Distinct subnets to evaluate (true evaluations).")] = 500,
+    algorithm: Annotated[str, typer.Option(help="nsga2, linas, agemoea, unsga3 or random.")] = "nsga2",
+    pop_size: Annotated[int, typer.Option(min=4, help="Population (LINAS: subnets evaluated per "
+                                                      "iteration).")] = 40,
+    cache: Annotated[Optional[Path], typer.Option(help="SQLite evaluation cache shared by searches "
+                                                       "[default: $NESTNAS_HOME/evals.sqlite].",
+                                                  show_default=False)] = None,
+    state: Annotated[Optional[Path], typer.Option(help="Search state file, saved every generation and "
+                                                       "resumed from [default: OUT.state.json].",
+                                                  show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also save the front as a PNG plot.")] = None,
+    seed: Seed = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Search the Pareto front of accuracy against latency (and MACs or params) on a trained
+    supernet; resumable, with evaluations cached by functional hash."""
+    import warnings
+
+    from nestnas.hw_profiles.devices import user_dir
+    from nestnas.search import EvalCache
+    from nestnas.search import search as run_search
+    from nestnas.search.objectives import parse_budget
+    from nestnas.search.presets import METRICS, objectives_from_files
+
+    names = [n.strip() for n in objectives.split(",") if n.strip()]
+    directions = {"accuracy": "max", "latency": "min", "macs": "min", "params": "min"}
+    budgets = [parse_budget(b, directions) for b in budget or []]
+    if any(n not in METRICS for n in names):
+        raise ConfigError(f"--objectives: unknown objective {next(n for n in names if n not in METRICS)!r}; "
+                          f"allowed: {list(METRICS)}")
+    _check_writable(out, "--out")
+    net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
+                                             budget_metrics=[b.metric for b in budgets], seed=seed)
+    cache_path = cache or user_dir().parent / "evals.sqlite"
+    state = state or out.with_name(out.name + ".state.json")
+    with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
+            _SearchBar(not as_json, evals) as bar:
+        warnings.simplefilter("always")
+        front = run_search(net.space, objs, budgets, algorithm=algorithm, evals=evals, pop_size=pop_size, seed=seed,
+                           extra_metrics=extra, cache=db, state=state, progress=bar)
+    for w in caught:
+        err_console.print(f"warning: {w.message}", markup=False)
+    front.save(out)
+    if plot is not None:
+        front.plot(plot)
+    if as_json:
+        print(json.dumps({"front": str(out), "plot": str(plot) if plot else None, "size": len(front),
+                          "evaluated": len(front.evaluated), "hypervolume": front.hypervolume,
+                          "cache_hit_rate": front.meta["cache"]["hit_rate"], "seconds": front.meta["seconds"],
+                          "knee": front.knee().to_dict()}, indent=2))
+        return
+    console.print(front.table())
+    cache_meta = front.meta["cache"]
+    console.print(f"{len(front.evaluated)} subnets evaluated in {front.meta['seconds']:.0f} s; cache hits "
+                  f"{cache_meta['hits']} of {cache_meta['hits'] + cache_meta['misses']} "
+                  f"({100 * cache_meta['hit_rate']:.0f}%); reference point {front.reference}")
+    console.print(f"front saved to {out}" + (f"; plot: {plot}" if plot else ""))
+
+
+class _SearchBar:
+    """Progress bar over true evaluations, showing generation, hypervolume and cache hits."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self._task = enabled, total, None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("[bold]search[/]"), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err_console)
+
+    def __enter__(self):
+        if self.enabled:
+            self._bar.start()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    def __call__(self, record: dict) -> None:
+        if self.enabled:
+            hits, misses = record["cache_hits"], record["cache_misses"]
+            self._bar.update(self._task, completed=min(record["evaluations"], self.total),
+                             description=f"gen {record['generation']}  HV {record['hypervolume']:.4f}  "
+                                         f"cache {hits}/{hits + misses}")
+
+    def __exit__(self, *exc) -> bool:
+        if self.enabled:
+            self._bar.stop()
+        return False
+
+
+def _check_writable(path: Path, option: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {path}: {folder} is not a folder")
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name")
+
+
+@app.command()
+def show(
+    front: Annotated[Path, typer.Argument(help="Pareto front file written by `nestnas search`.")],
+    as_json: AsJson = False,
+) -> None:
+    """Print a saved Pareto front as a table (knee marked)."""
+    from nestnas.search import ParetoFront
+
+    loaded = ParetoFront.load(front)
+    if as_json:
+        print(json.dumps({"hypervolume": loaded.hypervolume, "reference": loaded.reference,
+                          "knee": loaded.knee().hash, "candidates": [c.to_dict() for c in loaded]}, indent=2))
+        return
+    console.print(loaded.table())
+    meta = loaded.meta
+    console.print(f"{meta.get('algorithm', '?')} with seed {meta.get('seed', '?')}; reference point "
+                  f"{loaded.reference}; budgets: {', '.join(meta.get('budgets', [])) or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
                     progress: bool) -> dict[str, Any]:
     """Stages 2 and 3: profile this CPU on ONNX Runtime, fit the latency predictors, score them."""
     from nestnas.hw_profiles.profiler import profile_device
-    from nestnas.predictors.fitting import available_kinds, score_latency, split_hashes
+    from nestnas.predictors.fitting import available_kinds, choose_kind, score_latency, split_hashes
     from nestnas.predictors.store import save_predictor
 
     console.rule("[bold]2. profile[/] this CPU on ONNX Runtime (space-filling subnets, and every block)")
@@ -70,19 +70,20 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
     console.rule("[bold]3. fit[/] latency predictors, scored on held-out subnets never used in fitting")
     stable = [k for k, m in profile.measurements.items() if m["stable"]]
     train, held = split_hashes(stable, 1 / 3, seed)
-    scores = score_latency(profile, available_kinds(profile), train, held, seed)
+    kinds = available_kinds(profile)
+    scores = score_latency(profile, kinds, train, held, seed)
     scores.pop("_predictors")
     table = Table(title=f"latency predictors: {len(train)} subnets to fit, {len(held)} held out")
     for col in ("predictor", "RMSE ms", "MAPE %", "Kendall tau", "within +-10%"):
         table.add_column(col, justify="left" if col == "predictor" else "right")
-    for kind, m in scores.items():
-        table.add_row(kind, f"{m['rmse']:.3f}", f"{m['mape']:.1f}", f"{m['kendall_tau']:.3f}",
+    kind, _ = choose_kind(profile, kinds, train, seed)
+    for name, m in scores.items():
+        table.add_row(name + (" (chosen)" if name == kind else ""), f"{m['rmse']:.3f}", f"{m['mape']:.1f}", f"{m['kendall_tau']:.3f}",
                       f"{100 * m['within_10pct']:.0f}%")
     console.print(table)
-    kind = "hybrid" if "hybrid" in scores else "ensemble"
     pred_path = out_dir / "latency-predictor.json"
     save_predictor(pred_path, "latency", path, kind, seed, train, scores[kind])
-    console.print(f"saved the {kind} predictor: {pred_path}")
+    console.print(f"saved the {kind} predictor (chosen by cross-validation on the fitting subnets): {pred_path}")
     return {"profile": str(path), "profile_subnets": len(profile.measurements), "profile_blocks": len(profile.blocks),
             "batch_size": profile.batch_size, "predictor": str(pred_path), "latency_heldout": scores}
 

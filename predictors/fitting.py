@@ -51,6 +51,30 @@ def score_latency(profile: DeviceProfile, kinds, train: list[str], held: list[st
     return out
 
 
+def choose_kind(profile: DeviceProfile, kinds, train: list[str], seed: int = 0, folds: int = 4) -> tuple[str, dict]:
+    """The latency predictor to use for `profile`, chosen by K-fold cross-validation on the
+    training subnets only (held-out subnets stay unseen): highest share within +-10%, then
+    lowest MAPE. Returns (kind, kind -> mean CV metrics)."""
+    kinds = list(kinds)
+    if len(kinds) == 1:
+        return kinds[0], {}
+    keys = sorted(train)
+    folds = max(2, min(folds, len(keys) // 5))
+    order = np.random.default_rng(seed + 1).permutation(len(keys))
+    cv: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        runs = []
+        for f in range(folds):
+            test = np.zeros(len(keys), bool)
+            test[order[f::folds]] = True
+            X, y = profile.to_xy([k for k, t in zip(keys, test) if t])
+            fit = [k for k, t in zip(keys, test) if not t]
+            runs.append(prediction_metrics(y, fit_latency(profile, kind, fit, seed).predict(X)))
+        cv[kind] = {m: float(np.mean([r[m] for r in runs])) for m in ("within_10pct", "mape", "kendall_tau")}
+    best = max(kinds, key=lambda k: (round(cv[k]["within_10pct"], 3), -cv[k]["mape"]))
+    return best, cv
+
+
 def score_accuracy(table: AccuracyTable, train: list[str], held: list[str], seed: int = 0):
     X_held, y_held = table.to_xy(held)
     predictor = fit_accuracy(table, train, seed)

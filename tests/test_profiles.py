@@ -221,3 +221,18 @@ def test_table_predictors_need_every_block(tiny_profile):
     assert available_kinds(profile) == ["lut", "ensemble", "hybrid"]
     partial = DeviceProfile(**{**profile.__dict__, "blocks": dict(list(profile.blocks.items())[:-1])})
     assert available_kinds(partial) == ["ensemble"]  # a profile stopped while measuring blocks
+
+
+def test_default_kind_is_chosen_without_the_held_out_subnets(tiny_profile):
+    from nestnas.predictors.fitting import available_kinds, choose_kind
+
+    _, profile = tiny_profile
+    train, held = split_hashes(profile.measurements, 0.25, seed=0)
+    kind, cv = choose_kind(profile, available_kinds(profile), train, seed=0)
+    assert set(cv) == {"lut", "ensemble", "hybrid"} and kind in cv
+    assert all(cv[kind]["within_10pct"] >= m["within_10pct"] - 5e-4 for m in cv.values())
+    # Corrupting the held-out latencies must not change the choice: they are never read.
+    broken = DeviceProfile(**{**profile.__dict__, "measurements": {
+        k: ({**m, "median_ms": m["median_ms"] * 7.0} if k in held else m) for k, m in profile.measurements.items()}})
+    assert choose_kind(broken, available_kinds(broken), train, seed=0) == (kind, cv)
+    assert choose_kind(profile, ["ensemble"], train) == ("ensemble", {})

@@ -32,7 +32,7 @@ from nestnas.fileio import write_json
 from nestnas.hw_profiles import DeviceProfile, profile_device
 from nestnas.hw_profiles.profile import host_fingerprint
 from nestnas.hw_profiles.profiler import measure_module
-from nestnas.predictors.fitting import available_kinds, score_latency
+from nestnas.predictors.fitting import available_kinds, choose_kind, score_latency
 from nestnas.supernet import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,8 +80,10 @@ def repeatability(profile: DeviceProfile, keys: list[str], seed: int) -> dict[st
 def run(backend: str, family: str, profile_dir: Path, seed: int, blocks: bool, console: Console) -> list[dict]:
     path = profile_dir / f"xeon-2c-{backend}-{family}.json"
     t0 = time.perf_counter()
+    # A flag after two time-capped attempts is a property of the device, not bad luck: retrying it
+    # on every rerun costs minutes (TVM) and changes nothing.
     profile = profile_device(SearchSpace.for_family(family), backend, N_TRAIN + N_HELD, seed, out=path, name="xeon-2c",
-                             blocks=blocks)
+                             blocks=blocks, remeasure_unstable=False)
     console.print(f"{backend}/{family}: profile {path} ready in {time.perf_counter() - t0:.0f} s "
                   f"(batch {profile.batch_size})")
     train, held, flagged = split(profile, seed)
@@ -89,10 +91,12 @@ def run(backend: str, family: str, profile_dir: Path, seed: int, blocks: bool, c
     kinds = available_kinds(profile)
     scores = score_latency(profile, kinds, train, held, seed)
     scores.pop("_predictors")
+    chosen, cv = choose_kind(profile, kinds, train, seed)
     repeat = repeatability(profile, held[:N_REPEAT], seed)
     console.print(f"{backend}/{family}: re-measuring {repeat['n']} held-out subnets: {100 * repeat['within_10pct']:.0f}% "
                   f"within +-10% of the profile (median difference {100 * repeat['median_rel_diff']:.1f}%)")
-    return [{"backend": backend, "family": family, "predictor": kind, **scores[kind], "n_train": len(train),
+    return [{"backend": backend, "family": family, "predictor": kind, "chosen": kind == chosen, "cv": cv.get(kind),
+             **scores[kind], "n_train": len(train),
              "remeasure_within_10pct": repeat["within_10pct"], "remeasure_median_rel_diff": repeat["median_rel_diff"],
              "flagged_unstable": flagged, "batch_size": profile.batch_size,
              "profile_200_subnets_s": 200 * per_subnet, "profile_blocks_s": profile.meta.get("block_seconds"),
@@ -105,7 +109,7 @@ def print_table(console: Console, rows: list[dict]) -> None:
                 "re-measured within +-10%", "profile 200 (s)"):
         table.add_column(col, justify="right" if col[0].isupper() or "(" in col else "left")
     for r in rows:
-        table.add_row(r["backend"], r["family"], r["predictor"], f"{r['rmse']:.4f}", f"{r['mape']:.2f}",
+        table.add_row(r["backend"], r["family"], r["predictor"] + (" (default)" if r["chosen"] else ""), f"{r['rmse']:.4f}", f"{r['mape']:.2f}",
                       f"{r['kendall_tau']:.3f}", f"{100 * r['within_10pct']:.1f}%", f"{100 * r['remeasure_within_10pct']:.0f}%",
                       f"{r['profile_200_subnets_s']:.0f}")
     console.print(table)
@@ -127,12 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += run(backend, family, args.profile_dir, args.seed, backend != "tvm" or args.tvm_blocks, console)
     print_table(console, rows)
     ort = [r for r in rows if r["backend"] == "onnxruntime"]
-    best = {}
-    for r in ort:
-        key = r["family"]
-        if key not in best or r["within_10pct"] > best[key]["within_10pct"]:
-            best[key] = r
-    summary = {f: {"best_predictor": r["predictor"], "within_10pct": r["within_10pct"],
+    # The figure quoted is the default predictor's, chosen by cross-validation on the fitting
+    # subnets; picking the best on the held-out subnets would flatter it.
+    best = {r["family"]: r for r in ort if r["chosen"]}
+    summary = {f: {"default_predictor": r["predictor"], "within_10pct": r["within_10pct"],
                    "kendall_tau": r["kendall_tau"], "met_within": r["within_10pct"] >= TARGET_WITHIN,
                    "met_tau": r["kendall_tau"] >= TARGET_TAU,
                    "profile_200_subnets_s": r["profile_200_subnets_s"],
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["median_within_10pct_by_kind_onnxruntime"] = by_kind
     for family, s in summary.items():
         if family in best:
-            console.print(f"onnxruntime/{family}: best {s['best_predictor']}: {100 * s['within_10pct']:.1f}% within "
+            console.print(f"onnxruntime/{family}: default {s['default_predictor']}: {100 * s['within_10pct']:.1f}% within "
                           f"+-10% (target {100 * TARGET_WITHIN:.0f}%: {'met' if s['met_within'] else 'NOT met'}), "
                           f"tau {s['kendall_tau']:.3f} (target {TARGET_TAU}: {'met' if s['met_tau'] else 'NOT met'}); "
                           f"200 subnets profiled in {s['profile_200_subnets_s']:.0f} s")

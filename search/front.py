@@ -1,0 +1,297 @@
+"""`ParetoFront`: the result of a search, with every evaluated point, saved and loaded as JSON.
+
+Hypervolume convention: each objective is normalised to a minimisation in [0, 1] between its
+ideal value (0 for latency, MACs and params; 1.0 for accuracy) and the reference point (1.1x the
+largest subnet's value for minimised metrics; 0 for accuracy), and the hypervolume dominated
+in that unit box is reported (1.0 would be a single subnet with perfect accuracy at zero cost).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nestnas.errors import ArtifactError, ConfigError
+from nestnas.fileio import read_document, write_json
+from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.space import SearchSpace
+
+FORMAT, VERSION = "nestnas-pareto-front", 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    config: SubnetConfig
+    hash: str
+    metrics: dict[str, float]
+    measured: tuple[str, ...] = ()   # metrics evaluated on the real thing (or counted exactly)
+    predicted: tuple[str, ...] = ()  # metrics from a predictor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hash": self.hash, "config": self.config.to_dict(), "metrics": self.metrics,
+                "measured": list(self.measured), "predicted": list(self.predicted)}
+
+
+def normalise(values: np.ndarray, objectives: list[dict], reference: dict[str, float]) -> np.ndarray:
+    """(n, k) metric values -> (n, k) minimisation values, 0 at the ideal and 1 at the reference."""
+    cols = []
+    for j, o in enumerate(objectives):
+        ideal, ref = o["ideal"], reference[o["name"]]
+        span = (ref - ideal) if o["direction"] == "min" else (ideal - ref)
+        cols.append((values[:, j] - ideal) / span if o["direction"] == "min" else (ideal - values[:, j]) / span)
+    return np.column_stack(cols) if cols else np.zeros((len(values), 0))
+
+
+def hypervolume(values: np.ndarray, objectives: list[dict], reference: dict[str, float]) -> float:
+    from pymoo.indicators.hv import HV
+
+    if len(values) == 0:
+        return 0.0
+    u = normalise(np.asarray(values, float), objectives, reference)
+    u = u[np.all(u < 1.0, axis=1)]
+    return float(HV(ref_point=np.ones(u.shape[1]))(u)) if len(u) else 0.0
+
+
+def non_dominated(u: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated rows of a minimisation matrix (duplicates kept once)."""
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    if len(u) == 0:
+        return np.zeros(0, dtype=int)
+    return np.sort(NonDominatedSorting().do(u, only_non_dominated_front=True))
+
+
+@dataclass
+class ParetoFront:
+    space: SearchSpace
+    objectives: list[dict]          # Objective.describe() of each optimised objective
+    budgets: list[dict]             # {"metric", "op", "value"}
+    reference: dict[str, float]     # hypervolume reference point per objective
+    evaluated: list[Candidate]      # every distinct subnet evaluated, in order
+    front: list[int]                # indices into `evaluated`, sorted by the first objective
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_archive(cls, space: SearchSpace, objectives: list[dict], budgets: list[dict],
+                     reference: dict[str, float], evaluated: list[Candidate], meta: dict[str, Any]) -> ParetoFront:
+        names = [o["name"] for o in objectives]
+        values = np.array([[c.metrics[n] for n in names] for c in evaluated]).reshape(len(evaluated), len(names))
+        feasible = np.array([_feasible(c.metrics, budgets) for c in evaluated], dtype=bool)
+        idx = np.flatnonzero(feasible)
+        front = idx[non_dominated(normalise(values[idx], objectives, reference))] if len(idx) else idx
+        # One representative per objective vector; equal vectors add nothing to a front.
+        seen, unique = set(), []
+        for i in front:
+            key = tuple(values[i])
+            if key not in seen:
+                seen.add(key)
+                unique.append(int(i))
+        first = objectives[0]
+        unique.sort(key=lambda i: first_sign(first) * values[i, 0])
+        return cls(space, objectives, budgets, reference, evaluated, unique, meta)
+
+    # --- queries ---------------------------------------------------------------------------
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [self.evaluated[i] for i in self.front]
+
+    def __len__(self) -> int:
+        return len(self.front)
+
+    def __iter__(self):
+        return iter(self.candidates)
+
+    def __getitem__(self, i: int) -> Candidate:
+        return self.candidates[i]
+
+    @property
+    def names(self) -> list[str]:
+        return [o["name"] for o in self.objectives]
+
+    def values(self, candidates: list[Candidate] | None = None) -> np.ndarray:
+        cands = self.candidates if candidates is None else candidates
+        return np.array([[c.metrics[n] for n in self.names] for c in cands]).reshape(len(cands), len(self.names))
+
+    @property
+    def hypervolume(self) -> float:
+        return hypervolume(self.values(), self.objectives, self.reference)
+
+    def _metric_of(self, key: str) -> str:
+        units = {o["name"]: o["unit"].split()[0].lower() if o["unit"] else "" for o in self.objectives}
+        known = set(self.evaluated[0].metrics) if self.evaluated else set(self.names)
+        if key in known:
+            return key
+        for name in known:
+            if key.startswith(name + "_") and key[len(name) + 1:] in (units.get(name, ""), "ms", "m", "mmacs"):
+                return name
+        raise ConfigError(f"unknown budget {key!r}; allowed: {sorted(known)} (optionally with a unit suffix, "
+                          "e.g. latency_ms)")
+
+    def best(self, by: str | None = None, **budgets: float) -> Candidate:
+        """The best front member on `by` (default: the first maximised objective, else the first
+        objective) that meets every budget, e.g. `best(latency_ms=5.0)` or `best(macs=20e6)`.
+        Upper bounds for minimised metrics, lower bounds for maximised ones."""
+        directions = {o["name"]: o["direction"] for o in self.objectives}
+        by = by or next((o["name"] for o in self.objectives if o["direction"] == "max"), self.names[0])
+        if by not in directions:
+            raise ConfigError(f"best(by={by!r}): allowed: {self.names}")
+        limits = [{"metric": self._metric_of(k), "value": float(v)} for k, v in budgets.items()]
+        for lim in limits:
+            lim["op"] = ">=" if directions.get(lim["metric"]) == "max" else "<="
+        ok = [c for c in self.candidates if _feasible(c.metrics, limits)]
+        if not ok:
+            text = ", ".join(f"{lim['metric']} {lim['op']} {lim['value']:g}" for lim in limits)
+            closest = min(self.candidates, key=lambda c: _violation(c.metrics, limits))
+            raise ConfigError(f"no subnet on the front meets {text}; closest: {_short(closest)}")
+        sign = -1.0 if directions[by] == "max" else 1.0
+        return min(ok, key=lambda c: sign * c.metrics[by])
+
+    def knee(self) -> Candidate:
+        """The front member closest to the ideal point in the normalised objective space."""
+        if not self.front:
+            raise ConfigError("the front is empty")
+        u = normalise(self.values(), self.objectives, self.reference)
+        return self.candidates[int(np.argmin(np.linalg.norm(u, axis=1)))]
+
+    def anchors(self) -> dict[str, Candidate]:
+        by_hash = {c.hash: c for c in self.evaluated}
+        return {k: by_hash[h] for k, h in self.meta.get("anchors", {}).items() if h in by_hash}
+
+    # --- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "space": self.space.to_dict(),
+                "space_fingerprint": self.space.fingerprint(), "objectives": self.objectives,
+                "budgets": self.budgets, "reference": self.reference, "hypervolume": self.hypervolume,
+                "front": self.front, "evaluated": [c.to_dict() for c in self.evaluated], "meta": self.meta}
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, space: SearchSpace | None = None) -> ParetoFront:
+        path = Path(path)
+        data = read_document(path, "Pareto front file", FORMAT, VERSION, ArtifactError, version_key="version")
+        try:
+            stored = SearchSpace.from_dict(data["space"])
+            if space is not None and stored.fingerprint() != space.fingerprint():
+                raise ArtifactError(f"front file {path} was searched on another search space "
+                                    f"({stored.fingerprint()}, expected {space.fingerprint()})")
+            evaluated = [Candidate(stored.validate(SubnetConfig.from_dict(c["config"])), c["hash"],
+                                   {k: float(v) for k, v in c["metrics"].items()}, tuple(c["measured"]),
+                                   tuple(c["predicted"])) for c in data["evaluated"]]
+            front = cls(stored, data["objectives"], data["budgets"], data["reference"], evaluated,
+                        [int(i) for i in data["front"]], data.get("meta", {}))
+            if any(not 0 <= i < len(evaluated) for i in front.front):
+                raise KeyError("front index out of range")
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            if isinstance(exc, ArtifactError):
+                raise
+            raise ArtifactError(f"front file {path} is corrupt: {str(exc).splitlines()[0]}") from None
+        return front
+
+    # --- display -----------------------------------------------------------------------------
+    def table(self, title: str | None = None):
+        from rich.table import Table
+
+        table = Table(title=title or f"Pareto front: {len(self)} subnets of {len(self.evaluated)} evaluated, "
+                                     f"hypervolume {self.hypervolume:.4f}")
+        table.add_column("#", justify="right")
+        for o in self.objectives:
+            table.add_column(f"{o['name']}" + (f" ({o['unit']})" if o["unit"] and o["unit"] != "MACs" else "")
+                             + (" *" if o["source"] == "predicted" else ""), justify="right")
+        table.add_column("hash")
+        table.add_column("config")
+        knee = self.knee().hash if self.front else None
+        for i, c in enumerate(self.candidates):
+            table.add_row(str(i) + (" knee" if c.hash == knee else ""),
+                          *[format_metric(o, c.metrics[o["name"]]) for o in self.objectives], c.hash, _summary(c.config))
+        return table
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """PNG: every evaluated point, the front, and the largest and smallest subnets."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from nestnas.fileio import atomic_path
+
+        names = self.names
+        if len(names) < 2:
+            raise ConfigError("a front plot needs at least two objectives")
+        acc = next((o for o in self.objectives if o["direction"] == "max"), self.objectives[0])
+        cost = next(o for o in self.objectives if o is not acc)
+        third = next((o for o in self.objectives if o is not acc and o is not cost), None)
+        def col(cands, o):
+            return np.array([c.metrics[o["name"]] for c in cands])
+
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+        kw = {"c": col(self.evaluated, third), "cmap": "viridis"} if third else {"color": "0.7"}
+        sc = ax.scatter(col(self.evaluated, cost), col(self.evaluated, acc), s=10, alpha=0.6, label="evaluated", **kw)
+        if third:
+            fig.colorbar(sc, ax=ax, label=axis_label(third))
+        front = sorted(self.candidates, key=lambda c: c.metrics[cost["name"]])
+        ax.step(col(front, cost), col(front, acc), where="post", color="C3", lw=1.2)
+        ax.scatter(col(front, cost), col(front, acc), s=28, color="C3", label=f"Pareto front ({len(front)})",
+                   zorder=3)
+        for (label, c), marker in zip(self.anchors().items(), ("^", "v")):
+            ax.scatter([c.metrics[cost["name"]]], [c.metrics[acc["name"]]], marker=marker, s=90, color="k",
+                       label=f"{label} subnet", zorder=4)
+        ax.set_xlabel(axis_label(cost))
+        ax.set_ylabel(axis_label(acc))
+        ax.set_title(f"{len(self.evaluated)} subnets evaluated, hypervolume {self.hypervolume:.4f}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+
+
+def first_sign(o: dict) -> float:
+    return 1.0 if o["direction"] == "min" else -1.0
+
+
+def axis_label(o: dict) -> str:
+    if o["name"] == "accuracy":
+        return "accuracy (shared weights, validation)" if o["source"] == "measured" else "accuracy (predicted)"
+    unit = {"MACs": "millions of MACs", "params": "millions of parameters"}.get(o["unit"], o["unit"])
+    return f"{o['name']} ({unit})" + (", predicted" if o["source"] == "predicted" else "")
+
+
+def format_metric(o: dict, v: float) -> str:
+    if o["name"] == "accuracy":
+        return f"{100 * v:.2f}%"
+    if o["unit"] in ("MACs", "params"):
+        return f"{v / 1e6:.2f}M"
+    return f"{v:.3f}"
+
+
+def _feasible(metrics: dict[str, float], budgets: list[dict]) -> bool:
+    return _violation(metrics, budgets) <= 0.0
+
+
+def _violation(metrics: dict[str, float], budgets: list[dict]) -> float:
+    total = 0.0
+    for b in budgets:
+        v = metrics[b["metric"]]
+        gap = v - b["value"] if b["op"] == "<=" else b["value"] - v
+        total += max(gap, 0.0) / max(abs(b["value"]), 1e-12)
+    return total
+
+
+def _short(c: Candidate) -> str:
+    parts = []
+    for k, v in c.metrics.items():
+        parts.append(f"{k} {100 * v:.2f}%" if k == "accuracy" else f"{k} {v / 1e6:.2f}M" if k in ("macs", "params")
+                     else f"{k} {v:.3g}")
+    return f"{c.hash} ({', '.join(parts)})"
+
+
+def _summary(config: SubnetConfig) -> str:
+    d = config.to_dict()
+    keep = ("resolution", "width_mult", "depths", "depth", "embed_dim")
+    return ", ".join(f"{k}={v}" for k, v in d.items() if k in keep)

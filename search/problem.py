@@ -1,0 +1,114 @@
+"""The evaluator (canonical hashing, cache, archive) and the pymoo problem over a space's encoding."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from nestnas.search.cache import EvalCache
+from nestnas.search.objectives import Budget, Objective
+from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.space import SearchSpace
+from pymoo.core.duplicate import DuplicateElimination
+from pymoo.core.problem import Problem
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Evaluations must not move any global RNG: a resumed search replays earlier generations from
+    stored values, and its random stream has to be the one an uninterrupted run sees."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+class Evaluator:
+    """Evaluates metrics of encoded configs once per canonical hash and keeps an ordered archive
+    of everything evaluated (the search's "true evaluations")."""
+
+    def __init__(self, space: SearchSpace, metrics: Sequence[Objective], cache: EvalCache | None = None,
+                 replay: dict[str, dict[str, float]] | None = None):
+        self.space = space
+        self.metrics = list(metrics)
+        self.cache = cache if cache is not None else EvalCache()
+        self.replay = replay or {}
+        self.archive: dict[str, dict] = {}  # hash -> {"config", "metrics"}, in evaluation order
+        self.computed = 0  # values actually computed (neither cached nor replayed)
+
+    def __len__(self) -> int:
+        return len(self.archive)
+
+    def configs(self, X: np.ndarray) -> tuple[list[SubnetConfig], list[str]]:
+        configs = [self.space.canonical(self.space.decode(row)) for row in np.asarray(X, dtype=np.int64)]
+        return configs, [self.space.config_hash(c) for c in configs]
+
+    def evaluate(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """name -> values for each row of `X` (rows may repeat or be equivalent)."""
+        configs, hashes = self.configs(X)
+        new = {h: c for h, c in zip(hashes, configs) if h not in self.archive}
+        if new:
+            values = {h: {} for h in new}
+            for metric in self.metrics:
+                todo = dict(new)
+                for h in new:
+                    if h in self.replay and metric.name in self.replay[h]:
+                        values[h][metric.name] = self.replay[h][metric.name]
+                        todo.pop(h)
+                cached = self.cache.get(metric.cache_key, todo)
+                for h, v in cached.items():
+                    values[h][metric.name] = v
+                    todo.pop(h)
+                if todo:
+                    with preserved_rng():
+                        fresh = metric.evaluate(list(todo.values()))
+                    computed = dict(zip(todo, fresh.tolist()))
+                    self.cache.put(metric.cache_key, computed)
+                    self.computed += len(computed)
+                    for h, v in computed.items():
+                        values[h][metric.name] = v
+            for h, c in new.items():
+                self.archive[h] = {"config": c, "metrics": values[h]}
+        return {m.name: np.array([self.archive[h]["metrics"][m.name] for h in hashes]) for m in self.metrics}
+
+
+class CanonicalDuplicates(DuplicateElimination):
+    """Offspring equal to another under the space's canonical form are duplicates (functional
+    hashing): the algorithm never spends an evaluation slot on an equivalent config."""
+
+    def __init__(self, space: SearchSpace):
+        super().__init__()
+        self.space = space
+
+    def _key(self, x) -> str:
+        return self.space.config_hash(self.space.decode(np.asarray(np.round(x), dtype=np.int64)))
+
+    def _do(self, pop, other, is_duplicate):
+        seen = set() if other is None else {self._key(x) for x in other.get("X")}
+        for i, x in enumerate(pop.get("X")):
+            key = self._key(x)
+            if key in seen:
+                is_duplicate[i] = True
+            else:
+                seen.add(key)
+        return is_duplicate
+
+
+class SubnetProblem(Problem):
+    """pymoo problem: minimise sign * objective, subject to budgets (G <= 0)."""
+
+    def __init__(self, evaluator: Evaluator, objectives: Sequence[Objective], budgets: Sequence[Budget] = ()):
+        space = evaluator.space
+        super().__init__(n_var=space.n_var, n_obj=len(objectives), n_ieq_constr=len(budgets), xl=0,
+                         xu=np.asarray(space.upper_bounds()), vtype=int)
+        self.evaluator, self.objectives, self.budgets = evaluator, list(objectives), list(budgets)
+
+    def _evaluate(self, X, out, *args, **kwargs):
+        values = self.evaluator.evaluate(np.round(X).astype(np.int64))
+        out["F"] = np.column_stack([o.sign * values[o.name] for o in self.objectives])
+        if self.budgets:
+            out["G"] = np.column_stack([b.violation(values[b.metric]) for b in self.budgets])

@@ -1,0 +1,313 @@
+"""`search()`: multi-objective subnet search (NSGA-II, AGE-MOEA, U-NSGA-III, random, LINAS).
+
+Resume works by replay: the state file (saved atomically every generation) holds the settings and
+every value evaluated so far; a resumed run starts the same seeded algorithm again, takes those
+values instead of evaluating, and so passes through the same generations to the point where the
+killed run stopped. Evaluations never touch the global RNGs (see `preserved_rng`), so the
+resumed run's front equals an uninterrupted run's. Nothing is unpickled: the state is JSON.
+
+LINAS (as in DyNAS-T): evaluate a space-filling population on the true objectives; then, each
+iteration, fit a surrogate (the ensemble regressor of `AccuracyPredictor`, which also gives an
+uncertainty) to every expensive objective, run a predictor-only NSGA-II for `inner_evals`
+evaluations on the surrogates (optimistic by `kappa` standard deviations) and the cheap
+objectives, and evaluate the best `pop_size` unseen candidates (rank, then crowding) for real.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nestnas.errors import ConfigError, NestnasError
+from nestnas.fileio import read_document, write_json
+from nestnas.search.algorithms import integer_operators, make_algorithm
+from nestnas.search.cache import EvalCache
+from nestnas.search.front import Candidate, ParetoFront, hypervolume
+from nestnas.search.objectives import Budget, Objective, parse_budget
+from nestnas.search.problem import Evaluator, SubnetProblem, preserved_rng
+from nestnas.supernet.space import SearchSpace
+from pymoo.core.problem import Problem
+
+STATE_FORMAT, STATE_VERSION = "nestnas-search-state", 1
+SEARCH_ALGORITHMS = ("nsga2", "agemoea", "unsga3", "random", "linas")
+REF_FACTOR = 1.1
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class SearchError(NestnasError):
+    """A search that cannot produce a result (e.g. no subnet meets the budgets)."""
+
+
+def search(
+    space: SearchSpace,
+    objectives: Sequence[Objective],
+    constraints: Sequence[Budget | str] = (),
+    *,
+    algorithm: str = "nsga2",
+    evals: int = 500,
+    pop_size: int = 40,
+    seed: int = 0,
+    extra_metrics: Sequence[Objective] = (),
+    cache: EvalCache | str | Path | None = None,
+    state: str | Path | None = None,
+    inner_evals: int = 5000,
+    kappa: float = 1.0,
+    progress: Progress | None = None,
+) -> ParetoFront:
+    """Search `space` for the Pareto front of `objectives` under `constraints`, spending at most
+    about `evals` distinct subnet evaluations (a generation in flight is finished). `extra_metrics`
+    are evaluated alongside (e.g. for a budget) without being optimised. With `state`, the run is
+    saved every generation and resumed from that file if it exists."""
+    objectives = list(objectives)
+    if not objectives:
+        raise ConfigError("give at least one objective")
+    names = [o.name for o in objectives]
+    metrics = objectives + [m for m in extra_metrics if m.name not in names]
+    if len({m.name for m in metrics}) != len(metrics):
+        raise ConfigError(f"objective names repeat: {[m.name for m in metrics]}")
+    directions = {m.name: m.direction for m in metrics}
+    budgets = [b if isinstance(b, Budget) else parse_budget(b, directions) for b in constraints]
+    for b in budgets:
+        if b.metric not in directions:
+            raise ConfigError(f"budget {b} is on {b.metric!r}, which is not evaluated; allowed: {sorted(directions)}")
+    if algorithm not in SEARCH_ALGORITHMS:
+        raise ConfigError(f"--algorithm: unknown algorithm {algorithm!r}; allowed: {list(SEARCH_ALGORITHMS)}")
+    if evals < pop_size or pop_size < 4:
+        raise ConfigError(f"--evals ({evals}) must be at least the population size ({pop_size}), which must be >= 4")
+    cache = cache if isinstance(cache, EvalCache) or cache is None else EvalCache(cache)
+    settings = {"space": space.fingerprint(), "objectives": [m.cache_key for m in objectives],
+                "extra": [m.cache_key for m in metrics[len(objectives):]], "budgets": [str(b) for b in budgets],
+                "algorithm": algorithm, "evals": evals, "pop_size": pop_size, "seed": seed,
+                **({"inner_evals": inner_evals, "kappa": kappa} if algorithm == "linas" else {})}
+    saved = _load_state(Path(state), settings) if state is not None and Path(state).exists() else None
+    run = _Run(space, objectives, metrics, budgets, cache, settings, state, saved, progress)
+    t0 = time.perf_counter()
+    if algorithm == "linas":
+        run.linas(evals, pop_size, seed, inner_evals, kappa)
+    elif algorithm == "random":
+        run.random(evals, pop_size, seed)
+    else:
+        run.evolve(algorithm, evals, pop_size, seed)
+    run.save_state()
+    meta = {"algorithm": algorithm, "seed": seed, "evals": len(run.ev), "pop_size": pop_size,
+            "budgets": [str(b) for b in budgets], "history": run.history, "anchors": run.anchors,
+            "cache": {"path": str(cache.path) if cache and cache.path else None,
+                      "hits": run.ev.cache.hits, "misses": run.ev.cache.misses,
+                      "hit_rate": run.ev.cache.hit_rate},
+            "seconds": time.perf_counter() - t0, "resumed": saved is not None,
+            "reference_rule": f"{REF_FACTOR}x the largest subnet for minimised objectives, 0 for maximised"}
+    front = ParetoFront.from_archive(space, [o.describe() for o in objectives],
+                                     [{"metric": b.metric, "op": b.op, "value": b.value} for b in budgets],
+                                     run.reference, run.candidates(), meta)
+    if not front.front:
+        closest = min(front.evaluated, key=lambda c: _violation(c.metrics, budgets))
+        shown = ", ".join(f"{b.metric} {closest.metrics[b.metric]:.4g}" for b in budgets)
+        raise SearchError(f"no subnet meets {' and '.join(str(b) for b in budgets)} among {len(front.evaluated)} "
+                          f"evaluated; the closest is {closest.hash} with {shown}")
+    return front
+
+
+def _violation(metrics: dict[str, float], budgets: list[Budget]) -> float:
+    return sum(max(float(b.violation(np.array([metrics[b.metric]]))[0]), 0.0) / max(abs(b.value), 1e-12)
+               for b in budgets)
+
+
+def _load_state(path: Path, settings: dict) -> dict:
+    data = read_document(path, "search state file", STATE_FORMAT, STATE_VERSION, ConfigError, version_key="version")
+    if data.get("settings") != settings:
+        diff = sorted(k for k in set(settings) | set(data.get("settings", {}))
+                      if settings.get(k) != data.get("settings", {}).get(k))
+        raise ConfigError(f"search state {path} belongs to another search (differs in {', '.join(diff)}); "
+                          "remove it or choose another --state")
+    return data
+
+
+class _Run:
+    def __init__(self, space, objectives, metrics, budgets, cache, settings, state, saved, progress):
+        self.space, self.objectives, self.metrics, self.budgets = space, objectives, metrics, budgets
+        self.settings, self.state_path, self.progress = settings, state, progress
+        replay = {r["hash"]: r["metrics"] for r in saved["archive"]} if saved else {}
+        self.saved_batches = saved.get("batches", []) if saved else []
+        self.saved_history = saved.get("history", []) if saved else []
+        self.ev = Evaluator(space, metrics, cache, replay)
+        self.history: list[dict] = []
+        self.batches: list[list[str]] = []
+        self.t0 = time.perf_counter()
+        largest, smallest = space.largest(), space.smallest()
+        X = np.array([space.encode(largest), space.encode(smallest)])
+        values = self.ev.evaluate(X)
+        self.anchors = {"largest": space.config_hash(largest), "smallest": space.config_hash(smallest)}
+        self.reference = {o.name: (REF_FACTOR * float(values[o.name][0]) if o.direction == "min" else 0.0)
+                          for o in objectives}
+        self.described = [o.describe() for o in objectives]
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def archive_values(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = list(self.ev.archive.values())
+        vals = np.array([[r["metrics"][o.name] for o in self.objectives] for r in rows]).reshape(len(rows), -1)
+        feasible = np.array([_violation(r["metrics"], self.budgets) <= 0 for r in rows], dtype=bool)
+        return vals, feasible
+
+    def hv(self) -> float:
+        vals, feasible = self.archive_values()
+        return hypervolume(vals[feasible], self.described, self.reference)
+
+    def step(self, generation: int, **extra: Any) -> None:
+        record = {"generation": generation, "evaluations": len(self.ev), "hypervolume": self.hv(),
+                  "cache_hits": self.ev.cache.hits, "cache_misses": self.ev.cache.misses, **extra,
+                  "seconds": time.perf_counter() - self.t0}
+        if generation <= len(self.saved_history):  # replayed: keep the original timing and logs
+            record = {**self.saved_history[generation - 1], "cache_hits": record["cache_hits"],
+                      "cache_misses": record["cache_misses"]}
+        self.history.append(record)
+        self.save_state()
+        if self.progress:
+            self.progress({**record, "total": self.settings["evals"]})
+
+    def save_state(self) -> None:
+        if self.state_path is None:
+            return
+        write_json(self.state_path, {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "settings": self.settings,
+            "archive": [{"hash": h, "metrics": r["metrics"]} for h, r in self.ev.archive.items()],
+            "batches": self.batches, "history": self.history})
+
+    def candidates(self) -> list[Candidate]:
+        measured = tuple(m.name for m in self.metrics if m.source != "predicted")
+        predicted = tuple(m.name for m in self.metrics if m.source == "predicted")
+        return [Candidate(r["config"], h, dict(r["metrics"]), measured, predicted) for h, r in self.ev.archive.items()]
+
+    # --- algorithms ------------------------------------------------------------------------
+    def evolve(self, name: str, evals: int, pop_size: int, seed: int) -> None:
+        from pymoo.termination.max_eval import MaximumFunctionCallTermination
+
+        problem = SubnetProblem(self.ev, self.objectives, self.budgets)
+        algo = make_algorithm(name, self.space, pop_size, len(self.objectives))
+        algo.setup(problem, termination=MaximumFunctionCallTermination(10**12), seed=seed, verbose=False)
+        generation, stalled = 0, 0
+        while len(self.ev) < evals and stalled < 20:
+            before = len(self.ev)
+            pop = algo.ask()
+            algo.evaluator.eval(problem, pop)
+            algo.tell(infills=pop)
+            generation += 1
+            stalled = stalled + 1 if len(self.ev) == before else 0
+            self.step(generation)
+
+    def random(self, evals: int, pop_size: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        upper = self.space.upper_bounds()
+        generation = 0
+        while len(self.ev) < evals:
+            n = min(pop_size, evals - len(self.ev))
+            self.ev.evaluate(rng.integers(0, upper + 1, size=(n, len(upper))))
+            generation += 1
+            self.step(generation)
+
+    def linas(self, evals: int, pop_size: int, seed: int, inner_evals: int, kappa: float) -> None:
+        from nestnas.hw_profiles.sampling import space_filling_sample
+
+        init = space_filling_sample(self.space, pop_size, seed)
+        self.ev.evaluate(np.array([self.space.encode(c) for c in init]))
+        self.batches.append([self.space.encode(c) for c in init])
+        self.step(1)
+        iteration = 1
+        while len(self.ev) < evals:
+            iteration += 1
+            n = min(pop_size, evals - len(self.ev))
+            if iteration <= len(self.saved_batches):  # replayed iteration: its choice is on record
+                X = np.array(self.saved_batches[iteration - 1], dtype=np.int64)
+                self.ev.evaluate(X)
+                self.batches.append(X.tolist())
+                self.step(iteration)
+                continue
+            X, predicted = self._linas_candidates(n, seed + iteration, inner_evals, kappa)
+            if len(X) == 0:
+                break
+            values = self.ev.evaluate(X)
+            self.batches.append(X.tolist())
+            taus = {}
+            for name, pred in predicted.items():
+                taus[f"tau_{name}"] = _kendall(pred, values[name])
+            self.step(iteration, **taus)
+
+    def _linas_candidates(self, n: int, seed: int, inner_evals: int, kappa: float):
+        from nestnas.predictors.latency import AccuracyPredictor
+        from pymoo.algorithms.moo.nsga2 import NSGA2, RankAndCrowding
+        from pymoo.core.evaluator import Evaluator as PymooEvaluator
+        from pymoo.core.population import Population
+        from pymoo.optimize import minimize
+        from pymoo.termination.max_eval import MaximumFunctionCallTermination
+
+        rows = list(self.ev.archive.values())
+        Xa = np.array([self.space.encode(r["config"]) for r in rows])
+        surrogates = {}
+        for m in self.metrics:
+            if m.expensive:
+                y = np.array([r["metrics"][m.name] for r in rows])
+                surrogates[m.name] = AccuracyPredictor(self.space, seed=seed).fit(Xa, y)
+        inner = _SurrogateProblem(self.space, self.objectives, self.budgets, self.metrics, surrogates, kappa)
+        algo = NSGA2(pop_size=100, **integer_operators(self.space))
+        with preserved_rng():
+            res = minimize(inner, algo, MaximumFunctionCallTermination(inner_evals), seed=seed, verbose=False)
+        pop = res.algorithm.pop
+        _configs, hashes = self.ev.configs(pop.get("X"))
+        keep, seen = [], set(self.ev.archive)
+        for i, h in enumerate(hashes):
+            if h not in seen:
+                seen.add(h)
+                keep.append(i)
+        if not keep:
+            return np.zeros((0, self.space.n_var), dtype=np.int64), {}
+        pop = Population.new(X=pop.get("X")[keep])
+        PymooEvaluator().eval(inner, pop)
+        chosen = RankAndCrowding().do(inner, pop, n_survive=min(n, len(pop)), random_state=np.random.default_rng(seed))
+        X = np.round(chosen.get("X")).astype(np.int64)
+        predicted = {name: s.predict(X) for name, s in surrogates.items()}
+        return X, predicted
+
+
+def _kendall(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import kendalltau
+
+    if len(a) < 3:
+        return float("nan")
+    tau = kendalltau(a, b).statistic
+    return float(tau) if np.isfinite(tau) else float("nan")
+
+
+class _SurrogateProblem(Problem):
+    """Predictor-only version of the problem: surrogates for expensive metrics (shifted by kappa
+    standard deviations towards better, i.e. optimistic), the real function for cheap ones."""
+
+    def __init__(self, space, objectives, budgets, metrics, surrogates, kappa):
+        super().__init__(n_var=space.n_var, n_obj=len(objectives), n_ieq_constr=len(budgets), xl=0,
+                         xu=np.asarray(space.upper_bounds()), vtype=int)
+        self.space, self.objectives, self.budgets = space, objectives, budgets
+        self.metrics = {m.name: m for m in metrics}
+        self.surrogates, self.kappa = surrogates, kappa
+
+    def values(self, X) -> dict[str, np.ndarray]:
+        X = np.round(X).astype(np.int64)
+        needed = [o.name for o in self.objectives] + [b.metric for b in self.budgets]
+        out, configs = {}, None
+        for name in dict.fromkeys(needed):
+            m = self.metrics[name]
+            if name in self.surrogates:
+                mean, std = self.surrogates[name].predict(X, return_std=True)
+                out[name] = mean - m.sign * self.kappa * std
+            else:
+                if configs is None:
+                    configs = [self.space.canonical(self.space.decode(x)) for x in X]
+                out[name] = m.evaluate(configs)
+        return out
+
+    def _evaluate(self, X, out, *args, **kwargs):
+        v = self.values(X)
+        out["F"] = np.column_stack([o.sign * v[o.name] for o in self.objectives])
+        if self.budgets:
+            out["G"] = np.column_stack([b.violation(v[b.metric]) for b in self.budgets])
