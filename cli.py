@@ -15,7 +15,7 @@ from rich.console import Console
 
 from nestnas import __version__
 from nestnas.errors import ConfigError, NestnasError
-from nestnas.progress import StageBar
+from nestnas.progress import SearchProgress, StageBar
 
 app = typer.Typer(
     name="nestnas", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -144,16 +144,18 @@ def quickstart(
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Supernet training epochs [default: 8].",
                                                   show_default=False)] = None,
     profile_samples: Annotated[int, typer.Option(min=8, help="Subnets to profile on ONNX Runtime.")] = 60,
+    search_evals: Annotated[int, typer.Option(min=16, help="Subnets the search evaluates on shared "
+                                                           "weights.")] = 160,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Run every stage of the pipeline on scikit-learn's digits: train, profile, fit (about 4
-    minutes on 2 cores)."""
+    """Run every stage of the pipeline on scikit-learn's digits: train, profile, fit, search
+    (about 4 minutes on 2 cores)."""
     from nestnas.quickstart import run_quickstart
     from nestnas.supernet.train import DEFAULT_EPOCHS
 
     summary = run_quickstart(out, epochs=epochs or DEFAULT_EPOCHS["cnn"], seed=seed, profile_samples=profile_samples,
-                             console=Console(stderr=True) if as_json else console,
+                             search_evals=search_evals, console=Console(stderr=True) if as_json else console,
                              progress=not as_json)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -374,7 +376,7 @@ def search(
     cache_path = cache or user_dir().parent / "evals.sqlite"
     state = state or out.with_name(out.name + ".state.json")
     with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
-            _SearchBar(not as_json, evals) as bar:
+            SearchProgress(not as_json, evals, err_console) as bar:
         warnings.simplefilter("always")
         front = run_search(net.space, objs, budgets, algorithm=algorithm, evals=evals, pop_size=pop_size, seed=seed,
                            extra_metrics=extra, cache=db, state=state, progress=bar)
@@ -395,36 +397,6 @@ def search(
                   f"{cache_meta['hits']} of {cache_meta['hits'] + cache_meta['misses']} "
                   f"({100 * cache_meta['hit_rate']:.0f}%); reference point {front.reference}")
     console.print(f"front saved to {out}" + (f"; plot: {plot}" if plot else ""))
-
-
-class _SearchBar:
-    """Progress bar over true evaluations, showing generation, hypervolume and cache hits."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self._task = enabled, total, None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("[bold]search[/]"), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err_console)
-
-    def __enter__(self):
-        if self.enabled:
-            self._bar.start()
-            self._task = self._bar.add_task("", total=self.total)
-        return self
-
-    def __call__(self, record: dict) -> None:
-        if self.enabled:
-            hits, misses = record["cache_hits"], record["cache_misses"]
-            self._bar.update(self._task, completed=min(record["evaluations"], self.total),
-                             description=f"gen {record['generation']}  HV {record['hypervolume']:.4f}  "
-                                         f"cache {hits}/{hits + misses}")
-
-    def __exit__(self, *exc) -> bool:
-        if self.enabled:
-            self._bar.stop()
-        return False
 
 
 def _check_writable(path: Path, option: str) -> None:

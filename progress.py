@@ -33,3 +33,35 @@ class StageBar:
         if self.enabled:
             self._bar.stop()
         return False
+
+
+class SearchProgress:
+    """Progress over a search's true evaluations, showing generation, hypervolume and cache hits;
+    called with each generation's history record."""
+
+    def __init__(self, enabled: bool, total: int, console: Console | None = None):
+        self.enabled, self.total, self._task = enabled, total, None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("[bold]search[/]"), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console or Console(stderr=True),
+                                 transient=True)
+
+    def __enter__(self) -> SearchProgress:
+        if self.enabled:
+            self._bar.start()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    def __call__(self, record: dict) -> None:
+        if self.enabled:
+            hits, misses = record["cache_hits"], record["cache_misses"]
+            self._bar.update(self._task, completed=min(record["evaluations"], self.total),
+                             description=f"gen {record['generation']}  HV {record['hypervolume']:.4f}  "
+                                         f"cache hits {hits}/{hits + misses}")
+
+    def __exit__(self, *exc) -> bool:
+        if self.enabled:
+            self._bar.stop()
+        return False

@@ -2,7 +2,8 @@
 
 Stages so far: train the CNN supernet with the sandwich rule and report shared-weight accuracy,
 parameters and MACs of the largest, the smallest and three random subnets; profile this CPU on
-ONNX Runtime; fit latency predictors and print their figures on held-out subnets.
+ONNX Runtime; fit latency predictors and print their figures on held-out subnets; search the
+Pareto front of accuracy against predicted latency with LINAS and plot it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nestnas.predictors.macs import count_module
-from nestnas.progress import StageBar
+from nestnas.progress import SearchProgress, StageBar
 from nestnas.supernet.checkpoint import save_checkpoint
 from nestnas.supernet.cnn import ElasticCNN
 from nestnas.supernet.data import digits_loaders
@@ -85,12 +86,39 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
     save_predictor(pred_path, "latency", path, kind, seed, train, scores[kind])
     console.print(f"saved the {kind} predictor (chosen by cross-validation on the fitting subnets): {pred_path}")
     return {"profile": str(path), "profile_subnets": len(profile.measurements), "profile_blocks": len(profile.blocks),
+            "predictor_kind": kind,
             "batch_size": profile.batch_size, "predictor": str(pred_path), "latency_heldout": scores}
+
+
+def search_front(net: Supernet, out_dir: Path, predictor_path: Path, train_loader, val_loader, evals: int, seed: int,
+                 console: Console, progress: bool) -> dict[str, Any]:
+    """Stage 4: LINAS search of accuracy (shared weights) against predicted latency; front table and plot."""
+    from nestnas.search import EvalCache, accuracy_objective, search
+    from nestnas.search.presets import predictor_latency
+
+    console.rule("[bold]4. search[/] accuracy against predicted latency (LINAS: NSGA-II on predictors, "
+                 "true evaluations of the best)")
+    acc = accuracy_objective(net.eval(), val_loader, train_loader, seed=seed)
+    lat = predictor_latency(predictor_path, net.space)
+    front_path, plot_path = out_dir / "front.json", out_dir / "front.png"
+    with EvalCache(out_dir / "evals.sqlite") as cache, SearchProgress(progress, evals, console) as bar:
+        front = search(net.space, [acc, lat], algorithm="linas", evals=evals, pop_size=max(evals // 5, 8), seed=seed,
+                       cache=cache, state=out_dir / "front.state.json", inner_evals=3000, progress=bar)
+    front.save(front_path)
+    front.plot(plot_path)
+    console.print(front.table())
+    knee = front.knee()
+    console.print(f"{len(front.evaluated)} subnets evaluated in {front.meta['seconds']:.0f} s; knee {knee.hash}: "
+                  f"{100 * knee.metrics['accuracy']:.2f}% at {knee.metrics['latency']:.3f} ms; "
+                  f"front: {front_path}; plot: {plot_path}")
+    return {"front": str(front_path), "plot": str(plot_path), "front_size": len(front),
+            "front_hypervolume": front.hypervolume, "searched": len(front.evaluated), "knee": knee.to_dict(),
+            "search_seconds": front.meta["seconds"]}
 
 
 def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS["cnn"], seed: int = 0,
                    console: Console | None = None, progress: bool = True,
-                   profile_samples: int = 60) -> dict[str, Any]:
+                   profile_samples: int = 60, search_evals: int = 160) -> dict[str, Any]:
     console = console or Console()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -112,6 +140,8 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
     console.print(subnet_table("subnets on shared weights (batch norm recalibrated), digits validation split", rows))
     summary = {"checkpoint": str(ckpt), "train_seconds": result.seconds, "subnets": {name: r for name, r in rows}}
     summary.update(profile_and_fit(net, out_dir, profile_samples, seed, console, progress))
+    summary.update(search_front(net, out_dir, Path(summary["predictor"]), train_loader, val_loader, search_evals, seed,
+                                console, progress))
     summary["total_seconds"] = time.perf_counter() - t0
     console.print(f"quickstart finished in {summary['total_seconds']:.0f} s")
     return summary

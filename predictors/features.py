@@ -70,3 +70,15 @@ def config_features(space: SearchSpace, X, spec: dict) -> np.ndarray:
     blocks = mask.sum(axis=1) / 2.0  # two variables per block or layer slot
     return np.column_stack([values * mask, np.log(macs.astype(np.float64)), np.log(params.astype(np.float64)),
                             blocks])
+
+
+def nesting_features(space: SearchSpace, X) -> np.ndarray:
+    """Share of active choices at their smallest and at their largest option. A supernet trained
+    with the sandwich rule trains the smallest and largest subnets every step, so subnets near
+    either end of the nested order are better trained than mixed ones; accuracy depends on this
+    as much as on capacity."""
+    X = check_encoded(space, X)
+    mask = active_mask(space, X)
+    top = space.upper_bounds()[None, :]
+    n = np.maximum(mask.sum(axis=1), 1)
+    return np.column_stack([((X == 0) & mask).sum(axis=1) / n, ((X == top) & mask).sum(axis=1) / n])

@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from nestnas.errors import ConfigError
-from nestnas.predictors.features import check_encoded, config_features
+from nestnas.predictors.features import check_encoded, config_features, nesting_features
 from nestnas.supernet.space import SearchSpace
 
 LATENCY_KINDS = ("lut", "ensemble", "hybrid")
@@ -47,7 +47,11 @@ def _member(name: str, seed: int):
     if name == "mlp":
         return make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(64, 64), alpha=1e-3, max_iter=3000,
                                                             learning_rate_init=3e-3, random_state=seed))
-    raise ConfigError(f"unknown ensemble member {name!r}; allowed: {list(MEMBERS)}")
+    if name == "forest":
+        from sklearn.ensemble import RandomForestRegressor
+
+        return RandomForestRegressor(n_estimators=100, min_samples_leaf=2, max_features=0.5, random_state=seed)
+    raise ConfigError(f"unknown ensemble member {name!r}; allowed: {[*MEMBERS, 'forest']}")
 
 
 class _Ensemble:
@@ -182,14 +186,18 @@ class AccuracyPredictor(RegressorMixin, BaseEstimator):
         self.members = members
         self.seed = seed
 
+    def _features(self, X) -> np.ndarray:
+        spec = self.spec if self.spec is not None else default_spec(self.space)
+        return np.column_stack([config_features(self.space, X, spec), nesting_features(self.space, X)])
+
     def fit(self, X, y) -> AccuracyPredictor:
         X, y = _check_xy(self.space, X, y, positive=False)
-        self.ensemble_ = _Ensemble(tuple(self.members or MEMBERS), self.seed).fit(config_features(self.space, X, self.spec if self.spec is not None else default_spec(self.space)), y)
+        self.ensemble_ = _Ensemble(tuple(self.members or MEMBERS), self.seed).fit(self._features(X), y)
         self.n_features_in_ = self.space.n_var
         return self
 
     def predict(self, X, return_std: bool = False):
         check_is_fitted(self, "n_features_in_")
         X = check_encoded(self.space, X)
-        mean, std = self.ensemble_.predict(config_features(self.space, X, self.spec if self.spec is not None else default_spec(self.space)))
+        mean, std = self.ensemble_.predict(self._features(X))
         return (mean, std) if return_std else mean

@@ -42,6 +42,10 @@ def _nsga2(space: SearchSpace, pop_size: int, n_obj: int):
 
 @register_algorithm("agemoea", "AGE-MOEA (for two objectives)")
 def _agemoea(space: SearchSpace, pop_size: int, n_obj: int):
+    try:
+        import numba  # noqa: F401  (pymoo's AGE-MOEA is compiled with it)
+    except ImportError:
+        raise ConfigError("--algorithm agemoea needs numba: pip install 'nestnas[agemoea]'") from None
     from pymoo.algorithms.moo.age import AGEMOEA
 
     return AGEMOEA(pop_size=pop_size, **integer_operators(space))

@@ -1,9 +1,11 @@
 """`ParetoFront`: the result of a search, with every evaluated point, saved and loaded as JSON.
 
-Hypervolume convention: each objective is normalised to a minimisation in [0, 1] between its
-ideal value (0 for latency, MACs and params; 1.0 for accuracy) and the reference point (1.1x the
-largest subnet's value for minimised metrics; 0 for accuracy), and the hypervolume dominated
-in that unit box is reported (1.0 would be a single subnet with perfect accuracy at zero cost).
+Hypervolume convention: each objective is normalised to a minimisation between its ideal value
+(0 for latency, MACs and params; 1.0 for accuracy), mapped to 0, and the reference point, mapped
+to 1; the reference is the worse of the largest and smallest subnets' values moved 10% of their
+gap further (see `search.run.reference_value`). The hypervolume dominated inside that unit box is
+reported: 1.0 would be a single subnet with perfect accuracy at zero cost, and subnets worse than
+the reference in any objective add nothing.
 """
 
 from __future__ import annotations

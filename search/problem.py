@@ -83,14 +83,20 @@ class CanonicalDuplicates(DuplicateElimination):
     def __init__(self, space: SearchSpace):
         super().__init__()
         self.space = space
+        self._memo: dict[tuple, str] = {}  # populations repeat rows; hashing is the costly part
 
-    def _key(self, x) -> str:
-        return self.space.config_hash(self.space.decode(np.asarray(np.round(x), dtype=np.int64)))
+    def _keys(self, X) -> list[str]:
+        keys = []
+        for row in map(tuple, np.round(np.asarray(X, dtype=float)).astype(np.int64).tolist()):
+            key = self._memo.get(row)
+            if key is None:
+                key = self._memo[row] = self.space.config_hash(self.space.decode(row))
+            keys.append(key)
+        return keys
 
     def _do(self, pop, other, is_duplicate):
-        seen = set() if other is None else {self._key(x) for x in other.get("X")}
-        for i, x in enumerate(pop.get("X")):
-            key = self._key(x)
+        seen = set() if other is None else set(self._keys(other.get("X")))
+        for i, key in enumerate(self._keys(pop.get("X"))):
             if key in seen:
                 is_duplicate[i] = True
             else:

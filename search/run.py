@@ -33,7 +33,11 @@ from pymoo.core.problem import Problem
 
 STATE_FORMAT, STATE_VERSION = "nestnas-search-state", 1
 SEARCH_ALGORITHMS = ("nsga2", "agemoea", "unsga3", "random", "linas")
-REF_FACTOR = 1.1
+REF_MARGIN = 0.1
+INNER_POP = 100
+# Tree models only: a surrogate fitted on a few dozen subnets must not extrapolate (a linear or
+# MLP member predicts accuracies above 1 off the data, and the search then chases them).
+SURROGATE_MEMBERS = ("gbt", "forest")
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -99,7 +103,8 @@ def search(
                       "hits": run.ev.cache.hits, "misses": run.ev.cache.misses,
                       "hit_rate": run.ev.cache.hit_rate},
             "seconds": time.perf_counter() - t0, "resumed": saved is not None,
-            "reference_rule": f"{REF_FACTOR}x the largest subnet for minimised objectives, 0 for maximised"}
+            "reference_rule": f"per objective, the worse of the largest and smallest subnets, moved {REF_MARGIN:g} "
+                              "of their difference further towards worse"}
     front = ParetoFront.from_archive(space, [o.describe() for o in objectives],
                                      [{"metric": b.metric, "op": b.op, "value": b.value} for b in budgets],
                                      run.reference, run.candidates(), meta)
@@ -109,6 +114,16 @@ def search(
         raise SearchError(f"no subnet meets {' and '.join(str(b) for b in budgets)} among {len(front.evaluated)} "
                           f"evaluated; the closest is {closest.hash} with {shown}")
     return front
+
+
+def reference_value(objective: Objective, a: float, b: float) -> float:
+    """Hypervolume reference for one objective from its values on the two anchor subnets (the
+    largest and the smallest): the worse one, moved REF_MARGIN of their gap further. A reference
+    at the anchors keeps the hypervolume about the trade-off itself; one at zero accuracy would
+    make every front look 95% complete."""
+    worse, better = (max(a, b), min(a, b)) if objective.direction == "min" else (min(a, b), max(a, b))
+    gap = abs(worse - better) or abs(worse) or 1.0
+    return worse + objective.sign * REF_MARGIN * gap
 
 
 def _violation(metrics: dict[str, float], budgets: list[Budget]) -> float:
@@ -141,7 +156,7 @@ class _Run:
         X = np.array([space.encode(largest), space.encode(smallest)])
         values = self.ev.evaluate(X)
         self.anchors = {"largest": space.config_hash(largest), "smallest": space.config_hash(smallest)}
-        self.reference = {o.name: (REF_FACTOR * float(values[o.name][0]) if o.direction == "min" else 0.0)
+        self.reference = {o.name: reference_value(o, float(values[o.name][0]), float(values[o.name][1]))
                           for o in objectives}
         self.described = [o.describe() for o in objectives]
 
@@ -249,9 +264,21 @@ class _Run:
         for m in self.metrics:
             if m.expensive:
                 y = np.array([r["metrics"][m.name] for r in rows])
-                surrogates[m.name] = AccuracyPredictor(self.space, seed=seed).fit(Xa, y)
+                surrogates[m.name] = AccuracyPredictor(self.space, members=SURROGATE_MEMBERS, seed=seed).fit(Xa, y)
         inner = _SurrogateProblem(self.space, self.objectives, self.budgets, self.metrics, surrogates, kappa)
-        algo = NSGA2(pop_size=100, **integer_operators(self.space))
+        # Start the predictor-only search from the true front found so far (the rest random), so it
+        # refines around what is known to be good instead of rediscovering it.
+        vals, feasible = self.archive_values()
+        from nestnas.search.front import non_dominated
+
+        order = np.flatnonzero(feasible)
+        best = Xa[order[non_dominated(np.column_stack([o.sign * vals[order, j]
+                                                       for j, o in enumerate(self.objectives)]))]][:INNER_POP // 2]
+        rng = np.random.default_rng(seed)
+        upper = self.space.upper_bounds()
+        start = np.vstack([best, rng.integers(0, upper + 1, size=(INNER_POP - len(best), len(upper)))])
+        operators = {**integer_operators(self.space), "sampling": start}
+        algo = NSGA2(pop_size=INNER_POP, **operators)
         with preserved_rng():
             res = minimize(inner, algo, MaximumFunctionCallTermination(inner_evals), seed=seed, verbose=False)
         pop = res.algorithm.pop
@@ -290,20 +317,28 @@ class _SurrogateProblem(Problem):
         self.space, self.objectives, self.budgets = space, objectives, budgets
         self.metrics = {m.name: m for m in metrics}
         self.surrogates, self.kappa = surrogates, kappa
+        self._memo: dict[str, dict[tuple, float]] = {}  # cheap metrics are pure: never evaluate a row twice
+
+    def _cheap(self, metric: Objective, X: np.ndarray) -> np.ndarray:
+        memo = self._memo.setdefault(metric.name, {})
+        rows = list(map(tuple, X.tolist()))
+        todo = list(dict.fromkeys(r for r in rows if r not in memo))
+        if todo:
+            configs = [self.space.canonical(self.space.decode(r)) for r in todo]
+            memo.update(zip(todo, metric.evaluate(configs).tolist()))
+        return np.array([memo[r] for r in rows])
 
     def values(self, X) -> dict[str, np.ndarray]:
         X = np.round(X).astype(np.int64)
         needed = [o.name for o in self.objectives] + [b.metric for b in self.budgets]
-        out, configs = {}, None
+        out = {}
         for name in dict.fromkeys(needed):
             m = self.metrics[name]
             if name in self.surrogates:
                 mean, std = self.surrogates[name].predict(X, return_std=True)
                 out[name] = mean - m.sign * self.kappa * std
             else:
-                if configs is None:
-                    configs = [self.space.canonical(self.space.decode(x)) for x in X]
-                out[name] = m.evaluate(configs)
+                out[name] = self._cheap(m, X)
         return out
 
     def _evaluate(self, X, out, *args, **kwargs):

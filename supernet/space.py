@@ -8,6 +8,7 @@ pymoo and the predictors see; `decode(encode(c)) == c` for every config in the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -314,6 +315,7 @@ class CNNSpace(SearchSpace):
         return min(k for k in self.kernel_choices if k >= reach)
 
     # --- hooks ----------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (spaces are frozen, few and long-lived)
     def variables(self):
         out = [Variable("resolution", self.resolution_choices), Variable("width_mult", self.width_choices)]
         out += [Variable(f"depths[{i}]", st.depth_choices) for i, st in enumerate(self.stages)]
@@ -412,6 +414,7 @@ class TransformerSpace(SearchSpace):
     def mlp_hidden(self, embed_dim: int, ratio: float) -> int:
         return int(round(embed_dim * ratio))
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (spaces are frozen, few and long-lived)
     def variables(self):
         out = [Variable("depth", self.depth_choices), Variable("embed_dim", self.embed_choices)]
         for i in range(self.max_depth):

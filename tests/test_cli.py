@@ -35,7 +35,7 @@ def test_version_from_both_entry_points():
 
 
 def test_every_command_has_help():
-    for command in ("train", "eval", "quickstart", "profile", "fit", "devices"):
+    for command in ("train", "eval", "quickstart", "profile", "fit", "devices", "search", "show"):
         proc = nestnas(command, "--help")
         assert proc.returncode == 0 and "--json" in proc.stdout, command
         assert ("--seed" in proc.stdout) == (command != "devices"), command  # every random job is seeded
