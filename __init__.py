@@ -31,6 +31,7 @@ _EXPORTS = {
     "accuracy_objective": "nestnas.search.objectives", "latency_objective": "nestnas.search.objectives",
     "macs_objective": "nestnas.search.objectives", "params_objective": "nestnas.search.objectives",
     "measured_latency_objective": "nestnas.search.objectives",
+    "export": "nestnas.exporting", "load": "nestnas.exporting",
 }
 
 __all__ = sorted([*_EXPORTS, "search"]) + ["__version__"]

@@ -145,17 +145,20 @@ def quickstart(
                                                   show_default=False)] = None,
     profile_samples: Annotated[int, typer.Option(min=8, help="Subnets to profile on ONNX Runtime.")] = 60,
     search_evals: Annotated[int, typer.Option(min=16, help="Subnets the search evaluates on shared "
-                                                           "weights.")] = 160,
+                                                           "weights.")] = 120,
+    tune_trials: Annotated[int, typer.Option(min=0, help="TVM tuning trials per workload for the exported "
+                                                         "bundle (0: untuned; tuning costs minutes on 2 "
+                                                         "cores).")] = 0,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Run every stage of the pipeline on scikit-learn's digits: train, profile, fit, search
-    (about 4 minutes on 2 cores)."""
+    """Run every stage of the pipeline on scikit-learn's digits: train, profile, fit, search,
+    export (about 4 minutes on 2 cores)."""
     from nestnas.quickstart import run_quickstart
     from nestnas.supernet.train import DEFAULT_EPOCHS
 
     summary = run_quickstart(out, epochs=epochs or DEFAULT_EPOCHS["cnn"], seed=seed, profile_samples=profile_samples,
-                             search_evals=search_evals, console=Console(stderr=True) if as_json else console,
+                             search_evals=search_evals, tune_trials=tune_trials, console=Console(stderr=True) if as_json else console,
                              progress=not as_json)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -382,6 +385,9 @@ def search(
                            extra_metrics=extra, cache=db, state=state, progress=bar)
     for w in caught:
         err_console.print(f"warning: {w.message}", markup=False)
+    from nestnas.predictors.store import sha256_file
+
+    front.meta["checkpoint"] = {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}
     front.save(out)
     if plot is not None:
         front.plot(plot)
@@ -424,6 +430,141 @@ def show(
     meta = loaded.meta
     console.print(f"{meta.get('algorithm', '?')} with seed {meta.get('seed', '?')}; reference point "
                   f"{loaded.reference}; budgets: {', '.join(meta.get('budgets', [])) or 'none'}")
+
+
+def _parse_pick(text: str, front) -> list:
+    text = text.strip()
+    if text == "knee":
+        return [front.knee()]
+    if text == "all":
+        return list(front.candidates)
+    try:
+        picks = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--pick {text!r}: expected knee, all or front indices such as 0,3") from None
+    bad = [i for i in picks if not 0 <= i < len(front)]
+    if bad or not picks:
+        raise ConfigError(f"--pick {text!r}: the front has {len(front)} subnets (indices 0..{len(front) - 1})")
+    return [front[i] for i in picks]
+
+
+@app.command()
+def export(
+    front: Annotated[Path, typer.Option(help="Pareto front file from `nestnas search`.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder (one subnet) or folder of bundles.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Supernet checkpoint [default: the one the front "
+                                                             "was searched with].", show_default=False)] = None,
+    pick: Annotated[str, typer.Option(help="knee, all, or front indices such as 0,3 (see `nestnas show`).")] =
+        "knee",
+    formats: Annotated[str, typer.Option(help="Comma-separated: onnx, tvm.")] = "onnx,tvm",
+    tune_trials: Annotated[int, typer.Option(min=0, help="TVM MetaSchedule trials per unique workload "
+                                                         "(0: untuned).")] = 32,
+    tune_seconds: Annotated[Optional[float], typer.Option(help="Stop tuning new workloads after this many "
+                                                               "seconds.")] = None,
+    tune_db: Annotated[Optional[Path], typer.Option(help="Tuning database folder shared across exports "
+                                                         "[default: $NESTNAS_HOME/tuning/CPU-CORES].",
+                                                    show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Input batch of the artifacts [default: the "
+                                                                 "batch the latency was predicted at, else 1].",
+                                                      show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: all cores].",
+                                                   show_default=False)] = None,
+    seed: Seed = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Export Pareto subnets as deployable bundles: ONNX (verified on ONNX Runtime) and a TVM
+    library (tuned with one shared database, verified after reloading), with a checksummed
+    manifest and latencies measured on this device."""
+    from nestnas.exporting import export as run_export
+    from nestnas.search import ParetoFront
+    from nestnas.supernet.checkpoint import load_supernet
+
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    from nestnas.compile.bundle import check_formats
+
+    check_formats(fmts)
+    loaded = ParetoFront.load(front)
+    ckpt = checkpoint or Path(loaded.meta.get("checkpoint", {}).get("path", ""))
+    if not str(ckpt) or not ckpt.is_file():
+        raise ConfigError(f"--checkpoint: give the supernet checkpoint the front {front} was searched with")
+    net = load_supernet(ckpt)
+    if net.space.fingerprint() != loaded.space.fingerprint():
+        raise ConfigError(f"front {front} was searched on another search space than checkpoint {ckpt}")
+    chosen = _parse_pick(pick, loaded)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    with StageBar("export", not as_json, err_console) as bar:
+        result = run_export(chosen if len(chosen) > 1 else chosen[0], out, net=net, front=loaded, formats=fmts,
+                            tune_trials=tune_trials, tune_seconds=tune_seconds, database=tune_db,
+                            batch_size=batch_size, threads=threads, seed=seed, progress=bar)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    _bundle_table(result["manifests"], result["folders"])
+    if result.get("tuning"):
+        t = result["tuning"]
+        console.print(f"TVM tuning: {t['unique_tasks']} unique workloads of {t['total_tasks']} tasks "
+                      f"({t['reused_from_database']} already in the database, {t['tuned']} tuned with "
+                      f"{t['trials_per_task']} trials each, {t['skipped_for_time']} left for time) in "
+                      f"{t['seconds']:.0f} s; database: {t['database']}")
+
+
+def _bundle_table(manifests: list[dict], folders: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title="bundles (latency in ms at the bundle's batch; predicted from the front)")
+    for col in ("bundle", "batch", "accuracy", "MACs", "predicted", "ONNX Runtime", "TVM", "folder"):
+        table.add_column(col, justify="left" if col in ("bundle", "folder") else "right")
+    for m, folder in zip(manifests, folders):
+        measured = m.get("measured", {})
+        pred = m.get("predicted_latency")
+        fmt = (lambda b: f"{measured[b]['median_ms']:.3f}" if b in measured else "-")
+        table.add_row(m.get("hash", m["name"]), str(m["input"]["shape"][0]),
+                      f"{100 * m['accuracy']['value']:.2f}%" if "accuracy" in m else "-",
+                      f"{m['macs'] / 1e6:.2f}M" if "macs" in m else "-",
+                      f"{pred['ms']:.3f}" if pred and pred.get("batch") == m["input"]["shape"][0] else "-",
+                      fmt("onnxruntime"), fmt("tvm"), folder)
+    console.print(table)
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder from `nestnas export`.")],
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: the manifest's].",
+                                                   show_default=False)] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Re-measure a bundle on this device (checksums verified first) and compare with its
+    manifest and the predicted latency."""
+    from nestnas.compile.bundle import measure_bundle, verify_checksums
+
+    manifest = verify_checksums(bundle)
+    now = measure_bundle(bundle, threads=threads)
+    pred = manifest.get("predicted_latency") or {}
+    batch = manifest["input"]["shape"][0]
+    rows = []
+    for backend, m in now.items():
+        before = manifest.get("measured", {}).get(backend, {})
+        row = {"backend": backend, "median_ms": m["median_ms"], "p10_ms": m["p10_ms"], "p90_ms": m["p90_ms"],
+               "manifest_ms": before.get("median_ms"),
+               "predicted_ms": pred.get("ms") if pred.get("batch") == batch else None}
+        rows.append(row)
+    if as_json:
+        print(json.dumps({"bundle": str(bundle), "batch": batch, "rows": rows}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{bundle} (batch {batch}): measured now against manifest and prediction")
+    for col in ("backend", "median ms", "p10-p90 ms", "manifest ms", "now/manifest", "predicted ms",
+                "measured/predicted"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in rows:
+        table.add_row(r["backend"], f"{r['median_ms']:.4f}", f"{r['p10_ms']:.4f}-{r['p90_ms']:.4f}",
+                      f"{r['manifest_ms']:.4f}" if r["manifest_ms"] else "-",
+                      f"{r['median_ms'] / r['manifest_ms']:.2f}" if r["manifest_ms"] else "-",
+                      f"{r['predicted_ms']:.4f}" if r["predicted_ms"] else "-",
+                      f"{r['median_ms'] / r['predicted_ms']:.2f}" if r["predicted_ms"] else "-")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

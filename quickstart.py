@@ -3,7 +3,8 @@
 Stages so far: train the CNN supernet with the sandwich rule and report shared-weight accuracy,
 parameters and MACs of the largest, the smallest and three random subnets; profile this CPU on
 ONNX Runtime; fit latency predictors and print their figures on held-out subnets; search the
-Pareto front of accuracy against predicted latency with LINAS and plot it.
+Pareto front of accuracy against predicted latency with LINAS and plot it; export the knee subnet
+as a bundle, reload it and compare its measured latency with the prediction.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def search_front(net: Supernet, out_dir: Path, predictor_path: Path, train_loade
     front_path, plot_path = out_dir / "front.json", out_dir / "front.png"
     with EvalCache(out_dir / "evals.sqlite") as cache, SearchProgress(progress, evals, console) as bar:
         front = search(net.space, [acc, lat], algorithm="linas", evals=evals, pop_size=max(evals // 5, 8), seed=seed,
-                       cache=cache, state=out_dir / "front.state.json", inner_evals=3000, progress=bar)
+                       cache=cache, inner_evals=3000, progress=bar)
     front.save(front_path)
     front.plot(plot_path)
     console.print(front.table())
@@ -116,9 +117,52 @@ def search_front(net: Supernet, out_dir: Path, predictor_path: Path, train_loade
             "search_seconds": front.meta["seconds"]}
 
 
+def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int, seed: int, console: Console,
+                progress: bool) -> dict[str, Any]:
+    """Stage 5: the knee subnet as a bundle (ONNX, and TVM when installed), reloaded from disk
+    with its checksums verified, measured against the predicted latency."""
+    from nestnas.compile.bundle import check_formats, load_bundle
+    from nestnas.compile.runners import get_runner
+    from nestnas.errors import BackendUnavailable
+    from nestnas.exporting import export
+    from nestnas.search import ParetoFront
+
+    try:
+        formats = check_formats(("onnx", "tvm"))
+    except BackendUnavailable:
+        formats = ("onnx",)
+    tvm_note = ("TVM " + (f"tuned, {tune_trials} trials per workload" if tune_trials else "untuned")
+                if "tvm" in formats else "TVM extra not installed")
+    console.rule(f"[bold]5. export[/] the knee subnet as a deployable bundle (ONNX; {tvm_note})")
+    front = ParetoFront.load(front_path, space=net.space)
+    knee = front.knee()
+    bundle = out_dir / "bundle-knee"
+    with StageBar("export", progress, console) as bar:
+        result = export(knee, bundle, net=net, front=front, formats=formats, tune_trials=tune_trials, seed=seed,
+                        progress=bar)
+    manifest = result["manifests"][0]
+    x = np.load(bundle / "check_input.npy", allow_pickle=False)
+    pred = manifest["predicted_latency"]
+    table = Table(title=f"bundle {bundle} reloaded (checksums verified), batch {manifest['input']['shape'][0]}")
+    for col in ("backend", "max |diff| vs torch", "measured ms (p10-p90)", "predicted ms", "measured/predicted"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    rows = {}
+    for backend in ("onnxruntime", "tvm") if "tvm" in formats else ("onnxruntime",):
+        model = load_bundle(bundle, backend)
+        diff = float(np.abs(model(x) - np.load(bundle / "check_output.npy", allow_pickle=False)).max())
+        m = get_runner(backend).measure(model, x)
+        ratio = m.median_ms / pred["ms"] if backend == "onnxruntime" else None  # the predictor is ORT's
+        rows[backend] = {"max_abs_diff": diff, "median_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms,
+                         "predicted_ms": pred["ms"] if backend == "onnxruntime" else None, "ratio": ratio}
+        table.add_row(backend, f"{diff:.1e}", f"{m.median_ms:.3f} ({m.p10_ms:.3f}-{m.p90_ms:.3f})",
+                      f"{pred['ms']:.3f}" if ratio else "-", f"{ratio:.2f}" if ratio else "-")
+    console.print(table)
+    return {"bundle": str(bundle), "bundle_formats": list(formats), "bundle_measured": rows}
+
+
 def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS["cnn"], seed: int = 0,
                    console: Console | None = None, progress: bool = True,
-                   profile_samples: int = 60, search_evals: int = 160) -> dict[str, Any]:
+                   profile_samples: int = 60, search_evals: int = 120, tune_trials: int = 0) -> dict[str, Any]:
     console = console or Console()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -142,6 +186,7 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
     summary.update(profile_and_fit(net, out_dir, profile_samples, seed, console, progress))
     summary.update(search_front(net, out_dir, Path(summary["predictor"]), train_loader, val_loader, search_evals, seed,
                                 console, progress))
+    summary.update(export_knee(net, out_dir, Path(summary["front"]), tune_trials, seed, console, progress))
     summary["total_seconds"] = time.perf_counter() - t0
     console.print(f"quickstart finished in {summary['total_seconds']:.0f} s")
     return summary

@@ -97,7 +97,8 @@ def test_bad_option_values_give_one_line(tmp_path):
 
 
 def test_quickstart_runs_every_stage(tmp_path):
-    proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--out", tmp_path / "qs", "--json")
+    proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--search-evals", "32", "--out",
+                   tmp_path / "qs", "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert Path(summary["checkpoint"]).is_file()
@@ -114,6 +115,10 @@ def test_quickstart_runs_every_stage(tmp_path):
     predictor, record = load_predictor(summary["predictor"])
     kind = record["kind"]
     assert kind in {"lut", "ensemble", "hybrid"} and record["heldout_metrics"] == summary["latency_heldout"][kind]
+    assert summary["searched"] >= 32 and summary["front_size"] >= 1 and Path(summary["plot"]).is_file()
+    assert (Path(summary["bundle"]) / "manifest.json").is_file()
+    for backend, row in summary["bundle_measured"].items():
+        assert row["max_abs_diff"] <= 1e-4 and row["median_ms"] > 0, backend
 
 
 def test_ci_runs_the_readme_test_line():

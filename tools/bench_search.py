@@ -165,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     bound = not np.isfinite(nsga_n)
     ratio = (by["nsga2"]["median_evaluated"] if bound else nsga_n) / linas_n
 
+    # Second view, independent of the 98% threshold: how many evaluations LINAS needs to match the
+    # hypervolume plain NSGA-II ends with (median curves).
+    nsga_final = by["nsga2"]["median_final_share"]
+    lc = curves["linas"]
+    hit = [e for e, v in zip(lc["evaluations"], lc["median_share"]) if np.isfinite(v) and v >= nsga_final]
+    match_evals = float(hit[0]) if hit else float("inf")
+    match_ratio = by["nsga2"]["median_evaluated"] / match_evals
+
     table = Table(title=f"hypervolume share of the reference ({ref_hv:.4f}) against true evaluations, "
                         f"median of {args.seeds} seeds")
     for col in ["method", *[f"@{cp}" for cp in checkpoints], "evals to 98% (median)", "per seed", "final share",
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'}); "
                   f"a predictor-only NSGA-II of 10 000 evaluations takes {inner_s:.1f} s "
                   f"(target < {TARGET_INNER_S} s: {'met' if inner_s < TARGET_INNER_S else 'NOT met'})")
+    console.print(f"LINAS matches NSGA-II's final hypervolume ({100 * nsga_final:.1f}% of the reference after "
+                  f"{by['nsga2']['median_evaluated']:.0f} evaluations) after {match_evals:.0f} evaluations: "
+                  f"{match_ratio:.1f}x fewer")
     plot(curves, args.plot, ref_hv)
     write_json(args.out, {"meta": {"host": host_fingerprint(), "checkpoint": str(ckpt), "profile": str(PROFILE),
                                    "seeds": args.seeds, "evals": args.evals, "nsga2_evals": args.nsga2_evals,
@@ -190,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "reference_point": reference.reference},
                           "rows": rows, "curves": curves, "linas_vs_nsga2_ratio": ratio,
                           "ratio_is_lower_bound": bool(bound),
+                          "linas_evals_to_match_nsga2_final": match_evals, "linas_vs_nsga2_match_ratio": match_ratio,
                           "predictor_only_10k_seconds": inner_s,
                           "met": {"ratio": ratio >= TARGET_RATIO, "inner": inner_s < TARGET_INNER_S}})
     console.print(f"wrote {args.out} and {args.plot}")
@@ -209,7 +221,7 @@ def plot(curves: dict, path: Path, ref_hv: float) -> None:
     ax.axhline(100 * TARGET_SHARE, color="k", ls="--", lw=0.8, label="98% of reference")
     ax.set_xlabel("true evaluations (distinct subnets, shared-weight accuracy)")
     ax.set_ylabel(f"hypervolume, % of reference ({ref_hv:.4f})")
-    ax.set_ylim(80, 101)
+    ax.set_ylim(0, 101)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

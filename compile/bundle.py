@@ -1,0 +1,288 @@
+"""Deployable bundles: one folder per subnet with `model.onnx`, the TVM library, a check input
+and its torch output, and `manifest.json` (config, hash, shapes, MACs, params, accuracy, predicted
+and measured latency, versions, and the sha256 of every artifact).
+
+`export_bundles` builds several subnets at once so that TVM tuning is shared (see `tuning`). Each
+bundle is written into a temporary folder beside its destination and renamed into place only when
+complete and verified: ONNX Runtime within 1e-4 of torch in this process, and the TVM library
+within 1e-4 after reloading it in a fresh process. `load_bundle` verifies every checksum before
+it loads anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nestnas.compile.backends import OrtModel, TvmModel, get_backend
+from nestnas.compile.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from nestnas.compile.runners import get_runner
+from nestnas.compile.tuning import TuneOptions, TuningDatabase, extract_tasks, prepare, relax_module
+from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
+from nestnas.errors import ArtifactError, ConfigError
+from nestnas.fileio import read_document, write_json
+
+FORMAT, VERSION = "nestnas-bundle", 1
+FORMATS = ("onnx", "tvm")
+TOLERANCE = 1e-4
+FILES = {"onnx": "model.onnx", "tvm": "model_tvm.so"}
+CHECK_INPUT, CHECK_OUTPUT = "check_input.npy", "check_output.npy"
+
+
+@dataclass
+class Subnet:
+    """What to bundle: a static module, its input shape, and what is known about it."""
+
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    info: dict[str, Any] = field(default_factory=dict)  # config, hash, macs, params, accuracy, predicted...
+
+
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ConfigError(f"--formats: unknown format {bad[0]!r}; allowed: {list(FORMATS)}" if bad
+                          else f"--formats: give at least one of {list(FORMATS)}")
+    if "tvm" in formats:
+        require_tvm()
+    return formats
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from nestnas import __version__
+
+    out = {"nestnas": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    with contextlib.suppress(Exception):
+        out["tvm"] = require_tvm().__version__
+    return out
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A temporary folder beside `final`, renamed over it on success and removed on failure."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as exc:
+        raise ConfigError(f"--out {final}: cannot write there ({exc.strerror})") from None
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_bundles(subnets: Sequence[Subnet], out_dirs: Sequence[str | os.PathLike], *,
+                   formats: Sequence[str] = FORMATS, tune: TuneOptions | None = None, threads: int | None = None,
+                   measure: bool = True, seed: int = 0,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Bundle each subnet into its folder; TVM tuning is shared by all of them. Returns the
+    manifests and the tuning report."""
+    formats = check_formats(formats)
+    tune = tune or TuneOptions(trials=0)
+    if len(subnets) != len(out_dirs):
+        raise ConfigError("one output folder per subnet")
+    ort_backend = get_backend("onnxruntime", threads=threads)
+    threads = ort_backend.threads
+    work = Path(tempfile.mkdtemp(prefix="nestnas-export-"))
+    try:
+        return _export(subnets, [Path(d) for d in out_dirs], formats, tune, threads, measure, seed, work, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export(subnets, out_dirs, formats, tune, threads, measure, seed, work, progress):
+    staged = []
+    for i, sub in enumerate(subnets):  # 1. ONNX for everyone (TVM compiles the same file)
+        folder = work / f"{i}"
+        folder.mkdir()
+        x = torch.randn(sub.input_shape, generator=torch.Generator().manual_seed(seed + i))
+        module = sub.module.eval()
+        with torch.no_grad():
+            want = module(x).numpy()
+        onnx_path = export_onnx(module, x, folder / FILES["onnx"], exporter="dynamo")
+        np.save(folder / CHECK_INPUT, x.numpy(), allow_pickle=False)
+        np.save(folder / CHECK_OUTPUT, want, allow_pickle=False)
+        ort = get_backend("onnxruntime", threads=threads)._build(onnx_path, x)
+        diff = float(np.abs(ort(x.numpy()) - want).max())
+        if not diff <= TOLERANCE:
+            raise ArtifactError(f"{sub.name}: ONNX Runtime differs from torch by {diff:.2e} (> {TOLERANCE:g})")
+        staged.append({"folder": folder, "x": x, "onnx_diff": diff, "ort": ort})
+        if progress:
+            progress("onnx", i + 1, len(subnets))
+    report: dict[str, Any] = {"tuning": None}
+    if "tvm" in formats:
+        target = host_target(threads)
+        prepared = []
+        for s, sub in zip(staged, subnets):
+            prepared.append(prepare(relax_module(s["folder"] / FILES["onnx"], sub.input_shape, INPUT_NAME), target))
+        database = None
+        if tune.enabled:
+            database = TuningDatabase(tune.database or work / "tuning")
+            report["tuning"] = database.tune([extract_tasks(p, target) for p in prepared], tune, progress)
+        for i, (s, mod) in enumerate(zip(staged, prepared)):
+            tvm = require_tvm()
+            with native_warnings_dropped():
+                executable = database.compile(mod, target) if database else tvm.compile(mod, target=target)
+                executable.export_library(os.fspath(s["folder"] / FILES["tvm"]))
+            if progress:
+                progress("tvm build", i + 1, len(staged))
+    manifests = []
+    for i, (s, sub, final) in enumerate(zip(staged, subnets, out_dirs)):
+        manifest = _manifest(sub, s, formats, tune, report["tuning"], threads)
+        write_json(s["folder"] / "manifest.json", manifest)
+        if "tvm" in formats:
+            manifest["verified"]["tvm_max_abs_diff"] = _verify_fresh_process(s["folder"])
+        if measure:
+            manifest["measured"] = measure_bundle(s["folder"], formats, threads)
+        manifest["artifacts"] = _checksums(s["folder"], formats)
+        write_json(s["folder"] / "manifest.json", manifest)
+        with staged_folder(final) as tmp:
+            for f in s["folder"].iterdir():
+                shutil.move(os.fspath(f), os.fspath(tmp / f.name))
+        manifests.append(manifest)
+        if progress:
+            progress("bundles", i + 1, len(staged))
+    return {"manifests": manifests, "folders": [str(d) for d in out_dirs], **report}
+
+
+def _checksums(folder: Path, formats: Sequence[str]) -> dict[str, str]:
+    names = [FILES[f] for f in formats] + [CHECK_INPUT, CHECK_OUTPUT]
+    return {n: sha256_file(folder / n) for n in names}
+
+
+def _manifest(sub: Subnet, staged: dict, formats, tune: TuneOptions, tuning: dict | None, threads: int) -> dict:
+    info = dict(sub.info)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "name": sub.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                       time.gmtime()),
+        "formats": list(formats), "files": {f: FILES[f] for f in formats},
+        "input": {"name": INPUT_NAME, "shape": list(sub.input_shape), "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME},
+        **{k: info.pop(k) for k in ("config", "hash", "family", "macs", "params", "accuracy", "predicted_latency")
+           if k in info},
+        "extra": info, "threads": threads, "versions": versions(),
+        "verified": {"tolerance": TOLERANCE, "onnxruntime_max_abs_diff": staged["onnx_diff"]},
+        "tuning": ({"trials_per_task": tune.trials, "strategy": tune.strategy, **(tuning or {})}
+                   if "tvm" in formats else None),
+        "artifacts": _checksums(staged["folder"], formats),
+    }
+    if "tvm" in formats:
+        manifest["target"] = str(host_target(threads))
+    return manifest
+
+
+def _verify_fresh_process(folder: Path) -> float:
+    """Reload the TVM library in a new interpreter (checksums verified first) and compare its
+    output on the check input with torch's."""
+    proc = subprocess.run([sys.executable, "-m", "nestnas.compile.verify", os.fspath(folder), "tvm"],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise ArtifactError(f"the TVM library of {folder.name} failed to reload in a fresh process: "
+                            f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    diff = float(json.loads(proc.stdout)["max_abs_diff"])
+    if not diff <= TOLERANCE:
+        raise ArtifactError(f"the reloaded TVM library differs from torch by {diff:.2e} (> {TOLERANCE:g})")
+    return diff
+
+
+def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise ArtifactError(f"bundle folder not found: {bundle}")
+    return read_document(bundle / "manifest.json", "bundle manifest", FORMAT, VERSION, ArtifactError,
+                         version_key="version")
+
+
+def verify_checksums(bundle: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The manifest, after checking the sha256 of `names` (default: every artifact)."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, dict) or not artifacts:
+        raise ArtifactError(f"bundle {bundle}: manifest lists no artifact checksums")
+    for name in names or list(artifacts):
+        if name not in artifacts:
+            raise ArtifactError(f"bundle {bundle}: {name} is not in the manifest")
+        path = bundle / name
+        if not path.is_file():
+            raise ArtifactError(f"bundle {bundle}: {name} is missing")
+        if sha256_file(path) != artifacts[name]:
+            raise ArtifactError(f"bundle {bundle}: {name} does not match its checksum in manifest.json "
+                                "(tampered or truncated); refusing to load it")
+    return manifest
+
+
+def load_bundle(bundle: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None):
+    """A callable model (numpy in, numpy out) from a bundle, after verifying every checksum."""
+    fmt = {"onnxruntime": "onnx", "tvm": "tvm"}.get(backend)
+    if fmt is None:
+        raise ConfigError(f"--backend {backend!r}; allowed: ['onnxruntime', 'tvm']")
+    bundle = Path(bundle)
+    manifest = verify_checksums(bundle)
+    if fmt not in manifest["formats"]:
+        raise ArtifactError(f"bundle {bundle} has no {fmt} artifact (it holds {manifest['formats']})")
+    shape = tuple(manifest["input"]["shape"])
+    threads = threads or manifest.get("threads")
+    path = bundle / manifest["files"][fmt]
+    if fmt == "onnx":
+        backend_obj = get_backend("onnxruntime", threads=threads)
+        return backend_obj._build(path, torch.zeros(shape))
+    tvm = require_tvm()
+    return TvmModel(tvm.runtime.load_module(os.fspath(path)), shape, threads or os.cpu_count() or 1)
+
+
+def measure_bundle(bundle: str | os.PathLike, formats: Sequence[str] | None = None,
+                   threads: int | None = None) -> dict[str, Any]:
+    """Latency of each artifact of a bundle on this device (median, p10, p90 in ms)."""
+    manifest = read_manifest(bundle)
+    out = {}
+    x = np.load(Path(bundle) / CHECK_INPUT, allow_pickle=False)
+    for fmt in formats or manifest["formats"]:
+        backend = "onnxruntime" if fmt == "onnx" else "tvm"
+        model = load_bundle(bundle, backend, threads)
+        m = get_runner(backend).measure(model, x).to_dict()
+        out[backend] = {k: m[k] for k in ("median_ms", "p10_ms", "p90_ms", "cv", "repeats", "stable")}
+    return out
+
+
+__all__ = ["FORMATS", "OrtModel", "Subnet", "TuneOptions", "export_bundles", "load_bundle", "measure_bundle",
+           "read_manifest", "verify_checksums"]

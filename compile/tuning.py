@@ -1,0 +1,166 @@
+"""One MetaSchedule tuning database shared by every subnet of a front.
+
+Subnets of one supernet share most of their workloads (the same fused conv shapes recur across
+configs), so the tasks of all subnets to export are extracted first, deduplicated by the
+structural hash of their TIR, and each unique workload is tuned once; workloads the on-disk
+database already holds (from an earlier export) are not tuned again. Compiling a subnet then
+applies the database to its own tasks.
+
+Search strategy: MetaSchedule's evolutionary search needs a learned cost model (xgboost) and a
+large candidate population per round, which costs minutes per task on two cores; with the small
+trial budgets used here, measuring `trials` schedules sampled from the design space
+("replay-trace") finds most of the gain at a fraction of the cost. Both are selectable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from nestnas.compile.tvm_util import native_warnings_dropped, require_tvm
+from nestnas.errors import ConfigError
+
+STRATEGIES = ("replay-trace", "evolutionary")
+CHUNK = 8
+BUILD_TIMEOUT_S, RUN_TIMEOUT_S = 180.0, 60.0
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """`trials` measured schedules per unique workload (0: no tuning); `max_seconds` stops tuning
+    new workloads once spent (those left untuned keep TVM's default schedule)."""
+
+    trials: int = 32
+    max_seconds: float | None = None
+    database: str | os.PathLike | None = None
+    strategy: str = "replay-trace"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trials < 0:
+            raise ConfigError(f"--tune-trials must be >= 0, got {self.trials}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"--tune-seconds must be positive, got {self.max_seconds}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"tuning strategy {self.strategy!r}; allowed: {list(STRATEGIES)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.trials > 0
+
+
+def relax_module(onnx_path: str | os.PathLike, shape: tuple[int, ...], input_name: str) -> Any:
+    """The Relax module of an ONNX file (weights bound as constants)."""
+    import onnx
+
+    require_tvm()
+    from tvm.relax.frontend.onnx import from_onnx
+
+    with native_warnings_dropped():
+        return from_onnx(onnx.load(os.fspath(onnx_path)), shape_dict={input_name: list(shape)},
+                         dtype_dict={input_name: "float32"}, keep_params_in_input=False)
+
+
+def prepare(mod: Any, target: Any) -> Any:
+    """Legalise and fuse (the form whose fused TIR functions are the tuning tasks)."""
+    tvm = require_tvm()
+    from tvm import relax
+
+    with target, native_warnings_dropped():
+        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                         relax.transform.CanonicalizeBindings(),
+                                         relax.pipeline.zero_pipeline()])(mod)
+
+
+def extract_tasks(prepared: Any, target: Any) -> list[Any]:
+    require_tvm()
+    from tvm.s_tir import meta_schedule as ms
+
+    return list(ms.relax_integration.extract_tasks(prepared, target, module_equality="structural"))
+
+
+def task_key(task: Any) -> str:
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(task.dispatched[0]):016x}"
+
+
+class TuningDatabase:
+    """A MetaSchedule JSON database in a folder, reused across exports."""
+
+    def __init__(self, path: str | os.PathLike):
+        require_tvm()
+        from tvm.s_tir import meta_schedule as ms
+
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"tuning database folder {self.path} cannot be created: {exc.strerror}") from None
+        self.db = ms.database.JSONDatabase(work_dir=os.fspath(self.path), module_equality="structural")
+
+    def has(self, task: Any) -> bool:
+        mod = task.dispatched[0]
+        return bool(self.db.has_workload(mod)) and len(self.db.get_top_k(self.db.commit_workload(mod), 1)) > 0
+
+    def tune(self, tasks_per_module: list[list[Any]], options: TuneOptions,
+             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+        """Tune the unique workloads among `tasks_per_module` not yet in the database."""
+        from tvm.s_tir import meta_schedule as ms
+
+        total = sum(len(t) for t in tasks_per_module)
+        unique: dict[str, Any] = {}
+        weights: dict[str, float] = {}
+        for tasks in tasks_per_module:
+            for task in tasks:
+                key = task_key(task)
+                unique.setdefault(key, task)
+                weights[key] = weights.get(key, 0.0) + float(task.weight)
+        todo = [k for k, t in unique.items() if not self.has(t)]
+        reused = len(unique) - len(todo)
+        report = {"total_tasks": total, "unique_tasks": len(unique), "reused_from_database": reused, "tuned": 0,
+                  "skipped_for_time": 0, "trials_per_task": options.trials, "strategy": options.strategy,
+                  "seconds": 0.0, "database": str(self.path)}
+        if not options.enabled:
+            report["skipped_for_time"] = 0
+            return report
+        start = time.perf_counter()
+        # Tasks go to MetaSchedule in chunks so that the time budget is checked in between; the
+        # builder and runner (and their worker processes, slow to start) serve every chunk. The
+        # timeouts are generous because a worker's first job includes importing TVM, which takes
+        # well over MetaSchedule's default 30 s on two busy cores.
+        builder = ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=BUILD_TIMEOUT_S)
+        runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+        done = 0
+        for first in range(0, len(todo), CHUNK):
+            if options.max_seconds is not None and time.perf_counter() - start > options.max_seconds:
+                report["skipped_for_time"] = len(todo) - first
+                break
+            chunk = [unique[k] for k in todo[first:first + CHUNK]]
+            contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                chunk, os.fspath(self.path / "logs"), strategy=options.strategy, num_threads=os.cpu_count() or 1,
+                seed=options.seed)
+            with native_warnings_dropped():
+                ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=os.fspath(self.path / "logs"),
+                              max_trials_global=options.trials * len(chunk), max_trials_per_task=options.trials,
+                              num_trials_per_iter=min(options.trials, 16), database=self.db,
+                              builder=builder, runner=runner,
+                              cost_model="random" if options.strategy == "replay-trace" else "xgb")
+            done += len(chunk)
+            report["tuned"] = done
+            if progress:
+                progress("tuning", done, len(todo))
+        report["seconds"] = time.perf_counter() - start
+        return report
+
+    def compile(self, prepared: Any, target: Any) -> Any:
+        """Build a prepared module with the database's best schedules applied."""
+        tvm = require_tvm()
+        from tvm import relax
+
+        with target, self.db, tvm.transform.PassContext(opt_level=3), native_warnings_dropped():
+            mod = relax.transform.MetaScheduleApplyDatabase()(prepared)
+            return tvm.compile(mod, target=target)

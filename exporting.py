@@ -1,0 +1,103 @@
+"""`nestnas.export` and `nestnas.load`: Pareto subnets (or any static module) to deployable
+bundles, and bundles back to callables. The bridge between search results and `compile/`, which
+itself only sees static modules and their configs."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from nestnas.errors import ConfigError
+
+
+def default_tuning_database() -> Path:
+    """`$NESTNAS_HOME/tuning/<cpu>-<threads>`: one database per machine class, reused by every export."""
+    from nestnas.compile.tvm_util import host_target
+    from nestnas.hw_profiles.devices import user_dir
+
+    target = host_target(os.cpu_count() or 1)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{target.attrs.get('mcpu', 'cpu')}-{os.cpu_count()}")
+    return user_dir().parent / "tuning" / name
+
+
+def _batch_of(unit: str) -> int | None:
+    m = re.search(r"batch (\d+)", unit or "")
+    return int(m.group(1)) if m else None
+
+
+def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, name: str | None = None):
+    """A `compile.bundle.Subnet` for a front candidate: the extracted module and its manifest facts."""
+    from nestnas.compile.bundle import Subnet
+    from nestnas.predictors.macs import count_macs
+
+    config = net.space.validate(candidate.config)
+    objectives = {o["name"]: o for o in (front.objectives if front is not None else [])}
+    lat_unit = objectives.get("latency", {}).get("unit", "")
+    batch = batch_size or _batch_of(lat_unit) or 1
+    macs, params = count_macs(net.space, config, **net.spec())
+    info: dict[str, Any] = {"config": config.to_dict(), "hash": net.space.config_hash(config),
+                            "family": net.space.family, "macs": int(macs), "params": int(params)}
+    if "accuracy" in candidate.metrics:
+        info["accuracy"] = {"value": candidate.metrics["accuracy"],
+                            "source": objectives.get("accuracy", {}).get("source", "measured"),
+                            "what": "shared-weight validation accuracy, batch norm recalibrated"}
+    if "latency" in candidate.metrics:
+        info["predicted_latency"] = {"ms": candidate.metrics["latency"], "unit": lat_unit,
+                                     "batch": _batch_of(lat_unit),
+                                     "predictor": objectives.get("latency", {}).get("context", ""),
+                                     "source": objectives.get("latency", {}).get("source", "predicted")}
+    return Subnet(name or info["hash"], net.extract(config), tuple(net.input_shape(config, batch)), info)
+
+
+def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shape: Sequence[int] | None = None,
+           formats: Sequence[str] = ("onnx", "tvm"), tune_trials: int = 32, tune_seconds: float | None = None,
+           database: str | os.PathLike | None = None, batch_size: int | None = None, threads: int | None = None,
+           measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Export one front candidate, a list of them, or a static `nn.Module` (with `input_shape`)
+    as bundles under `out_dir` (a single subject: `out_dir` is the bundle; several: one folder
+    each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` records objective
+    units and predictor in the manifests. TVM tuning (`tune_trials` per unique workload, 0 = off)
+    shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
+    from nestnas.compile.bundle import Subnet, check_formats, export_bundles
+    from nestnas.compile.tuning import TuneOptions
+    from nestnas.search.front import Candidate, ParetoFront
+
+    formats = check_formats(formats)
+    out_dir = Path(out_dir)
+    if isinstance(what, ParetoFront):
+        front, what = what, list(what.candidates)
+    if isinstance(what, nn.Module):
+        if input_shape is None:
+            raise ConfigError("exporting a module needs its input_shape")
+        subnets = [Subnet(out_dir.name or "model", what, tuple(input_shape), {})]
+    else:
+        items = what if isinstance(what, (list, tuple)) else [what]
+        if not items or not all(isinstance(c, Candidate) for c in items):
+            raise ConfigError("export takes a Candidate, a list of Candidates, a ParetoFront or an nn.Module")
+        if net is None:
+            raise ConfigError("exporting candidates needs the supernet they were searched on (net=...)")
+        if front is not None and front.space.fingerprint() != net.space.fingerprint():
+            raise ConfigError("the front was searched on another search space than this supernet's")
+        subnets = [candidate_subnet(net, c, front, batch_size) for c in items]
+    if len(subnets) == 1:
+        dirs = [out_dir]
+    else:
+        dirs = [out_dir / f"{i:02d}-{s.info.get('hash', s.name)}" for i, s in enumerate(subnets)]
+    tune = TuneOptions(trials=tune_trials if "tvm" in formats else 0, max_seconds=tune_seconds,
+                       database=database or (default_tuning_database() if "tvm" in formats and tune_trials else None),
+                       seed=seed)
+    with torch.no_grad():
+        return export_bundles(subnets, dirs, formats=formats, tune=tune, threads=threads, measure=measure, seed=seed,
+                              progress=progress)
+
+
+def load(bundle: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None):
+    """The bundle's model as a callable (numpy in, numpy out), after verifying every checksum."""
+    from nestnas.compile.bundle import load_bundle
+
+    return load_bundle(bundle, backend, threads)

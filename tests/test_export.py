@@ -1,0 +1,178 @@
+"""Bundles: ONNX and TVM export verified against torch, checksummed manifests, refusal to load
+tampered files, shared tuning database, CLI export and bench."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nestnas
+from nestnas.compile.bundle import read_manifest
+from nestnas.errors import ArtifactError, ConfigError
+from nestnas.search.front import Candidate
+from nestnas.supernet import SearchSpace
+from nestnas.supernet.cnn import ElasticCNN
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nestnas_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nestnas", *map(str, args)], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = ElasticCNN(num_classes=10, in_channels=1).eval()
+    for m in model.modules():  # non-trivial batch-norm statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def candidate(net, config, latency=0.7):
+    config = net.space.canonical(config)
+    return Candidate(config, net.space.config_hash(config), {"accuracy": 0.9, "latency": latency},
+                     ("accuracy",), ("latency",))
+
+
+def test_onnx_bundle_round_trip_and_manifest(net, tmp_path):
+    rng = np.random.default_rng(1)
+    config = net.space.sample(rng)
+    out = tmp_path / "b"
+    result = nestnas.export(candidate(net, config), out, net=net, formats=("onnx",), batch_size=2)
+    manifest = read_manifest(out)
+    assert result["manifests"][0] == manifest
+    assert manifest["hash"] == net.space.config_hash(config) and manifest["input"]["shape"][0] == 2
+    assert manifest["macs"] > 0 and manifest["params"] > 0 and manifest["accuracy"]["value"] == 0.9
+    assert set(manifest["artifacts"]) == {"model.onnx", "check_input.npy", "check_output.npy"}
+    assert manifest["measured"]["onnxruntime"]["median_ms"] > 0
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+    assert manifest["verified"]["onnxruntime_max_abs_diff"] <= 1e-4
+    model = nestnas.load(out)
+    x = torch.randn(manifest["input"]["shape"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = net.extract(config)(x).numpy()
+    np.testing.assert_allclose(model(x.numpy()), want, atol=1e-4, rtol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_tampered_or_truncated_artifacts_are_refused(net, tmp_path):
+    out = tmp_path / "b"
+    nestnas.export(candidate(net, net.space.smallest()), out, net=net, formats=("onnx",), measure=False)
+    data = (out / "model.onnx").read_bytes()
+    (out / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="model.onnx does not match its checksum"):
+        nestnas.load(out)
+    (out / "model.onnx").write_bytes(data)
+    nestnas.load(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"]["check_input.npy"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="check_input.npy does not match"):
+        nestnas.load(out)
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        nestnas.load(out)
+    with pytest.raises(ArtifactError, match="not found"):
+        nestnas.load(tmp_path / "nothing")
+
+
+def test_tvm_bundle_is_verified_in_a_fresh_process_and_guarded_by_its_checksum(net, tmp_path):
+    out = tmp_path / "b"
+    config = net.space.smallest()
+    nestnas.export(candidate(net, config), out, net=net, formats=("onnx", "tvm"), tune_trials=0, batch_size=1)
+    manifest = read_manifest(out)
+    assert manifest["verified"]["tvm_max_abs_diff"] <= 1e-4 and "model_tvm.so" in manifest["artifacts"]
+    assert manifest["tuning"]["trials_per_task"] == 0 and json.loads(manifest["target"])["kind"] == "llvm"
+    assert manifest["measured"]["tvm"]["median_ms"] > 0
+    x = np.load(out / "check_input.npy")
+    np.testing.assert_allclose(nestnas.load(out, "tvm")(x), np.load(out / "check_output.npy"), atol=1e-4, rtol=0)
+    lib = out / "model_tvm.so"
+    blob = bytearray(lib.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    lib.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="model_tvm.so does not match its checksum"):
+        nestnas.load(out, "tvm")
+
+
+def test_bad_export_input(net, tmp_path):
+    cand = candidate(net, net.space.smallest())
+    with pytest.raises(ConfigError, match="unknown format 'tflite'"):
+        nestnas.export(cand, tmp_path / "x", net=net, formats=("onnx", "tflite"))
+    with pytest.raises(ConfigError, match="needs the supernet"):
+        nestnas.export(cand, tmp_path / "x")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write there"):
+        nestnas.export(cand, blocker / "sub" / "b", net=net, formats=("onnx",), measure=False)
+    other = nestnas.search.ParetoFront(SearchSpace.transformer(), [], [], {}, [], [])
+    with pytest.raises(ConfigError, match="another search space"):
+        nestnas.export(cand, tmp_path / "x", net=net, front=other, formats=("onnx",))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
+    space = net.space
+    pair = [candidate(net, space.smallest()), candidate(net, space.ladder(8)[1])]
+    db = tmp_path / "db"
+    first = nestnas.export(pair, tmp_path / "a", net=net, tune_trials=2, database=db, batch_size=1, measure=False)
+    t = first["tuning"]
+    assert t["unique_tasks"] < t["total_tasks"] and t["tuned"] == t["unique_tasks"] and t["reused_from_database"] == 0
+    again = nestnas.export(pair[:1], tmp_path / "b", net=net, tune_trials=2, database=db, batch_size=1, measure=False)
+    assert again["tuning"]["tuned"] == 0 and again["tuning"]["reused_from_database"] == again["tuning"]["unique_tasks"]
+    for folder in first["folders"]:
+        m = read_manifest(folder)
+        assert m["verified"]["tvm_max_abs_diff"] <= 1e-4
+
+
+def test_export_and_bench_cli(net, tmp_path):
+    from nestnas.supernet.checkpoint import save_checkpoint
+    from nestnas.supernet.transformer import ElasticTransformer
+
+    ckpt = tmp_path / "cnn.ckpt"
+    save_checkpoint(net, ckpt)
+    env = {**os.environ, "NESTNAS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    front = tmp_path / "front.json"
+    proc = nestnas_cli("search", "--checkpoint", ckpt, "--objectives", "accuracy,macs", "--evals", "24",
+                       "--pop-size", "12", "--out", front, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "bundles"
+    proc = nestnas_cli("export", "--front", front, "--pick", "0,1", "--formats", "onnx", "--out", out, "--json",
+                       env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert len(result["folders"]) == 2 and all((Path(f) / "manifest.json").is_file() for f in result["folders"])
+    assert result["manifests"][0]["input"]["shape"][0] == 1  # no latency objective: batch 1
+    bench = nestnas_cli("bench", result["folders"][0], "--json", env=env)
+    assert bench.returncode == 0, bench.stderr
+    rows = json.loads(bench.stdout)["rows"]
+    assert rows[0]["backend"] == "onnxruntime" and rows[0]["median_ms"] > 0 and rows[0]["manifest_ms"] > 0
+    one_line_error(nestnas_cli("export", "--front", front, "--pick", "99", "--out", tmp_path / "x", env=env),
+                   "--pick", "indices 0..")
+    one_line_error(nestnas_cli("export", "--front", front, "--formats", "onnx,tflite", "--out", tmp_path / "x",
+                               env=env), "unknown format 'tflite'")
+    tr = tmp_path / "tr.ckpt"
+    save_checkpoint(ElasticTransformer(SearchSpace.transformer(), num_classes=10, num_tokens=8, token_dim=8), tr)
+    one_line_error(nestnas_cli("export", "--front", front, "--checkpoint", tr, "--out", tmp_path / "x", env=env),
+                   "another search space")
+    assert not (tmp_path / "x").exists()
+    folder = Path(result["folders"][1])
+    (folder / "model.onnx").write_bytes(b"not onnx")
+    one_line_error(nestnas_cli("bench", folder, env=env), "model.onnx does not match its checksum")
