@@ -127,7 +127,7 @@ def test_bad_export_input(net, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.tuning  # ~20 min on 2 cores, and failing: see the note on reuse across processes below
 def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
     space = net.space
     pair = [candidate(net, space.smallest()), candidate(net, space.ladder(8)[1])]
@@ -135,6 +135,8 @@ def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
     first = nestnas.export(pair, tmp_path / "a", net=net, tune_trials=2, database=db, batch_size=1, measure=False)
     t = first["tuning"]
     assert t["unique_tasks"] < t["total_tasks"] and t["tuned"] == t["unique_tasks"] and t["reused_from_database"] == 0
+    # Known defect: a database reloaded from disk matches only some of these workloads (JSON round
+    # trip), so a later export tunes them again; within one export every workload is tuned once.
     again = nestnas.export(pair[:1], tmp_path / "b", net=net, tune_trials=2, database=db, batch_size=1, measure=False)
     assert again["tuning"]["tuned"] == 0 and again["tuning"]["reused_from_database"] == again["tuning"]["unique_tasks"]
     for folder in first["folders"]:

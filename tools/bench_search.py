@@ -6,10 +6,12 @@ true and expensive one) and latency predicted by the default predictor of the sh
 CNN profile. Every method runs with --seeds seeds; one SQLite cache serves all runs (it saves time,
 never changes a result: each run still counts every distinct subnet it evaluates).
 
-The reference hypervolume is that of the non-dominated union of everything evaluated by any run,
-including a long NSGA-II run (--ref-evals); the figure of merit is the number of true evaluations
-a method needs to reach 98% of it (median over seeds). Targets: LINAS needs at least 4x fewer
-than plain NSGA-II; a predictor-only NSGA-II of 10 000 evaluations takes under 10 s.
+The reference hypervolume is that of a long NSGA-II run (--ref-evals, its own seed); the figure of
+merit is the number of true evaluations a method needs to reach 98% of it (median over seeds).
+Shares above 100% mean a method found a better front than the long run. The hypervolume of the
+non-dominated union of everything any run evaluated is reported too, as the best known front.
+Targets: LINAS needs at least 4x fewer than plain NSGA-II; a predictor-only NSGA-II of 10 000
+evaluations takes under 10 s.
 
 Reproduce (repository root)::
 
@@ -127,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         runs["nsga2"].append(run("nsga2", args.nsga2_evals, seed, args.pop_size))
         runs["linas"].append(run("linas", args.evals, seed, args.linas_batch))
 
-    # The reference front: non-dominated union of every evaluated subnet of every run.
+    # The best known front: non-dominated union of every evaluated subnet of every run.
     everything = {c.hash: c for f, _ in [(reference, 0)] + [r for rs in runs.values() for r in rs] for c in f.evaluated}
     pts = np.array([[c.metrics["accuracy"], c.metrics["latency"]] for c in everything.values()])
     u = normalise(pts, reference.objectives, reference.reference)
-    ref_front = pts[non_dominated(u)]
-    ref_hv = hypervolume(ref_front, reference.objectives, reference.reference)
+    union_front = pts[non_dominated(u)]
+    union_hv = hypervolume(union_front, reference.objectives, reference.reference)
+    ref_hv = reference.hypervolume
     target = TARGET_SHARE * ref_hv
     inner_s = inner_loop_seconds(net.space, objectives, reference, 0)
 
@@ -173,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     match_evals = float(hit[0]) if hit else float("inf")
     match_ratio = by["nsga2"]["median_evaluated"] / match_evals
 
-    table = Table(title=f"hypervolume share of the reference ({ref_hv:.4f}) against true evaluations, "
-                        f"median of {args.seeds} seeds")
+    table = Table(title=f"hypervolume as a share of a {len(reference.evaluated)}-evaluation NSGA-II run "
+                        f"({ref_hv:.4f}; best known front {union_hv:.4f} = {100 * union_hv / ref_hv:.0f}%) against "
+                        f"true evaluations, median of {args.seeds} seeds")
     for col in ["method", *[f"@{cp}" for cp in checkpoints], "evals to 98% (median)", "per seed", "final share",
                 "s per run"]:
         table.add_column(col, justify="left" if col in ("method", "per seed") else "right")
@@ -196,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"meta": {"host": host_fingerprint(), "checkpoint": str(ckpt), "profile": str(PROFILE),
                                    "seeds": args.seeds, "evals": args.evals, "nsga2_evals": args.nsga2_evals,
                                    "ref_evals": args.ref_evals, "reference_hypervolume": ref_hv,
-                                   "reference_front_size": len(ref_front),
-                                   "long_run_hypervolume": reference.hypervolume,
+                                   "best_known_hypervolume": union_hv, "best_known_front_size": len(union_front),
                                    "reference_point": reference.reference},
                           "rows": rows, "curves": curves, "linas_vs_nsga2_ratio": ratio,
                           "ratio_is_lower_bound": bool(bound),
@@ -218,10 +221,10 @@ def plot(curves: dict, path: Path, ref_hv: float) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for method, c in curves.items():
         ax.plot(c["evaluations"], 100 * np.array(c["median_share"]), label=method)
-    ax.axhline(100 * TARGET_SHARE, color="k", ls="--", lw=0.8, label="98% of reference")
+    ax.axhline(100 * TARGET_SHARE, color="k", ls="--", lw=0.8, label="98% of the long NSGA-II run")
     ax.set_xlabel("true evaluations (distinct subnets, shared-weight accuracy)")
-    ax.set_ylabel(f"hypervolume, % of reference ({ref_hv:.4f})")
-    ax.set_ylim(0, 101)
+    ax.set_ylabel(f"hypervolume, % of a long NSGA-II run ({ref_hv:.4f})")
+    ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
