@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -55,3 +56,12 @@ def read_document(path: str | os.PathLike, what: str, fmt: str, version: int, er
         raise error(f"{what} {path} has {version_key} {data.get(version_key)!r}; "
                     f"this nestnas reads {version_key} {version}")
     return data
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

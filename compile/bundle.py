@@ -12,7 +12,6 @@ it loads anything.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -35,7 +34,7 @@ from nestnas.compile.runners import get_runner
 from nestnas.compile.tuning import TuneOptions, TuningDatabase, extract_tasks, prepare, relax_module
 from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
 from nestnas.errors import ArtifactError, ConfigError
-from nestnas.fileio import read_document, write_json
+from nestnas.fileio import read_document, sha256_file, write_json
 
 FORMAT, VERSION = "nestnas-bundle", 1
 FORMATS = ("onnx", "tvm")
@@ -63,14 +62,6 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if "tvm" in formats:
         require_tvm()
     return formats
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:

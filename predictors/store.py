@@ -8,13 +8,12 @@ seeded, so the refitted predictor is the one that was saved, and no user file is
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from nestnas.errors import ArtifactError, ProfileError
-from nestnas.fileio import read_document, write_json
+from nestnas.fileio import read_document, sha256_file, write_json
 from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.hw_profiles.profiler import block_table
 from nestnas.predictors.accuracy_data import AccuracyTable
@@ -22,14 +21,6 @@ from nestnas.predictors.latency import AccuracyPredictor, LatencyPredictor
 
 FORMAT = "nestnas.predictor"
 VERSION = 1
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fit_latency(profile: DeviceProfile, kind: str, train_hashes: list[str], seed: int = 0) -> LatencyPredictor:
