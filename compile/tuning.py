@@ -125,7 +125,6 @@ class TuningDatabase:
                   "skipped_for_time": 0, "trials_per_task": options.trials, "strategy": options.strategy,
                   "seconds": 0.0, "database": str(self.path)}
         if not options.enabled:
-            report["skipped_for_time"] = 0
             return report
         start = time.perf_counter()
         # Tasks go to MetaSchedule in chunks so that the time budget is checked in between; the

@@ -38,7 +38,6 @@ class Evaluator:
         self.cache = cache if cache is not None else EvalCache()
         self.replay = replay or {}
         self.archive: dict[str, dict] = {}  # hash -> {"config", "metrics"}, in evaluation order
-        self.computed = 0  # values actually computed (neither cached nor replayed)
 
     def __len__(self) -> int:
         return len(self.archive)
@@ -68,7 +67,6 @@ class Evaluator:
                         fresh = metric.evaluate(list(todo.values()))
                     computed = dict(zip(todo, fresh.tolist()))
                     self.cache.put(metric.cache_key, computed)
-                    self.computed += len(computed)
                     for h, v in computed.items():
                         values[h][metric.name] = v
             for h, c in new.items():

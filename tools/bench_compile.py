@@ -31,7 +31,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from nestnas.compile import get_runner
 from nestnas.compile.bundle import Subnet, export_bundles, load_bundle
 from nestnas.compile.tuning import TuneOptions, extract_tasks, prepare, relax_module, task_key
 from nestnas.compile.tvm_util import host_target
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for res in results.values() for r in res["rows"]]
     table = Table(title="batch-1 latency (ms, medians) per artifact, side by side in one run")
     cols = ["family", "subnet", "ORT", "TVM untuned", "TVM tuned", "eager extracted", "eager supernet",
-            "supernet/ORT", "TVM tuned/ORT", f"fidelity (ORT at profile batch / predicted)"]
+            "supernet/ORT", "TVM tuned/ORT", "fidelity (ORT at profile batch / predicted)"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("family", "subnet") else "right")
     for r in rows:
