@@ -12,6 +12,7 @@ it loads anything.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -258,7 +259,26 @@ def load_bundle(bundle: str | os.PathLike, backend: str = "onnxruntime", threads
         backend_obj = get_backend("onnxruntime", threads=threads)
         return backend_obj._build(path, torch.zeros(shape))
     tvm = require_tvm()
-    return TvmModel(tvm.runtime.load_module(os.fspath(path)), shape, threads or os.cpu_count() or 1)
+    module = _load_library_copy(tvm, path, manifest["artifacts"][path.name])
+    return TvmModel(module, shape, threads or os.cpu_count() or 1)
+
+
+def _load_library_copy(tvm, path: Path, digest: str):
+    """Load a private copy of a compiled library whose bytes were checked against `digest`.
+
+    Hashing and loading the same bytes closes the gap between the check and `dlopen`, and the
+    loaded code no longer maps the bundle's file, which may be rewritten while it is in use."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ArtifactError(f"bundle {path.parent}: {path.name} does not match its checksum in manifest.json "
+                            "(tampered or truncated); refusing to load it")
+    fd, private = tempfile.mkstemp(prefix="nestnas-lib-", suffix=".so")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return tvm.runtime.load_module(private)
+    finally:
+        os.unlink(private)  # the loaded mapping outlives the name
 
 
 def measure_bundle(bundle: str | os.PathLike, formats: Sequence[str] | None = None,
