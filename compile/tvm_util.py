@@ -72,3 +72,34 @@ def native_warnings_dropped() -> Iterator[None]:
                     if "Warning:" not in line]
             if kept:
                 sys.stderr.write("".join(kept))
+
+
+def load_tensor_intrinsics() -> None:
+    """Import TVM's tensor intrinsics (MetaSchedule imports them before any tuning) quickly.
+
+    They are ~250 TVMScript functions, each parsed after an `inspect.stack()` whose
+    `inspect.getmodule` scans all of `sys.modules` per frame: 23-40 s on two cores. Frames and
+    code objects map to their module through their file only, so memoising that lookup for the
+    duration of the import gives the same answers in ~3 s."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    import inspect
+
+    require_tvm()
+    original = inspect.getmodule
+    by_file: dict[tuple[str, str | None], Any] = {}
+
+    def getmodule(obj, _filename=None):
+        code = obj.f_code if inspect.isframe(obj) else obj if inspect.iscode(obj) else None
+        if code is None:
+            return original(obj, _filename)
+        key = (code.co_filename, _filename)
+        if key not in by_file:
+            by_file[key] = original(obj, _filename)
+        return by_file[key]
+
+    inspect.getmodule = getmodule
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.getmodule = original
