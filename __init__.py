@@ -32,6 +32,9 @@ _EXPORTS = {
     "macs_objective": "nestnas.search.objectives", "params_objective": "nestnas.search.objectives",
     "measured_latency_objective": "nestnas.search.objectives",
     "export": "nestnas.exporting", "load": "nestnas.exporting",
+    "rewrite": "nestnas.compile.dynamic", "load_dynamic": "nestnas.compile.dynamic",
+    "DynamicProgram": "nestnas.compile.dynamic", "RewriteError": "nestnas.compile.dynamic",
+    "BudgetSwitch": "nestnas.compile.switch",
 }
 
 __all__ = sorted([*_EXPORTS, "search"]) + ["__version__"]

@@ -469,12 +469,17 @@ def export(
                                                       show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: all cores].",
                                                    show_default=False)] = None,
+    switchable: Annotated[bool, typer.Option("--switchable", help="One bundle holding the picked subnets "
+                                                                  "[default pick: all] and a host module that "
+                                                                  "runs the most accurate one meeting a latency "
+                                                                  "budget given at run time.")] = False,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
     """Export Pareto subnets as deployable bundles: ONNX (verified on ONNX Runtime) and a TVM
     library (tuned with one shared database, verified after reloading), with a checksummed
-    manifest and latencies measured on this device."""
+    manifest and latencies measured on this device. With --switchable, one bundle switches
+    among the subnets by a latency budget at run time."""
     from nestnas.exporting import export as run_export
     from nestnas.search import ParetoFront
     from nestnas.supernet.checkpoint import load_supernet
@@ -490,9 +495,12 @@ def export(
     net = load_supernet(ckpt)
     if net.space.fingerprint() != loaded.space.fingerprint():
         raise ConfigError(f"front {front} was searched on another search space than checkpoint {ckpt}")
-    chosen = _parse_pick(pick, loaded)
+    chosen = _parse_pick("all" if switchable and pick == "knee" else pick, loaded)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    if switchable:
+        _export_switchable(net, loaded, chosen, out, fmts, threads, seed, as_json)
+        return
     with StageBar("export", not as_json, err_console) as bar:
         result = run_export(chosen if len(chosen) > 1 else chosen[0], out, net=net, front=loaded, formats=fmts,
                             tune_trials=tune_trials, tune_seconds=tune_seconds, database=tune_db,
@@ -507,6 +515,36 @@ def export(
                       f"({t['reused_from_database']} already in the database, {t['tuned']} tuned with "
                       f"{t['trials_per_task']} trials each, {t['skipped_for_time']} left for time) in "
                       f"{t['seconds']:.0f} s; database: {t['database']}")
+
+
+def _export_switchable(net, front, chosen, out: Path, fmts: list[str], threads, seed: int, as_json: bool) -> None:
+    from nestnas.compile.switch import export_switchable
+
+    key = "accuracy" if "accuracy" in front.names else "macs" if "macs" in front.names else None
+    if key:  # least to most accurate (or smallest to largest)
+        chosen = sorted(chosen, key=lambda c: c.metrics.get(key, 0.0))
+    backends = [{"onnx": "onnxruntime", "tvm": "tvm"}[f] for f in fmts]
+    if "onnxruntime" not in backends:
+        raise ConfigError("--switchable needs the onnx format (its subgraphs are verified on ONNX Runtime)")
+    with StageBar("export", not as_json, err_console) as bar:
+        result = export_switchable(net, [c.config for c in chosen], out, backends, threads,
+                                   [c.metrics.get("accuracy") for c in chosen] if key == "accuracy" else None,
+                                   seed, bar)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"switchable bundle {result['folder']} (batch 1; the host module uses "
+                        f"{result['host_uses']} latencies)")
+    for col in ("subnet", *(f"{b} ms" for b in result["latencies_ms"]), *(["accuracy"] if key == "accuracy" else [])):
+        table.add_column(col, justify="right")
+    for i, c in enumerate(chosen):
+        table.add_row(c.hash, *(f"{v[i]:.3f}" for v in result["latencies_ms"].values()),
+                      *([f"{100 * c.metrics['accuracy']:.2f}%"] if key == "accuracy" else []))
+    console.print(table)
+    console.print(f"{result['subnets']} subnets in {result['subgraphs']} static subgraphs, "
+                  f"{result['bytes'] / 1e6:.2f} MB")
 
 
 def _bundle_table(manifests: list[dict], folders: list[str]) -> None:

@@ -14,7 +14,6 @@ trial budgets used here, measuring `trials` schedules sampled from the design sp
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -22,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nestnas.compile.tvm_util import load_tensor_intrinsics, native_warnings_dropped, require_tvm
+from nestnas.compile.tvm_util import (load_tensor_intrinsics, native_output_to, native_warnings_dropped,
+                                      require_tvm)
 from nestnas.errors import ConfigError
 
 STRATEGIES = ("replay-trace", "evolutionary")
@@ -100,7 +100,7 @@ class TuningDatabase:
 
         self.path = Path(path)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "logs").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"tuning database folder {self.path} cannot be created: {exc.strerror}") from None
         self.db = ms.database.JSONDatabase(work_dir=os.fspath(self.path), module_equality="structural")
@@ -131,9 +131,6 @@ class TuningDatabase:
             return report
         start = time.perf_counter()
         load_tensor_intrinsics()
-        # MetaSchedule prints its task tables to stdout at its logger's level; they go to the
-        # database's logs/ folder instead.
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
         # Tasks go to MetaSchedule in chunks so that the time budget is checked in between; the
         # builder and runner serve every chunk. The runner's worker process (slow to start: it
         # imports TVM) is kept for the whole run; its timeout is generous because that import
@@ -147,10 +144,12 @@ class TuningDatabase:
                 report["skipped_for_time"] = len(todo) - first
                 break
             chunk = [unique[k] for k in todo[first:first + CHUNK]]
-            contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                chunk, os.fspath(self.path), strategy=options.strategy, num_threads=os.cpu_count() or 1,
-                seed=options.seed)
-            with native_warnings_dropped():
+            # MetaSchedule logs its task tables to the terminal (from Python and C++); they belong
+            # in the database's logs/ folder only.
+            with native_output_to(self.path / "logs" / "console.log"):
+                contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    chunk, os.fspath(self.path), strategy=options.strategy, num_threads=os.cpu_count() or 1,
+                    seed=options.seed)
                 ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=os.fspath(self.path),
                               max_trials_global=options.trials * len(chunk), max_trials_per_task=options.trials,
                               num_trials_per_iter=min(options.trials, 16), database=self.db,
@@ -201,3 +200,4 @@ def _in_process_builder() -> Any:
             return results
 
     return InProcessBuilder()
+

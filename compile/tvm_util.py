@@ -74,6 +74,26 @@ def native_warnings_dropped() -> Iterator[None]:
                 sys.stderr.write("".join(kept))
 
 
+@contextlib.contextmanager
+def native_output_to(path: str | os.PathLike) -> Iterator[None]:
+    """Append everything written to file descriptors 1 and 2 meanwhile (MetaSchedule's task
+    tables and C++ log lines) to `path` instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
 def load_tensor_intrinsics() -> None:
     """Import TVM's tensor intrinsics (MetaSchedule imports them before any tuning) quickly.
 

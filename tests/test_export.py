@@ -182,3 +182,19 @@ def test_export_and_bench_cli(net, tmp_path):
     folder = Path(result["folders"][1])
     (folder / "model.onnx").write_bytes(b"not onnx")
     one_line_error(nestnas_cli("bench", folder, env=env), "model.onnx does not match its checksum")
+    # one switchable bundle over the whole front, switched by a latency budget at run time
+    switch_dir = tmp_path / "switch"
+    proc = nestnas_cli("export", "--front", front, "--switchable", "--formats", "onnx", "--out", switch_dir, "--json",
+                       env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    k = len(nestnas.search.ParetoFront.load(front))
+    lat = result["latencies_ms"]["onnxruntime"]
+    assert result["subnets"] == k == len(lat) and result["host_uses"] == "onnxruntime" and min(lat) > 0
+    manifest = json.loads((switch_dir / "manifest.json").read_text())
+    assert manifest["switch"]["latencies_ms"]["onnxruntime"] == lat
+    model = nestnas.load_dynamic(switch_dir, "onnxruntime")
+    x = np.random.default_rng(0).standard_normal(manifest["switch"]["input_shape"]).astype(np.float32)
+    assert model(x, max(lat)).shape == (1, 10)
+    with pytest.warns(UserWarning, match="no subnet meets the budget"):
+        model(x, 0.0)

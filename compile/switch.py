@@ -1,0 +1,129 @@
+"""A supernet switched at run time among K nested subnets by a latency budget (SortedNet-style
+switching: the subnets share the supernet's weights and nothing is searched at run time).
+
+Plain PyTorch with ordinary Python control flow in `forward`: `nestnas.rewrite` turns it into
+one static subgraph per subnet and a host module that picks among them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nestnas.errors import ArtifactError, ConfigError
+
+
+class BudgetSwitch(nn.Module):
+    """Run the most accurate subnet whose latency (ms, on the target device) fits `budget_ms`,
+    else the fastest (with a warning); `configs` are ordered from least to most accurate."""
+
+    def __init__(self, net: nn.Module, configs: Sequence, latencies_ms: Sequence[float]):
+        super().__init__()
+        if not configs or len(configs) != len(latencies_ms):
+            raise ConfigError(f"give one latency per subnet: {len(configs)} subnets, {len(latencies_ms)} latencies")
+        self.net = net
+        self.configs = [net.space.canonical(c) for c in configs]
+        self.latencies = tuple(float(v) for v in latencies_ms)
+        self.fastest = min(range(len(self.latencies)), key=self.latencies.__getitem__)
+
+    def input_shape(self, batch: int = 1) -> tuple[int, ...]:
+        """The input every subnet takes (the largest resolution; smaller subnets resize it)."""
+        return max((self.net.input_shape(c, batch) for c in self.configs), key=lambda s: s[-1])
+
+    def pick(self, budget_ms: float) -> int:
+        """The subnet `forward` runs for `budget_ms` (the last that fits, else the fastest)."""
+        fits = [k for k, v in enumerate(self.latencies) if v <= budget_ms]
+        return fits[-1] if fits else self.fastest
+
+    def forward(self, x, budget_ms):
+        pick = -1
+        for k, latency in enumerate(self.latencies):
+            if latency <= budget_ms:
+                pick = k
+        if pick < 0:
+            pick = self.fastest
+            warnings.warn(f"no subnet meets the budget of {budget_ms} ms; running the fastest "
+                          f"({self.latencies[pick]} ms)", stacklevel=2)
+        x = self.net.prepare_input(x, self.configs[pick])
+        return self.net(x, self.configs[pick])
+
+
+def _median_ms(fn: Callable[[], Any], min_seconds: float = 0.3, max_runs: int = 300) -> float:
+    for _ in range(5):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (time.perf_counter() - start < min_seconds or len(times) < 20):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def export_switchable(net: nn.Module, configs: Sequence, out_dir: str | os.PathLike,
+                      backends: Sequence[str] = ("onnxruntime", "tvm"), threads: int | None = None,
+                      accuracies: Sequence[float] | None = None, seed: int = 0,
+                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """One bundle holding `configs` (ordered from least to most accurate) as static subgraphs and a
+    host module that runs the most accurate one meeting a latency budget given at run time.
+
+    The subgraphs are compiled first; each subnet is then measured through the host module on this
+    device (median ms at batch 1) and those latencies are written into the host module (from the
+    first backend; all are in the manifest)."""
+    from nestnas.compile.dynamic import load_dynamic, rewrite
+
+    if not configs:
+        raise ConfigError("give at least one subnet for a switchable bundle")
+    threads = threads or os.cpu_count() or 1
+    k = len(configs)
+    switch = BudgetSwitch(net, configs, [float(i + 1) for i in range(k)])
+    x = torch.randn(switch.input_shape(1), generator=torch.Generator().manual_seed(seed))
+    reach_all = [(x, float(i + 1)) for i in range(k)] + [(x, 0.0)]  # every subnet, and the fallback
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "no subnet meets the budget")
+        program = rewrite(switch, reach_all)
+    folder = program.save(out_dir, [b for b in ("onnxruntime", "tvm") if b in backends], threads, progress)
+    try:
+        measured: dict[str, list[float]] = {}
+        for backend in program_backends(folder):
+            model = load_dynamic(folder, backend, threads)
+            xs = x.numpy()
+            measured[backend] = [_median_ms(lambda i=i: model(xs, float(i + 1))) for i in range(k)]
+        primary = next(iter(measured))
+        switch.latencies = tuple(measured[primary])
+        switch.fastest = min(range(k), key=switch.latencies.__getitem__)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "no subnet meets the budget")
+            final = rewrite(switch, [(x, v) for v in switch.latencies] + [(x, min(switch.latencies) / 2)])
+        with torch.no_grad():
+            want = [switch.net(switch.net.prepare_input(x, c), c).numpy() for c in switch.configs]
+        extra = {"switch": {"configs": [c.to_dict() for c in switch.configs],
+                            "hashes": [net.space.config_hash(c) for c in switch.configs],
+                            "accuracy": list(accuracies) if accuracies is not None else None,
+                            "latencies_ms": measured, "host_uses": primary, "batch": 1,
+                            "input_shape": list(x.shape)}}
+        final.replace_host(folder, extra)
+        size = sum(p.stat().st_size for p in Path(folder).iterdir())
+        check = load_dynamic(folder, primary, threads)
+        for i, v in enumerate(switch.latencies):
+            if np.abs(check(x.numpy(), v) - want[i]).max() > 1e-4 and switch.pick(v) == i:
+                raise ArtifactError(f"switchable bundle {folder}: subnet {i} differs from torch")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return {"folder": str(folder), "subnets": k, "bytes": size, "latencies_ms": measured, "host_uses": primary,
+            "subgraphs": len(program.records)}
+
+
+def program_backends(folder: str | os.PathLike) -> list[str]:
+    return json.loads((Path(folder) / "manifest.json").read_text())["backends"]
