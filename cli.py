@@ -147,8 +147,9 @@ def quickstart(
     search_evals: Annotated[int, typer.Option(min=16, help="Subnets the search evaluates on shared "
                                                            "weights.")] = 120,
     tune_trials: Annotated[int, typer.Option(min=0, help="TVM tuning trials per workload for the exported "
-                                                         "bundle (0: untuned; tuning costs minutes on 2 "
-                                                         "cores).")] = 0,
+                                                         "bundle (0: untuned).")] = 4,
+    tune_seconds: Annotated[float, typer.Option(min=1, help="Stop tuning new TVM workloads (heaviest go "
+                                                            "first) after this many seconds.")] = 15.0,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -158,7 +159,8 @@ def quickstart(
     from nestnas.supernet.train import DEFAULT_EPOCHS
 
     summary = run_quickstart(out, epochs=epochs or DEFAULT_EPOCHS["cnn"], seed=seed, profile_samples=profile_samples,
-                             search_evals=search_evals, tune_trials=tune_trials, console=Console(stderr=True) if as_json else console,
+                             search_evals=search_evals, tune_trials=tune_trials, tune_seconds=tune_seconds,
+                             console=Console(stderr=True) if as_json else console,
                              progress=not as_json)
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -117,8 +117,8 @@ def search_front(net: Supernet, out_dir: Path, predictor_path: Path, train_loade
             "search_seconds": front.meta["seconds"]}
 
 
-def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int, seed: int, console: Console,
-                progress: bool) -> dict[str, Any]:
+def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int, tune_seconds: float | None,
+                seed: int, console: Console, progress: bool) -> dict[str, Any]:
     """Stage 5: the knee subnet as a bundle (ONNX, and TVM when installed), reloaded from disk
     with its checksums verified, measured against the predicted latency."""
     from nestnas.compile.bundle import check_formats, load_bundle
@@ -131,15 +131,16 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
         formats = check_formats(("onnx", "tvm"))
     except BackendUnavailable:
         formats = ("onnx",)
-    tvm_note = ("TVM " + (f"tuned, {tune_trials} trials per workload" if tune_trials else "untuned")
+    tvm_note = ("TVM " + (f"tuned, {tune_trials} trials per workload"
+                          + (f", at most {tune_seconds:.0f} s" if tune_seconds else "") if tune_trials else "untuned")
                 if "tvm" in formats else "TVM extra not installed")
     console.rule(f"[bold]5. export[/] the knee subnet as a deployable bundle (ONNX; {tvm_note})")
     front = ParetoFront.load(front_path, space=net.space)
     knee = front.knee()
     bundle = out_dir / "bundle-knee"
     with StageBar("export", progress, console) as bar:
-        result = export(knee, bundle, net=net, front=front, formats=formats, tune_trials=tune_trials, seed=seed,
-                        progress=bar)
+        result = export(knee, bundle, net=net, front=front, formats=formats, tune_trials=tune_trials,
+                        tune_seconds=tune_seconds, seed=seed, progress=bar)
     manifest = result["manifests"][0]
     x = np.load(bundle / "check_input.npy", allow_pickle=False)
     pred = manifest["predicted_latency"]
@@ -157,12 +158,19 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
         table.add_row(backend, f"{diff:.1e}", f"{m.median_ms:.3f} ({m.p10_ms:.3f}-{m.p90_ms:.3f})",
                       f"{pred['ms']:.3f}" if ratio else "-", f"{ratio:.2f}" if ratio else "-")
     console.print(table)
-    return {"bundle": str(bundle), "bundle_formats": list(formats), "bundle_measured": rows}
+    if result.get("tuning"):
+        t = result["tuning"]
+        console.print(f"TVM tuning: {t['tuned']} of {t['unique_tasks']} workloads tuned in {t['seconds']:.0f} s "
+                      f"({t['reused_from_database']} reused from {t['database']}, {t['skipped_for_time']} left "
+                      "untuned for time)")
+    return {"bundle": str(bundle), "bundle_formats": list(formats), "bundle_measured": rows,
+            "tuning": result.get("tuning")}
 
 
 def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS["cnn"], seed: int = 0,
                    console: Console | None = None, progress: bool = True,
-                   profile_samples: int = 60, search_evals: int = 120, tune_trials: int = 0) -> dict[str, Any]:
+                   profile_samples: int = 60, search_evals: int = 120, tune_trials: int = 4,
+                   tune_seconds: float | None = 15.0) -> dict[str, Any]:
     console = console or Console()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -186,7 +194,8 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
     summary.update(profile_and_fit(net, out_dir, profile_samples, seed, console, progress))
     summary.update(search_front(net, out_dir, Path(summary["predictor"]), train_loader, val_loader, search_evals, seed,
                                 console, progress))
-    summary.update(export_knee(net, out_dir, Path(summary["front"]), tune_trials, seed, console, progress))
+    summary.update(export_knee(net, out_dir, Path(summary["front"]), tune_trials, tune_seconds, seed, console,
+                               progress))
     summary["total_seconds"] = time.perf_counter() - t0
     console.print(f"quickstart finished in {summary['total_seconds']:.0f} s")
     return summary

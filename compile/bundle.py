@@ -39,7 +39,13 @@ from nestnas.fileio import read_document, sha256_file, write_json
 
 FORMAT, VERSION = "nestnas-bundle", 1
 FORMATS = ("onnx", "tvm")
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # absolute for outputs up to 1 in magnitude, relative to the largest output beyond
+
+
+def tolerance(want: np.ndarray) -> float:
+    """Float32 rounding grows with the size of the outputs (logits of a trained net at batch 128
+    differ by 1.5e-4 between ONNX Runtime and torch at magnitudes around 20)."""
+    return TOLERANCE * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
 FILES = {"onnx": "model.onnx", "tvm": "model_tvm.so"}
 CHECK_INPUT, CHECK_OUTPUT = "check_input.npy", "check_output.npy"
 
@@ -135,8 +141,9 @@ def _export(subnets, out_dirs, formats, tune, threads, measure, seed, work, prog
         np.save(folder / CHECK_OUTPUT, want, allow_pickle=False)
         ort = get_backend("onnxruntime", threads=threads)._build(onnx_path, x)
         diff = float(np.abs(ort(x.numpy()) - want).max())
-        if not diff <= TOLERANCE:
-            raise ArtifactError(f"{sub.name}: ONNX Runtime differs from torch by {diff:.2e} (> {TOLERANCE:g})")
+        if not diff <= tolerance(want):
+            raise ArtifactError(f"{sub.name}: ONNX Runtime differs from torch by {diff:.2e} "
+                                f"(> {tolerance(want):.1e})")
         staged.append({"folder": folder, "x": x, "onnx_diff": diff, "ort": ort})
         if progress:
             progress("onnx", i + 1, len(subnets))
@@ -192,7 +199,8 @@ def _manifest(sub: Subnet, staged: dict, formats, tune: TuneOptions, tuning: dic
         **{k: info.pop(k) for k in ("config", "hash", "family", "macs", "params", "accuracy", "predicted_latency")
            if k in info},
         "extra": info, "threads": threads, "versions": versions(),
-        "verified": {"tolerance": TOLERANCE, "onnxruntime_max_abs_diff": staged["onnx_diff"]},
+        "verified": {"tolerance": tolerance(np.load(staged["folder"] / CHECK_OUTPUT, allow_pickle=False)),
+                     "onnxruntime_max_abs_diff": staged["onnx_diff"]},
         "tuning": ({"trials_per_task": tune.trials, "strategy": tune.strategy, **(tuning or {})}
                    if "tvm" in formats else None),
         "artifacts": _checksums(staged["folder"], formats),
@@ -211,8 +219,9 @@ def _verify_fresh_process(folder: Path) -> float:
         raise ArtifactError(f"the TVM library of {folder.name} failed to reload in a fresh process: "
                             f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     diff = float(json.loads(proc.stdout)["max_abs_diff"])
-    if not diff <= TOLERANCE:
-        raise ArtifactError(f"the reloaded TVM library differs from torch by {diff:.2e} (> {TOLERANCE:g})")
+    limit = tolerance(np.load(folder / CHECK_OUTPUT, allow_pickle=False))
+    if not diff <= limit:
+        raise ArtifactError(f"the reloaded TVM library differs from torch by {diff:.2e} (> {limit:.1e})")
     return diff
 
 

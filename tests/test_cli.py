@@ -97,9 +97,10 @@ def test_bad_option_values_give_one_line(tmp_path):
     assert_user_error(nestnas("frobnicate"), "frobnicate")
 
 
-def test_quickstart_runs_every_stage(tmp_path):
-    proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--search-evals", "32", "--out",
-                   tmp_path / "qs", "--json")
+def test_quickstart_runs_every_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("NESTNAS_HOME", str(tmp_path / "home"))  # the tuning database goes there
+    proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--search-evals", "32",
+                   "--tune-trials", "2", "--tune-seconds", "5", "--out", tmp_path / "qs", "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert Path(summary["checkpoint"]).is_file()
@@ -120,6 +121,10 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert (Path(summary["bundle"]) / "manifest.json").is_file()
     for backend, row in summary["bundle_measured"].items():
         assert row["max_abs_diff"] <= 1e-4 and row["median_ms"] > 0, backend
+    tuning = summary["tuning"]
+    assert tuning["trials_per_task"] == 2 and tuning["tuned"] >= 1
+    assert tuning["tuned"] + tuning["skipped_for_time"] + tuning["reused_from_database"] == tuning["unique_tasks"]
+    assert Path(tuning["database"]).is_relative_to(tmp_path / "home")
 
 
 def test_ci_runs_the_readme_test_line():

@@ -67,17 +67,18 @@ def test_branch_structure_is_what_the_model_says(saved):
     assert len([r for r in switch.records.values()]) == 3  # one static subgraph per subnet
 
 
-def test_host_module_runs_without_torch(saved):
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_host_module_runs_without_torch(saved, backend):
     model, inputs, _, folder = saved["early_exit"]
     x = inputs[0][0]
     np.save(folder.parent / "x.npy", x.numpy())
     with torch.no_grad():
         want = model(x).numpy()
     code = ("import sys, numpy as np; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
-            "import host; print(np.load(sys.argv[2]).shape); y = host.load('onnxruntime')(np.load(sys.argv[2])); "
-            "np.save(sys.argv[3], y); assert 'nestnas' not in sys.modules")
+            "import host; y = host.load(sys.argv[4])(np.load(sys.argv[2])); np.save(sys.argv[3], y); "
+            "assert 'nestnas' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code, str(folder), str(folder.parent / "x.npy"),
-                           str(folder.parent / "y.npy")], capture_output=True, text=True, timeout=120)
+                           str(folder.parent / "y.npy"), backend], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert np.abs(np.load(folder.parent / "y.npy") - want).max() <= 1e-4
 

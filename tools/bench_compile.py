@@ -13,12 +13,13 @@ ONNX Runtime; shared tuning <= half of tuning each alone; fidelity within +-10%.
 
 Reproduce (repository root, `pip install -e ".[tvm]"`)::
 
-    python tools/bench_compile.py            # ~35 min on 2 cores, most of it TVM tuning
+    python tools/bench_compile.py --work bench-compile   # ~60 min on 2 cores, most of it TVM tuning
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -72,7 +73,8 @@ def time_eager(fn, x, runs: int = 30) -> float:
     return statistics.median(times)
 
 
-def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, console: Console) -> dict:
+def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, console: Console,
+               work: Path | None) -> dict:
     space = SearchSpace.for_family(family)
     torch.manual_seed(seed)
     net = build_supernet(space, **SPEC[family])
@@ -82,18 +84,27 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
     front_members, front_size = pareto_subnets(net, n, train_loader, val_loader, seed, search_evals)
     configs = [m.config for m in front_members]
     subnets = [Subnet(space.config_hash(c), net.extract(c), tuple(net.input_shape(c, 1)), {}) for c in configs]
-    work = Path(tempfile.mkdtemp(prefix=f"bench-compile-{family}-"))
+    work = work / family if work else Path(tempfile.mkdtemp(prefix=f"bench-compile-{family}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # Tuning reports of an earlier run on this --work folder are kept (the databases hold its
+    # schedules, so a rerun would tune nothing and time nothing).
+    cached = work / "tuning.json"
+    previous = json.loads(cached.read_text()) if cached.is_file() else None
     t0 = time.perf_counter()
     untuned = export_bundles(subnets, [work / "untuned" / s.name for s in subnets], formats=("onnx", "tvm"),
                              tune=TuneOptions(trials=0), measure=True, seed=seed)
     t1 = time.perf_counter()
     tuned = export_bundles(subnets, [work / "tuned" / s.name for s in subnets], formats=("tvm",),
                            tune=TuneOptions(trials=trials, database=work / "db"), measure=True, seed=seed)
-    shared = tuned["tuning"]
-    # Tuning each subnet alone: a fresh database per subnet, the same trials per workload.
-    alone = [export_bundles([sub], [work / "alone" / sub.name], formats=("tvm",), measure=False, seed=seed,
-                            tune=TuneOptions(trials=trials, database=work / f"db-{sub.name}"))["tuning"]
-             for sub in subnets]
+    if previous:
+        shared, alone = previous["shared"], previous["alone"]
+    else:
+        shared = tuned["tuning"]
+        # Tuning each subnet alone: a fresh database per subnet, the same trials per workload.
+        alone = [export_bundles([sub], [work / "alone" / sub.name], formats=("tvm",), measure=False, seed=seed,
+                                tune=TuneOptions(trials=trials, database=work / f"db-{sub.name}"))["tuning"]
+                 for sub in subnets]
+        write_json(cached, {"shared": shared, "alone": alone})
     alone_s = sum(a["seconds"] for a in alone)
     alone_tasks = sum(a["unique_tasks"] for a in alone)
     console.print(f"{family}: front of {front_size}, {len(subnets)} picked; untuned bundles in {t1 - t0:.0f} s; "
@@ -136,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-evals", type=int, default=400, help="subnets evaluated to find each family's front")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench_compile.json"))
+    ap.add_argument("--work", type=Path, help="keep bundles and tuning databases here; a rerun reuses their "
+                                              "tuning reports")
     args = ap.parse_args(argv)
     console = Console(width=170)
-    results = {f: run_family(f, args.subnets, args.trials, args.search_evals, args.seed, console) for f in args.families.split(",")}
+    results = {f: run_family(f, args.subnets, args.trials, args.search_evals, args.seed, console, args.work) for f in args.families.split(",")}
     rows = [r for res in results.values() for r in res["rows"]]
     table = Table(title="batch-1 latency (ms, medians) per artifact, side by side in one run")
     cols = ["family", "subnet", "ORT", "TVM untuned", "TVM tuned", "eager extracted", "eager supernet",

@@ -11,7 +11,7 @@ Target: median speedup on ONNX Runtime at least 1.5x over eager.
 
 Reproduce (repository root, `pip install -e ".[tvm]"`)::
 
-    python tools/bench_dynamic.py             # ~4 min on 2 cores
+    python tools/bench_dynamic.py             # ~3 min on 2 cores
 """
 
 from __future__ import annotations
