@@ -7,7 +7,6 @@ one static subgraph per subnet and a host module that picks among them.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,10 @@ class BudgetSwitch(nn.Module):
         self.net = net
         self.configs = [net.space.canonical(c) for c in configs]
         self.latencies = tuple(float(v) for v in latencies_ms)
-        self.fastest = min(range(len(self.latencies)), key=self.latencies.__getitem__)
+
+    @property
+    def fastest(self) -> int:
+        return min(range(len(self.latencies)), key=self.latencies.__getitem__)
 
     def input_shape(self, batch: int = 1) -> tuple[int, ...]:
         """The input every subnet takes (the largest resolution; smaller subnets resize it)."""
@@ -92,16 +94,16 @@ def export_switchable(net: nn.Module, configs: Sequence, out_dir: str | os.PathL
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "no subnet meets the budget")
         program = rewrite(switch, reach_all)
-    folder = program.save(out_dir, [b for b in ("onnxruntime", "tvm") if b in backends], threads, progress)
+    backends = [b for b in ("onnxruntime", "tvm") if b in backends]
+    folder = program.save(out_dir, backends, threads, progress)
     try:
         measured: dict[str, list[float]] = {}
-        for backend in program_backends(folder):
+        for backend in backends:
             model = load_dynamic(folder, backend, threads)
             xs = x.numpy()
             measured[backend] = [_median_ms(lambda i=i: model(xs, float(i + 1))) for i in range(k)]
         primary = next(iter(measured))
         switch.latencies = tuple(measured[primary])
-        switch.fastest = min(range(k), key=switch.latencies.__getitem__)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "no subnet meets the budget")
             final = rewrite(switch, [(x, v) for v in switch.latencies] + [(x, min(switch.latencies) / 2)])
@@ -124,6 +126,3 @@ def export_switchable(net: nn.Module, configs: Sequence, out_dir: str | os.PathL
     return {"folder": str(folder), "subnets": k, "bytes": size, "latencies_ms": measured, "host_uses": primary,
             "subgraphs": len(program.records)}
 
-
-def program_backends(folder: str | os.PathLike) -> list[str]:
-    return json.loads((Path(folder) / "manifest.json").read_text())["backends"]
