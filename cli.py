@@ -200,6 +200,10 @@ def profile(
                                               "predictor.")] = True,
     remeasure_unstable: Annotated[bool, typer.Option(help="On resume, measure again what was flagged as too "
                                                           "noisy.")] = True,
+    passes: Annotated[Optional[int], typer.Option(min=1, help="Sweeps over all subnets and blocks; each "
+                                                  "subnet keeps the median of its passes, which averages out the "
+                                                  "host's drift [default: 2 on onnxruntime, 1 on tvm].",
+                                                  show_default=False)] = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -213,7 +217,7 @@ def profile(
     with StageBar("profile", not as_json, err_console) as bar:
         result = profile_device(space, backend, samples, seed, out=out, name=name, batch_size=batch_size,
                                 threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
-                                progress=bar)
+                                passes=passes, progress=bar)
     medians = sorted(m["median_ms"] for m in result.measurements.values())
     flagged = sum(not m["stable"] for m in result.measurements.values())
     summary = {"profile": str(out), "backend": backend, "family": family, "subnets": len(result.measurements),

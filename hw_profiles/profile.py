@@ -43,7 +43,8 @@ def host_fingerprint() -> dict[str, Any]:
 @dataclass
 class DeviceProfile:
     """Measurements of one device + backend. `measurements` maps a canonical config hash to
-    ``{"config": ..., "median_ms", "p10_ms", "p90_ms", "cv", "repeats", "stable", "timestamp"}``;
+    ``{"config": ..., "median_ms", "p10_ms", "p90_ms", "cv", "repeats", "stable", "timestamp",
+    "passes"}`` (the summary over passes, and each pass's own measurement; see `merge_passes`);
     `blocks` maps a block key (see `nestnas.hw_profiles.blocks`) to the same statistics."""
 
     name: str

@@ -56,6 +56,40 @@ def choose_batch_size(net: Supernet, backend, runner, seed: int = 0) -> int:
     return min(batch, MAX_BATCH)
 
 
+def default_passes(backend: str) -> int:
+    """Two passes where building a model is cheap (ONNX Runtime, eager torch); one on TVM,
+    where each build takes seconds."""
+    return 1 if backend == "tvm" else 2
+
+
+def merge_passes(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from the measurements of several passes: the median of their medians (the
+    mean for two), the medians of their p10/p90, the worst CV and CI, stable only if every
+    pass was; the per-pass records are kept under ``passes``."""
+    if len(runs) == 1:
+        return {**runs[0], "passes": runs}
+    def mid(key: str) -> float:
+        return float(np.median([r[key] for r in runs]))
+    def worst(key: str) -> float | None:
+        values = [r[key] for r in runs]
+        return None if any(v is None for v in values) else max(values)
+    return {"median_ms": mid("median_ms"), "p10_ms": mid("p10_ms"), "p90_ms": mid("p90_ms"), "cv": worst("cv"),
+            "rel_ci": worst("rel_ci"), "repeats": sum(r["repeats"] for r in runs),
+            "stable": all(r["stable"] for r in runs), "attempts": max(r["attempts"] for r in runs),
+            "calls_per_sample": runs[-1]["calls_per_sample"], "passes": runs}
+
+
+def _pass_records(record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The per-pass measurements of a record; one written before passes were kept is one pass."""
+    if record is None:
+        return []
+    return record.get("passes") or [{k: v for k, v in record.items() if k not in ("config", "timestamp")}]
+
+
+def _passes_done(record: dict[str, Any] | None) -> int:
+    return len(_pass_records(record))
+
+
 def profile_device(
     space: SearchSpace,
     backend: str = "onnxruntime",
@@ -69,14 +103,24 @@ def profile_device(
     threads: int | None = None,
     blocks: bool = True,
     remeasure_unstable: bool = True,
+    passes: int | None = None,
     progress: Progress | None = None,
 ) -> DeviceProfile:
     """Profile `n_samples` space-filling subnets of `space` (plus, with `blocks`, every distinct
     part of the space for a lookup table) on `backend`. With `out`, the profile is saved after
     every measurement and an existing profile there is resumed; with `remeasure_unstable`,
-    measurements flagged as too noisy are measured again (they stay flagged if still noisy)."""
+    measurements flagged as too noisy are measured again (they stay flagged if still noisy).
+
+    `passes` (default: `default_passes(backend)`) measures everything that many times, each
+    pass a sweep over all subnets and parts (every other one in reverse order), and keeps the
+    median per subnet. On a shared host the machine's speed drifts by a few percent over tens
+    of seconds; one sweep records that drift as differences between neighbouring subnets,
+    while passes that meet each subnet at different times average it out."""
     if n_samples < 2:
         raise ConfigError(f"--samples must be at least 2, got {n_samples}")
+    passes = default_passes(backend) if passes is None else passes
+    if passes < 1:
+        raise ConfigError(f"--passes must be at least 1, got {passes}")
     # TorchScript export is ~15x faster than dynamo here and yields the same graph for these
     # plain-layer modules (MACs and outputs equal, tested); profiling builds hundreds of models.
     be = get_backend(backend, threads=threads, exporter="torchscript")
@@ -91,38 +135,48 @@ def profile_device(
                                 batch_size=batch, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 meta={"seed": seed, "sampling": "space-filling (Latin hypercube over size level)",
                                       "runner": runner.fingerprint()})
+    profile.meta["passes"] = max(passes, profile.meta.get("passes", 1))
     batch = profile.batch_size
     save = (lambda: profile.save(out)) if out is not None else (lambda: None)
     save()
 
     configs = space_filling_sample(space, n_samples, seed)
-    def needed(table: dict, key: str) -> bool:
-        return key not in table or (remeasure_unstable and not table[key]["stable"])
+    if remeasure_unstable:  # an unstable record is measured again from its first pass
+        for table in (profile.measurements, profile.blocks):
+            for key in [k for k, m in table.items() if not m["stable"]]:
+                del table[key]
+    subnet_items = [(space.config_hash(c), c) for c in configs]
+    part_items = list(all_parts(net).items()) if blocks else []
+    total = passes * (len(subnet_items) + len(part_items))
+    done = sum(min(_passes_done(profile.measurements.get(k)), passes) for k, _ in subnet_items)
+    done += sum(min(_passes_done(profile.blocks.get(k)), passes) for k, _ in part_items)
 
-    todo = [c for c in configs if needed(profile.measurements, space.config_hash(c))]
-    parts = [(k, r) for k, r in all_parts(net).items() if needed(profile.blocks, k)] if blocks else []
-    total, done = len(configs) + (len(all_parts(net)) if blocks else 0), len(configs) - len(todo)
-    done += (len(all_parts(net)) - len(parts)) if blocks else 0
-    t0 = time.perf_counter()
-    for i, config in enumerate(todo):
-        stats = measure_module(be, runner, net.extract(config), net.input_shape(config, batch), seed + i)
-        profile.add(config, stats)
-        profile.meta["subnet_seconds"] = profile.meta.get("subnet_seconds", 0.0) + time.perf_counter() - t0
+    def sweep(items, table, build, meta_key, save_every, offset, step):
+        nonlocal done
         t0 = time.perf_counter()
-        save()
-        done += 1
-        if progress:
-            progress("subnets", done, total)
-    for j, (key, recipe) in enumerate(parts):
-        module, shape = build_part(net, recipe, batch)
-        profile.blocks[key] = measure_module(be, runner, module, shape, seed + j)
-        profile.meta["block_seconds"] = profile.meta.get("block_seconds", 0.0) + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if j % 10 == 9 or j == len(parts) - 1:
-            save()
-        done += 1
-        if progress:
-            progress("blocks", done, total)
+        order = items if step % 2 == 0 else items[::-1]
+        todo = [(i, k, item) for i, (k, item) in enumerate(order) if _passes_done(table.get(k)) == step]
+        for n, (i, key, item) in enumerate(todo):
+            module, shape = build(item)
+            stats = measure_module(be, runner, module, shape, seed + offset + i + 7919 * step)
+            record = merge_passes([*_pass_records(table.get(key)), stats])
+            if table is profile.measurements:
+                profile.add(item, record)
+            else:
+                table[key] = record
+            profile.meta[meta_key] = profile.meta.get(meta_key, 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if n % save_every == save_every - 1 or n == len(todo) - 1:
+                save()
+            done += 1
+            if progress:
+                progress("subnets" if table is profile.measurements else "blocks", done, total)
+
+    for step in range(passes):
+        sweep(subnet_items, profile.measurements, lambda c: (net.extract(c), net.input_shape(c, batch)),
+              "subnet_seconds", 1, 0, step)
+        sweep(part_items, profile.blocks, lambda recipe: build_part(net, recipe, batch), "block_seconds", 10,
+              100_000, step)
     save()
     return profile
 

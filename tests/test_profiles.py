@@ -10,6 +10,7 @@ import torch
 
 from nestnas.errors import ArtifactError, ConfigError, ProfileError
 from nestnas.hw_profiles import DeviceProfile, block_table, profile_device, space_filling_sample
+from nestnas.hw_profiles.profiler import merge_passes
 from nestnas.hw_profiles.blocks import all_parts, build_part, config_part_keys, parts
 from nestnas.predictors import AccuracyPredictor, LatencyPredictor, count_macs_encoded, load_predictor
 from nestnas.predictors.fitting import split_hashes
@@ -76,8 +77,11 @@ def test_profile_holds_what_it_measured(tiny_profile):
     fp = back.fingerprint
     assert fp["backend"] == "onnxruntime" and fp["threads"] == 1 and fp["version"]
     assert fp["cpu"] and fp["cores"] >= 1 and fp["os"] and back.meta["runner"]["target_rel_ci"] == 0.02
+    assert back.meta["passes"] == 2  # the default on ONNX Runtime
     for key, m in back.measurements.items():
         assert m["p10_ms"] <= m["median_ms"] <= m["p90_ms"] and m["repeats"] >= 5 and "timestamp" in m
+        assert len(m["passes"]) == 2 and m["median_ms"] == pytest.approx(np.mean([r["median_ms"] for r in m["passes"]]))
+        assert m["stable"] == all(r["stable"] for r in m["passes"])
         assert TINY_CNN.config_hash(TINY_CNN.parse(m["config"])) == key
     smallest = back.measurements[TINY_CNN.config_hash(TINY_CNN.smallest())]["median_ms"]
     assert smallest >= 0.5 * 0.8 or back.batch_size == 256  # batch chosen to make it measurable
@@ -125,6 +129,36 @@ def test_killed_profile_run_resumes(tmp_path):
     expected = {TINY_TR.config_hash(c) for c in space_filling_sample(TINY_TR, 40, 0)}
     assert set(done.measurements) == expected
     assert [p.name for p in tmp_path.iterdir()] == ["killed.json"]
+
+
+def test_more_passes_extend_a_profile(tmp_path):
+    path = tmp_path / "passes.json"
+    one = profile_device(TINY_TR, "onnxruntime", 8, 0, out=path, threads=1, blocks=False, passes=1)
+    first = {k: m["passes"][0] for k, m in one.measurements.items()}
+    # a record written before passes were kept counts as the first pass
+    data = json.loads(path.read_text())
+    legacy = sorted(data["measurements"])[0]
+    data["measurements"][legacy].pop("passes")
+    path.write_text(json.dumps(data))
+    three = profile_device(TINY_TR, "onnxruntime", 8, 0, out=path, threads=1, blocks=False, passes=3)
+    assert three.meta["passes"] == 3 and set(three.measurements) == set(first)
+    for key, m in three.measurements.items():
+        assert len(m["passes"]) == 3 and m["passes"][0]["median_ms"] == first[key]["median_ms"]
+        assert m["median_ms"] == np.median([r["median_ms"] for r in m["passes"]])
+        assert m["repeats"] == sum(r["repeats"] for r in m["passes"])
+    with pytest.raises(ConfigError, match="--passes must be at least 1, got 0"):
+        profile_device(TINY_TR, "onnxruntime", 8, 0, passes=0)
+
+
+def test_merged_passes_keep_the_worst_spread():
+    runs = [{"median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.2, "cv": 0.05, "rel_ci": 0.01, "repeats": 20, "stable": True,
+             "attempts": 1, "calls_per_sample": 2},
+            {"median_ms": 1.2, "p10_ms": 1.1, "p90_ms": 1.4, "cv": 0.02, "rel_ci": None, "repeats": 5, "stable": False,
+             "attempts": 2, "calls_per_sample": 2}]
+    m = merge_passes(runs)
+    assert m["median_ms"] == pytest.approx(1.1) and m["p10_ms"] == pytest.approx(1.0) and m["p90_ms"] == pytest.approx(1.3)
+    assert m["cv"] == 0.05 and m["rel_ci"] is None and m["repeats"] == 25 and not m["stable"] and m["attempts"] == 2
+    assert m["passes"] == runs and merge_passes(runs[:1])["median_ms"] == 1.0
 
 
 def test_bad_profiles_are_refused(tiny_profile, tmp_path):
