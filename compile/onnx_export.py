@@ -49,7 +49,55 @@ def _export_dynamo(module: nn.Module, example: torch.Tensor, opset: int) -> onnx
         module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
         opset_version=opset, dynamo=True, external_data=False, verbose=False,
     )
-    return program.model_proto
+    return gelu_in_fusable_order(program.model_proto)
+
+
+def gelu_in_fusable_order(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Reorder the dynamo exporter's exact GELU, ``x * (0.5 * (1 + erf(x / sqrt 2)))``, into
+    ``(x * (1 + erf(x / sqrt 2))) * 0.5``, the order ONNX Runtime's GeluFusion recognises.
+
+    Left as exported, every GELU runs as five element-wise kernels, which made dynamo-exported
+    encoders 12-15% slower on ONNX Runtime than TorchScript-exported ones (whose order fuses).
+    The two orders differ by at most one rounding of a product."""
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    scalars = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer if _is_scalar(init)}
+
+    def op(name: str, kind: str):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == kind else None
+
+    for outer in graph.node:  # Mul(x, half) with half = Mul(0.5, Add(Erf(Div(x, sqrt2)), 1))
+        if outer.op_type != "Mul" or len(outer.input) != 2:
+            continue
+        for x, half_name in (tuple(outer.input), tuple(reversed(outer.input))):
+            half = op(half_name, "Mul")
+            if half is None or users.get(half_name) != 1:
+                continue
+            c05, one_plus = (half.input[0], half.input[1]) if half.input[0] in scalars else (half.input[1], half.input[0])
+            add = op(one_plus, "Add")
+            if c05 not in scalars or float(scalars[c05]) != 0.5 or add is None:
+                continue
+            erf_out = next((i for i in add.input if op(i, "Erf") is not None), None)
+            one = next((i for i in add.input if i != erf_out), None)
+            div = op(producer[erf_out].input[0], "Div") if erf_out else None
+            if one not in scalars or float(scalars[one]) != 1.0 or div is None or div.input[0] != x:
+                continue
+            half.input[:] = [x, one_plus]  # now x * (1 + erf), named as before
+            outer.input[:] = [half_name, c05]
+            break
+    return proto
+
+
+def _is_scalar(init: onnx.TensorProto) -> bool:
+    size = 1
+    for d in init.dims:
+        size *= d
+    return size == 1
 
 
 @register_exporter("torchscript")

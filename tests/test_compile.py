@@ -96,6 +96,29 @@ def test_export_passes_full_checker(family, exporter, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left behind
 
 
+def test_dynamo_gelu_is_fused_by_onnxruntime(tmp_path):
+    import collections
+
+    import onnxruntime as ort
+
+    def ops(path):
+        return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+    torch.manual_seed(0)
+    net = ElasticTransformer().eval()
+    config = net.space.sample(3)
+    module, x = net.extract(config), torch.randn(net.input_shape(config, 2))
+    path = export_onnx(module, x, tmp_path / "model.onnx", exporter="dynamo")
+    assert ops(path)["Erf"] == config.depth  # the file keeps standard ops (TVM reads it)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = ops(tmp_path / "optimized.onnx")
+    assert optimized["Gelu"] == config.depth and "Erf" not in optimized
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], module(x).detach().numpy(), rtol=0, atol=ATOL)
+
+
 class _Broken(nn.Module):
     def forward(self, x):
         raise RuntimeError("boom\nsecond line")
