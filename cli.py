@@ -204,6 +204,9 @@ def profile(
                                                   "subnet keeps the median of its passes, which averages out the "
                                                   "host's drift [default: 2 on onnxruntime, 1 on tvm].",
                                                   show_default=False)] = None,
+    exporter: Annotated[str, typer.Option(help="ONNX exporter of the measured graphs: torchscript (fast) or "
+                                               "dynamo (what bundles ship; use it for TVM profiles that should "
+                                               "predict exported artifacts).")] = "torchscript",
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -217,7 +220,7 @@ def profile(
     with StageBar("profile", not as_json, err_console) as bar:
         result = profile_device(space, backend, samples, seed, out=out, name=name, batch_size=batch_size,
                                 threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
-                                passes=passes, progress=bar)
+                                passes=passes, exporter=exporter, progress=bar)
     medians = sorted(m["median_ms"] for m in result.measurements.values())
     flagged = sum(not m["stable"] for m in result.measurements.values())
     summary = {"profile": str(out), "backend": backend, "family": family, "subnets": len(result.measurements),

@@ -1,3 +1,4 @@
+import copy
 import json
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from nestnas.errors import ArtifactError, ConfigError, ProfileError
-from nestnas.hw_profiles import DeviceProfile, block_table, profile_device, space_filling_sample
+from nestnas.hw_profiles import DeviceProfile, block_table, profile_device, space_filling_sample, speed_factor
 from nestnas.hw_profiles.profiler import merge_passes
 from nestnas.hw_profiles.blocks import all_parts, build_part, config_part_keys, parts
 from nestnas.predictors import AccuracyPredictor, LatencyPredictor, count_macs_encoded, load_predictor
@@ -148,6 +149,34 @@ def test_more_passes_extend_a_profile(tmp_path):
         assert m["repeats"] == sum(r["repeats"] for r in m["passes"])
     with pytest.raises(ConfigError, match="--passes must be at least 1, got 0"):
         profile_device(TINY_TR, "onnxruntime", 8, 0, passes=0)
+
+
+def test_profile_can_measure_the_graph_bundles_ship(tmp_path):
+    path = tmp_path / "dynamo.json"
+    profile = profile_device(TINY_TR, "onnxruntime", 3, 0, out=path, threads=1, blocks=False, passes=1,
+                             exporter="dynamo")
+    assert profile.fingerprint["exporter"] == "dynamo" and len(profile.measurements) == 3
+    with pytest.raises(ProfileError, match="exporter='dynamo'"):  # resuming with another graph is refused
+        profile_device(TINY_TR, "onnxruntime", 3, 0, out=path, threads=1, blocks=False, passes=1)
+    with pytest.raises(ConfigError, match="unknown ONNX exporter 'jit'"):
+        profile_device(TINY_TR, "onnxruntime", 3, 0, exporter="jit")
+
+
+def test_speed_factor_sees_a_device_that_became_slower(tiny_profile):
+    _, profile = tiny_profile
+    same = speed_factor(profile, n_anchors=4)
+    assert len({a["hash"] for a in same.anchors}) == 4 and 0.6 < same.factor < 1.6
+    medians = sorted(a["profile_ms"] for a in same.anchors)
+    all_ms = sorted(m["median_ms"] for m in profile.measurements.values())
+    assert medians[0] < np.median(all_ms) < medians[-1]  # anchors spread over the latency range
+    # as if the profile had been measured on a device twice as fast as this one is now
+    faster = copy.deepcopy(profile)
+    for m in faster.measurements.values():
+        m["median_ms"] /= 2
+    slower = speed_factor(faster, n_anchors=4)
+    assert slower.factor == pytest.approx(2 * same.factor, rel=0.35)
+    with pytest.raises(ConfigError, match="fewer than 999 anchors"):
+        speed_factor(profile, n_anchors=999)
 
 
 def test_merged_passes_keep_the_worst_spread():

@@ -81,7 +81,7 @@ def repeatability(profile: DeviceProfile, keys: list[str], seed: int) -> dict[st
     space = profile.search_space()
     torch.manual_seed(seed)
     net = build_supernet(space, **profile.spec).eval()
-    backend = get_backend(profile.backend, threads=profile.fingerprint["threads"], exporter="torchscript")
+    backend = get_backend(profile.backend, threads=profile.fingerprint["threads"], exporter=profile.fingerprint.get("exporter", "torchscript"))
     runner = get_runner(profile.backend)
     first, again = [], []
     for i, key in enumerate(keys):
@@ -93,13 +93,16 @@ def repeatability(profile: DeviceProfile, keys: list[str], seed: int) -> dict[st
     return {"n": len(keys), "within_10pct": float(np.mean(rel <= 0.10)), "median_rel_diff": float(np.median(rel))}
 
 
-def run(backend: str, family: str, profile_dir: Path, seed: int, blocks: bool, console: Console) -> list[dict]:
+def run(backend: str, family: str, profile_dir: Path, seed: int, blocks: bool, console: Console,
+        exporter: str | None = None) -> list[dict]:
     path = profile_dir / f"xeon-2c-{backend}-{family}.json"
+    if exporter is None:  # an existing profile is resumed with the exporter it was measured with
+        exporter = DeviceProfile.load(path).fingerprint.get("exporter", "torchscript") if path.exists() else "torchscript"
     t0 = time.perf_counter()
     # A flag after two time-capped attempts is a property of the device, not bad luck: retrying it
     # on every rerun costs minutes (TVM) and changes nothing.
     profile = profile_device(SearchSpace.for_family(family), backend, N_TRAIN + N_HELD, seed, out=path, name="xeon-2c",
-                             blocks=blocks, remeasure_unstable=False)
+                             blocks=blocks, remeasure_unstable=False, exporter=exporter)
     console.print(f"{backend}/{family}: profile {path} ready in {time.perf_counter() - t0:.0f} s "
                   f"(batch {profile.batch_size})")
     train, held, flagged = split(profile, seed)
@@ -146,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench_predictors.json"))
     ap.add_argument("--tvm-blocks", action="store_true", help="also measure every block on TVM (slow)")
+    ap.add_argument("--tvm-exporter", choices=("torchscript", "dynamo"),
+                    help="exporter for new TVM profiles [default: an existing profile's, else torchscript]")
     args = ap.parse_args(argv)
     console = Console(width=160)
     rows = []
     for backend in args.backends.split(","):
         for family in args.families.split(","):
-            rows += run(backend, family, args.profile_dir, args.seed, backend != "tvm" or args.tvm_blocks, console)
+            rows += run(backend, family, args.profile_dir, args.seed, backend != "tvm" or args.tvm_blocks, console,
+                        args.tvm_exporter if backend == "tvm" else None)
     print_table(console, rows)
     ort = [r for r in rows if r["backend"] == "onnxruntime"]
     # The figure quoted is the default predictor's, chosen by cross-validation on the fitting

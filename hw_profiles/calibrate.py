@@ -1,0 +1,76 @@
+"""How fast this device runs now, relative to when its profile was measured.
+
+A shared host's speed drifts: on this project's two-core machine the same subnet measured 10%
+slower forty minutes after its profile was taken, which no predictor fitted to the profile can
+know. `speed_factor` re-measures a few of the profile's own subnets (anchors spread over its
+latency range, measured exactly as the profiler did) and returns the median ratio now/then, by
+which predictions for this moment are scaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from nestnas.errors import ConfigError
+from nestnas.hw_profiles.profile import DeviceProfile
+
+
+@dataclass(frozen=True)
+class SpeedCalibration:
+    """`factor` = median over anchors of (latency now / latency in the profile); > 1: slower now."""
+
+    factor: float
+    anchors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        ratios = [a["ratio"] for a in self.anchors]
+        return min(ratios), max(ratios)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "anchors": self.anchors}
+
+
+def pick_anchors(profile: DeviceProfile, n: int) -> list[str]:
+    """`n` stable measurements at evenly spaced quantiles of the profile's latencies."""
+    stable = sorted((m["median_ms"], k) for k, m in profile.measurements.items() if m["stable"])
+    if n < 1:
+        raise ConfigError(f"--anchors must be at least 1, got {n}")
+    if len(stable) < n:
+        raise ConfigError(f"profile {profile.name!r} has {len(stable)} stable measurements, fewer than {n} anchors")
+    picks = np.unique(np.round(np.linspace(0, len(stable) - 1, n + 2)[1:-1]).astype(int))
+    return [stable[i][1] for i in picks]
+
+
+def speed_factor(profile: DeviceProfile, n_anchors: int = 5, passes: int = 2, seed: int = 0) -> SpeedCalibration:
+    """Re-measure `n_anchors` of `profile`'s subnets on this device, with its backend, exporter,
+    threads and batch, `passes` times each (interleaved), and compare with the profile."""
+    from nestnas.compile import get_backend, get_runner
+    from nestnas.hw_profiles.profiler import measure_module
+    from nestnas.supernet.base import build_supernet
+    from nestnas.supernet.config import SubnetConfig
+
+    keys = pick_anchors(profile, n_anchors)
+    space = profile.search_space()
+    torch.manual_seed(profile.meta.get("seed", seed))
+    net = build_supernet(space, **profile.spec).eval()
+    backend = get_backend(profile.backend, threads=profile.fingerprint.get("threads"),
+                          exporter=profile.fingerprint.get("exporter", "torchscript"))
+    runner = get_runner(profile.backend)
+    now: dict[str, list[float]] = {k: [] for k in keys}
+    for step in range(passes):
+        for i, key in enumerate(keys if step % 2 == 0 else keys[::-1]):
+            config = SubnetConfig.from_dict(profile.measurements[key]["config"])
+            stats = measure_module(backend, runner, net.extract(config), net.input_shape(config, profile.batch_size),
+                                   seed + i)
+            now[key].append(stats["median_ms"])
+    anchors = []
+    for key in keys:
+        then, current = profile.measurements[key]["median_ms"], float(np.median(now[key]))
+        anchors.append({"hash": key, "profile_ms": then, "now_ms": current, "ratio": current / then})
+    factor = float(np.exp(np.median([np.log(a["ratio"]) for a in anchors])))
+    return SpeedCalibration(factor, anchors)
