@@ -579,6 +579,10 @@ def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder from `nestnas export`.")],
     threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: the manifest's].",
                                                    show_default=False)] = None,
+    calibrate: Annotated[Optional[Path], typer.Option(help="Profile the prediction came from: re-measure five of "
+                                                           "its subnets and scale the prediction by how much "
+                                                           "slower or faster this device runs now.",
+                                                      show_default=False)] = None,
     as_json: AsJson = False,
 ) -> None:
     """Re-measure a bundle on this device (checksums verified first) and compare with its
@@ -586,31 +590,47 @@ def bench(
     from nestnas.compile.bundle import measure_bundle, verify_checksums
 
     manifest = verify_checksums(bundle)
+    speed = None
+    if calibrate is not None:
+        from nestnas.hw_profiles import DeviceProfile, speed_factor
+
+        profile = DeviceProfile.load(calibrate)
+        if manifest.get("family") and profile.family != manifest["family"]:
+            raise ConfigError(f"--calibrate {calibrate} profiles the {profile.family} family; bundle {bundle} "
+                              f"holds a {manifest['family']} subnet")
+        speed = speed_factor(profile)
     now = measure_bundle(bundle, threads=threads)
     pred = manifest.get("predicted_latency") or {}
     batch = manifest["input"]["shape"][0]
     rows = []
     for backend, m in now.items():
         before = manifest.get("measured", {}).get(backend, {})
+        predicted = pred.get("ms") if pred.get("batch") == batch else None
         row = {"backend": backend, "median_ms": m["median_ms"], "p10_ms": m["p10_ms"], "p90_ms": m["p90_ms"],
-               "manifest_ms": before.get("median_ms"),
-               "predicted_ms": pred.get("ms") if pred.get("batch") == batch else None}
+               "manifest_ms": before.get("median_ms"), "predicted_ms": predicted,
+               "speed_factor": speed.factor if speed else None,
+               "predicted_now_ms": predicted * speed.factor if speed and predicted else None}
         rows.append(row)
     if as_json:
-        print(json.dumps({"bundle": str(bundle), "batch": batch, "rows": rows}, indent=2))
+        print(json.dumps({"bundle": str(bundle), "batch": batch, "rows": rows,
+                          "calibration": speed.to_dict() if speed else None}, indent=2))
         return
+    if speed:
+        console.print(f"this device runs at {speed.factor:.3f}x the latency of profile {calibrate} "
+                      f"({len(speed.anchors)} of its subnets re-measured: {speed.spread[0]:.3f} to {speed.spread[1]:.3f})")
     from rich.table import Table
 
     table = Table(title=f"{bundle} (batch {batch}): measured now against manifest and prediction")
-    for col in ("backend", "median ms", "p10-p90 ms", "manifest ms", "now/manifest", "predicted ms",
-                "measured/predicted"):
+    for col in ("backend", "median ms", "p10-p90 ms", "manifest ms", "now/manifest",
+                "predicted ms" + (" (calibrated)" if speed else ""), "measured/predicted"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r in rows:
+        predicted = r["predicted_now_ms"] or r["predicted_ms"]
         table.add_row(r["backend"], f"{r['median_ms']:.4f}", f"{r['p10_ms']:.4f}-{r['p90_ms']:.4f}",
                       f"{r['manifest_ms']:.4f}" if r["manifest_ms"] else "-",
                       f"{r['median_ms'] / r['manifest_ms']:.2f}" if r["manifest_ms"] else "-",
-                      f"{r['predicted_ms']:.4f}" if r["predicted_ms"] else "-",
-                      f"{r['median_ms'] / r['predicted_ms']:.2f}" if r["predicted_ms"] else "-")
+                      f"{predicted:.4f}" if predicted else "-",
+                      f"{r['median_ms'] / predicted:.2f}" if predicted else "-")
     console.print(table)
 
 

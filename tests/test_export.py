@@ -170,6 +170,16 @@ def test_export_and_bench_cli(net, tmp_path):
     assert bench.returncode == 0, bench.stderr
     rows = json.loads(bench.stdout)["rows"]
     assert rows[0]["backend"] == "onnxruntime" and rows[0]["median_ms"] > 0 and rows[0]["manifest_ms"] > 0
+    shipped = Path(nestnas.__file__).parent / "hw_profiles" / "data"
+    bench = nestnas_cli("bench", result["folders"][0], "--calibrate", shipped / "xeon-2c-onnxruntime-cnn.json", "--json",
+                        env=env)
+    assert bench.returncode == 0, bench.stderr
+    calibration = json.loads(bench.stdout)["calibration"]
+    assert len(calibration["anchors"]) == 5 and 0.2 < calibration["factor"] < 5
+    assert calibration["factor"] == pytest.approx(np.median([a["ratio"] for a in calibration["anchors"]]))
+    one_line_error(nestnas_cli("bench", result["folders"][0], "--calibrate",
+                               shipped / "xeon-2c-onnxruntime-transformer.json", env=env),
+                   "profiles the transformer family", "holds a cnn subnet")
     one_line_error(nestnas_cli("export", "--front", front, "--pick", "99", "--out", tmp_path / "x", env=env),
                    "--pick", "indices 0..")
     one_line_error(nestnas_cli("export", "--front", front, "--formats", "onnx,tflite", "--out", tmp_path / "x",

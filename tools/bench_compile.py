@@ -6,7 +6,8 @@ are exported. One run measures, per subnet: the ONNX Runtime bundle, TVM untuned
 one MetaSchedule database shared by the front, torch eager on the extracted module, and torch
 eager on the supernet with the config. Tuning cost: the shared run's seconds against tuning each
 subnet alone (a fresh database each, the same trials per workload). Deployment fidelity: each ONNX
-Runtime and (untuned) TVM artifact, exported at its profile's batch, against the predictor of the
+Runtime and (untuned) TVM artifact, exported at its profile's batch and measured in three interleaved
+sweeps (median), against the predictor of the
 shipped profile of that backend, raw and scaled by the device's speed now relative to the
 profile's (`nestnas.speed_factor`: five of the profile's subnets re-measured).
 
@@ -33,7 +34,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from nestnas.compile.bundle import Subnet, export_bundles, load_bundle
+from nestnas.compile.bundle import Subnet, export_bundles, load_bundle, measure_bundle
 from nestnas.compile.tuning import TuneOptions
 from nestnas.fileio import write_json
 from nestnas.hw_profiles import DeviceProfile, speed_factor
@@ -63,6 +64,43 @@ def pareto_subnets(net, n: int, train_loader, val_loader, seed: int, evals: int)
         raise SystemExit(f"the front has {len(members)} members, fewer than --subnets {n}; raise --search-evals")
     picks = np.unique(np.round(np.linspace(0, len(members) - 1, n)).astype(int))
     return [members[i] for i in picks], len(members)
+
+
+FIDELITY_PASSES = 3
+
+
+def measure_fidelity(family: str, net, configs, subnets, lat, work: Path, seed: int, console: Console):
+    """Each backend's artifact at its profile's batch against that profile's predictor (TVM
+    untuned, as its profile was measured), measured as profiles are: FIDELITY_PASSES sweeps over
+    the subnets, median per artifact, so that one burst of a neighbour on this shared host does
+    not decide a subnet's figure. Also reported scaled by the device's speed now against the
+    profile's (`speed_factor`)."""
+    folders, out = {}, {sub.name: {} for sub in subnets}
+    for backend, fmt in (("onnxruntime", "onnx"), ("tvm", "tvm")):
+        batch = int(lat[backend].unit.rsplit(" ", 1)[-1])
+        for c, sub in zip(configs, subnets):
+            folder = work / f"fidelity-{backend}" / sub.name
+            export_bundles([Subnet(sub.name, sub.module, tuple(net.input_shape(c, batch)), {})], [folder],
+                           formats=(fmt,), measure=False, seed=seed, tune=TuneOptions(trials=0))
+            folders[backend, sub.name] = (folder, fmt, batch, float(lat[backend].evaluate([c])[0]))
+    # The host's speed drifts (10-25% within the hour on this machine): re-measure a few of each
+    # profile's own subnets now.
+    speed = {b: speed_factor(DeviceProfile.load(PROFILES[b, family]), n_anchors=5) for b in ("onnxruntime", "tvm")}
+    for b, cal in speed.items():
+        console.print(f"{family}/{b}: device now {cal.factor:.3f}x the profile's latency "
+                      f"(anchors {cal.spread[0]:.3f} to {cal.spread[1]:.3f})")
+    runs: dict = {key: [] for key in folders}
+    for step in range(FIDELITY_PASSES):
+        for key in (list(folders) if step % 2 == 0 else list(folders)[::-1]):
+            folder, fmt, _, _ = folders[key]
+            runs[key].append(measure_bundle(folder, formats=(fmt,))[key[0]]["median_ms"])
+    for (backend, name), (_, _, batch, predicted) in folders.items():
+        measured = float(np.median(runs[backend, name]))
+        out[name][backend] = {"batch": batch, "measured_ms": measured, "passes_ms": runs[backend, name],
+                              "predicted_ms": predicted, "ratio": measured / predicted,
+                              "speed_factor": speed[backend].factor,
+                              "calibrated_ratio": measured / (predicted * speed[backend].factor)}
+    return out, speed
 
 
 def time_eager(fn, x, runs: int = 30) -> float:
@@ -117,10 +155,7 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
     lat = {b: profile_latency(PROFILES[b, family], space=space) for b in ("onnxruntime", "tvm")}
     # The host's speed drifts (10% within the hour on this machine): re-measure a few of each
     # profile's own subnets now, and report fidelity both raw and scaled by that factor.
-    speed = {b: speed_factor(DeviceProfile.load(PROFILES[b, family]), n_anchors=5) for b in ("onnxruntime", "tvm")}
-    for b, cal in speed.items():
-        console.print(f"{family}/{b}: device now {cal.factor:.3f}x the profile's latency "
-                      f"(anchors {cal.spread[0]:.3f} to {cal.spread[1]:.3f})")
+    fidelity_all, speed = measure_fidelity(family, net, configs, subnets, lat, work, seed, console)
     rows = []
     for i, (c, sub) in enumerate(zip(configs, subnets)):
         x = torch.randn(sub.input_shape, generator=torch.Generator().manual_seed(i))
@@ -129,19 +164,7 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
         tvm_tuned_ms = tuned["manifests"][i]["measured"]["tvm"]["median_ms"]
         eager_ext = time_eager(sub.module, x)
         eager_super = time_eager(lambda inp, c=c: net(inp, c), x)
-        # Fidelity: each backend's artifact at its profile's batch against that profile's predictor
-        # (TVM untuned, as its profile was measured).
-        fidelity = {}
-        for backend, fmt in (("onnxruntime", "onnx"), ("tvm", "tvm")):
-            batch = int(lat[backend].unit.rsplit(" ", 1)[-1])
-            fid = export_bundles([Subnet(sub.name, sub.module, tuple(net.input_shape(c, batch)), {})],
-                                 [work / f"fidelity-{backend}" / sub.name], formats=(fmt,), measure=True, seed=seed,
-                                 tune=TuneOptions(trials=0))
-            measured_b = fid["manifests"][0]["measured"][backend]["median_ms"]
-            predicted_b = float(lat[backend].evaluate([c])[0])
-            fidelity[backend] = {"batch": batch, "measured_ms": measured_b, "predicted_ms": predicted_b,
-                                 "ratio": measured_b / predicted_b, "speed_factor": speed[backend].factor,
-                                 "calibrated_ratio": measured_b / (predicted_b * speed[backend].factor)}
+        fidelity = fidelity_all[sub.name]
         model = load_bundle(work / "untuned" / sub.name, "onnxruntime")
         assert np.abs(model(x.numpy()) - sub.module(x).detach().numpy()).max() <= 1e-4
         rows.append({"family": family, "subnet": sub.name, "onnxruntime_ms": ort_ms, "tvm_untuned_ms": tvm_untuned_ms,
