@@ -39,25 +39,23 @@ def pick_anchors(profile: DeviceProfile, n: int) -> list[str]:
     """`n` stable measurements at evenly spaced quantiles of the profile's latencies."""
     stable = sorted((m["median_ms"], k) for k, m in profile.measurements.items() if m["stable"])
     if n < 1:
-        raise ConfigError(f"--anchors must be at least 1, got {n}")
+        raise ConfigError(f"n_anchors must be at least 1, got {n}")
     if len(stable) < n:
         raise ConfigError(f"profile {profile.name!r} has {len(stable)} stable measurements, fewer than {n} anchors")
     picks = np.unique(np.round(np.linspace(0, len(stable) - 1, n + 2)[1:-1]).astype(int))
     return [stable[i][1] for i in picks]
 
 
-def speed_factor(profile: DeviceProfile, n_anchors: int = 5, passes: int = 2, seed: int = 0) -> SpeedCalibration:
-    """Re-measure `n_anchors` of `profile`'s subnets on this device, with its backend, exporter,
-    threads and batch, `passes` times each (interleaved), and compare with the profile."""
+def remeasure(profile: DeviceProfile, keys: list[str], passes: int = 1, seed: int = 0) -> dict[str, float]:
+    """Median ms now of the profile's subnets `keys`, measured as the profiler did (its backend,
+    exporter, threads, batch and model spec), over `passes` interleaved sweeps."""
     from nestnas.compile import get_backend, get_runner
     from nestnas.hw_profiles.profiler import measure_module
     from nestnas.supernet.base import build_supernet
     from nestnas.supernet.config import SubnetConfig
 
-    keys = pick_anchors(profile, n_anchors)
-    space = profile.search_space()
     torch.manual_seed(profile.meta.get("seed", seed))
-    net = build_supernet(space, **profile.spec).eval()
+    net = build_supernet(profile.search_space(), **profile.spec).eval()
     backend = get_backend(profile.backend, threads=profile.fingerprint.get("threads"),
                           exporter=profile.fingerprint.get("exporter", "torchscript"))
     runner = get_runner(profile.backend)
@@ -68,9 +66,14 @@ def speed_factor(profile: DeviceProfile, n_anchors: int = 5, passes: int = 2, se
             stats = measure_module(backend, runner, net.extract(config), net.input_shape(config, profile.batch_size),
                                    seed + i)
             now[key].append(stats["median_ms"])
-    anchors = []
-    for key in keys:
-        then, current = profile.measurements[key]["median_ms"], float(np.median(now[key]))
-        anchors.append({"hash": key, "profile_ms": then, "now_ms": current, "ratio": current / then})
+    return {k: float(np.median(v)) for k, v in now.items()}
+
+
+def speed_factor(profile: DeviceProfile, n_anchors: int = 5, passes: int = 2, seed: int = 0) -> SpeedCalibration:
+    """Re-measure `n_anchors` of `profile`'s subnets on this device (`remeasure`, `passes` sweeps)
+    and compare with the profile."""
+    now = remeasure(profile, pick_anchors(profile, n_anchors), passes, seed)
+    anchors = [{"hash": k, "profile_ms": profile.measurements[k]["median_ms"], "now_ms": ms,
+                "ratio": ms / profile.measurements[k]["median_ms"]} for k, ms in now.items()]
     factor = float(np.exp(np.median([np.log(a["ratio"]) for a in anchors])))
     return SpeedCalibration(factor, anchors)

@@ -32,8 +32,8 @@ from rich.table import Table
 
 from nestnas.fileio import write_json
 from nestnas.hw_profiles import DeviceProfile, profile_device
+from nestnas.hw_profiles.calibrate import remeasure
 from nestnas.hw_profiles.profile import host_fingerprint
-from nestnas.hw_profiles.profiler import measure_module
 from nestnas.predictors.fitting import available_kinds, choose_kind, score_latency
 from nestnas.supernet import SearchSpace
 
@@ -73,23 +73,9 @@ def repeatability(profile: DeviceProfile, keys: list[str], seed: int) -> dict[st
     """Measure `keys` again now and compare with the profile: the noise ceiling of any predictor
     (a predictor cannot agree with a measurement better than the device agrees with itself)."""
     import numpy as np
-    import torch
 
-    from nestnas.compile import get_backend, get_runner
-    from nestnas.supernet import SubnetConfig, build_supernet
-
-    space = profile.search_space()
-    torch.manual_seed(seed)
-    net = build_supernet(space, **profile.spec).eval()
-    backend = get_backend(profile.backend, threads=profile.fingerprint["threads"], exporter=profile.fingerprint.get("exporter", "torchscript"))
-    runner = get_runner(profile.backend)
-    first, again = [], []
-    for i, key in enumerate(keys):
-        config = SubnetConfig.from_dict(profile.measurements[key]["config"])
-        stats = measure_module(backend, runner, net.extract(config), net.input_shape(config, profile.batch_size), i)
-        first.append(profile.measurements[key]["median_ms"])
-        again.append(stats["median_ms"])
-    rel = np.abs(np.array(again) / np.array(first) - 1.0)
+    again = remeasure(profile, keys, passes=1, seed=seed)
+    rel = np.abs(np.array([again[k] / profile.measurements[k]["median_ms"] for k in keys]) - 1.0)
     return {"n": len(keys), "within_10pct": float(np.mean(rel <= 0.10)), "median_rel_diff": float(np.median(rel))}
 
 
