@@ -470,6 +470,9 @@ def export(
                                                          "(0: untuned).")] = 32,
     tune_seconds: Annotated[Optional[float], typer.Option(help="Stop tuning new workloads after this many "
                                                                "seconds.")] = None,
+    tune_strategy: Annotated[str, typer.Option(help="TVM search: evolutionary (xgboost cost model) or "
+                                                    "replay-trace (random samples; ~2.5x faster per trial, "
+                                                    "slower code).")] = "evolutionary",
     tune_db: Annotated[Optional[Path], typer.Option(help="Tuning database folder shared across exports "
                                                          "[default: $NESTNAS_HOME/tuning/CPU-CORES].",
                                                     show_default=False)] = None,
@@ -512,7 +515,8 @@ def export(
         return
     with StageBar("export", not as_json, err_console) as bar:
         result = run_export(chosen if len(chosen) > 1 else chosen[0], out, net=net, front=loaded, formats=fmts,
-                            tune_trials=tune_trials, tune_seconds=tune_seconds, database=tune_db,
+                            tune_trials=tune_trials, tune_seconds=tune_seconds, tune_strategy=tune_strategy,
+                            database=tune_db,
                             batch_size=batch_size, threads=threads, seed=seed, progress=bar)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -522,7 +526,7 @@ def export(
         t = result["tuning"]
         console.print(f"TVM tuning: {t['unique_tasks']} unique workloads of {t['total_tasks']} tasks "
                       f"({t['reused_from_database']} already in the database, {t['tuned']} tuned with "
-                      f"{t['trials_per_task']} trials each, {t['skipped_for_time']} left for time) in "
+                      f"{t['trials_per_task']} {t['strategy']} trials each, {t['skipped_for_time']} left for time) in "
                       f"{t['seconds']:.0f} s; database: {t['database']}")
 
 

@@ -132,7 +132,7 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
         formats = check_formats(("onnx", "tvm"))
     except BackendUnavailable:
         formats = ("onnx",)
-    tvm_note = ("TVM " + (f"tuned, {tune_trials} trials per workload"
+    tvm_note = ("TVM " + (f"tuned, {tune_trials} replay-trace trials per workload"
                           + (f", at most {tune_seconds:.0f} s" if tune_seconds else "") if tune_trials else "untuned")
                 if "tvm" in formats else "TVM extra not installed")
     console.rule(f"[bold]5. export[/] the knee subnet as a deployable bundle (ONNX; {tvm_note})")
@@ -140,8 +140,9 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
     knee = front.knee()
     bundle = out_dir / "bundle-knee"
     with StageBar("export", progress, console) as bar:
+        # Replay-trace: a few trials per workload; evolutionary search only pays off with more.
         result = export(knee, bundle, net=net, front=front, formats=formats, tune_trials=tune_trials,
-                        tune_seconds=tune_seconds, seed=seed, progress=bar)
+                        tune_seconds=tune_seconds, tune_strategy="replay-trace", seed=seed, progress=bar)
     manifest = result["manifests"][0]
     x = np.load(bundle / "check_input.npy", allow_pickle=False)
     pred = manifest["predicted_latency"]

@@ -125,10 +125,25 @@ def test_bad_export_input(net, tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot write there"):
         nestnas.export(cand, blocker / "sub" / "b", net=net, formats=("onnx",), measure=False)
+    with pytest.raises(ConfigError, match="tuning strategy 'grid'; allowed"):
+        nestnas.export(cand, tmp_path / "x", net=net, tune_strategy="grid")
     other = nestnas.search.ParetoFront(SearchSpace.transformer(), [], [], {}, [], [])
     with pytest.raises(ConfigError, match="another search space"):
         nestnas.export(cand, tmp_path / "x", net=net, front=other, formats=("onnx",))
     assert not (tmp_path / "x").exists()
+
+
+def test_evolutionary_tuning_without_xgboost_says_what_to_install(net, tmp_path, monkeypatch):
+    from nestnas.compile.tuning import TuneOptions
+    from nestnas.errors import BackendUnavailable
+
+    monkeypatch.setitem(sys.modules, "xgboost", None)  # as if not installed: `import xgboost` raises
+    cand = candidate(net, net.space.smallest())
+    with pytest.raises(BackendUnavailable, match=r"needs xgboost: pip install 'nestnas\[tvm\]'"):
+        nestnas.export(cand, tmp_path / "x", net=net, tune_trials=4, measure=False)
+    assert not (tmp_path / "x").exists()
+    # replay-trace and untuned exports do not need it
+    assert TuneOptions(trials=4, strategy="replay-trace").enabled and not TuneOptions(trials=0).enabled
 
 
 def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
@@ -146,6 +161,7 @@ def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
     for folder in first["folders"] + again["folders"]:
         m = read_manifest(folder)
         assert m["verified"]["tvm_max_abs_diff"] <= 1e-4 and m["tuning"]["trials_per_task"] == 2
+        assert m["tuning"]["strategy"] == "evolutionary"
 
 
 def test_export_and_bench_cli(net, tmp_path):
@@ -184,6 +200,8 @@ def test_export_and_bench_cli(net, tmp_path):
                    "--pick", "indices 0..")
     one_line_error(nestnas_cli("export", "--front", front, "--formats", "onnx,tflite", "--out", tmp_path / "x",
                                env=env), "unknown format 'tflite'")
+    one_line_error(nestnas_cli("export", "--front", front, "--tune-strategy", "grid", "--out", tmp_path / "x",
+                               env=env), "tuning strategy 'grid'", "replay-trace")
     tr = tmp_path / "tr.ckpt"
     save_checkpoint(ElasticTransformer(SearchSpace.transformer(), num_classes=10, num_tokens=8, token_dim=8), tr)
     one_line_error(nestnas_cli("export", "--front", front, "--checkpoint", tr, "--out", tmp_path / "x", env=env),

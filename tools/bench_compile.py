@@ -4,7 +4,8 @@ For each family, a supernet is trained briefly (realistic weights and batch-norm
 its front of shared-weight accuracy against MACs is searched; --subnets members spread along it
 are exported. One run measures, per subnet: the ONNX Runtime bundle, TVM untuned, TVM tuned with
 one MetaSchedule database shared by the front, torch eager on the extracted module, and torch
-eager on the supernet with the config. Tuning cost: the shared run's seconds against tuning each
+eager on the supernet with the config (ONNX Runtime and tuned TVM measured alternately in three
+sweeps, median). Tuning (--strategy, default evolutionary) cost: the shared run's seconds against tuning each
 subnet alone (a fresh database each, the same trials per workload). Deployment fidelity: each ONNX
 Runtime and (untuned) TVM artifact, exported at its profile's batch and measured in three interleaved
 sweeps (median), against the predictor of the
@@ -16,7 +17,7 @@ ONNX Runtime; shared tuning <= half of tuning each alone; fidelity within +-10%.
 
 Reproduce (repository root, `pip install -e ".[tvm]"`)::
 
-    python tools/bench_compile.py --work bench-compile   # ~60 min on 2 cores, most of it TVM tuning
+    python tools/bench_compile.py --work bench-compile   # ~2 h on 2 cores, most of it TVM tuning
 """
 
 from __future__ import annotations
@@ -103,6 +104,19 @@ def measure_fidelity(family: str, net, configs, subnets, lat, work: Path, seed: 
     return out, speed
 
 
+def measure_batch1(subnets, work: Path) -> dict:
+    """ONNX Runtime and tuned TVM bundles measured alternately in FIDELITY_PASSES sweeps (median per
+    artifact): sub-millisecond models measured minutes apart differ by more than the 1.25 target."""
+    runs: dict = {(sub.name, b): [] for sub in subnets for b in ("onnxruntime", "tvm")}
+    for step in range(FIDELITY_PASSES):
+        for key in (list(runs) if step % 2 == 0 else list(runs)[::-1]):
+            name, backend = key
+            folder = work / ("untuned" if backend == "onnxruntime" else "tuned") / name
+            runs[key].append(measure_bundle(folder, formats=("onnx" if backend == "onnxruntime" else "tvm",))
+                             [backend]["median_ms"])
+    return {key: float(np.median(v)) for key, v in runs.items()}
+
+
 def time_eager(fn, x, runs: int = 30) -> float:
     with torch.no_grad():
         for _ in range(5):
@@ -116,7 +130,7 @@ def time_eager(fn, x, runs: int = 30) -> float:
 
 
 def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, console: Console,
-               work: Path | None) -> dict:
+               work: Path | None, strategy: str, alone_too: bool) -> dict:
     space = SearchSpace.for_family(family)
     torch.manual_seed(seed)
     net = build_supernet(space, **SPEC[family])
@@ -137,21 +151,24 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
                              tune=TuneOptions(trials=0), measure=True, seed=seed)
     t1 = time.perf_counter()
     tuned = export_bundles(subnets, [work / "tuned" / s.name for s in subnets], formats=("tvm",),
-                           tune=TuneOptions(trials=trials, database=work / "db"), measure=True, seed=seed)
+                           tune=TuneOptions(trials=trials, database=work / "db", strategy=strategy), measure=True,
+                           seed=seed)
     if previous:
         shared, alone = previous["shared"], previous["alone"]
     else:
         shared = tuned["tuning"]
         # Tuning each subnet alone: a fresh database per subnet, the same trials per workload.
         alone = [export_bundles([sub], [work / "alone" / sub.name], formats=("tvm",), measure=False, seed=seed,
-                                tune=TuneOptions(trials=trials, database=work / f"db-{sub.name}"))["tuning"]
-                 for sub in subnets]
+                                tune=TuneOptions(trials=trials, database=work / f"db-{sub.name}",
+                                                 strategy=strategy))["tuning"]
+                 for sub in subnets] if alone_too else None
         write_json(cached, {"shared": shared, "alone": alone})
-    alone_s = sum(a["seconds"] for a in alone)
-    alone_tasks = sum(a["unique_tasks"] for a in alone)
+    alone_s = sum(a["seconds"] for a in alone) if alone else float("nan")
+    alone_tasks = sum(a["unique_tasks"] for a in alone) if alone else 0
     console.print(f"{family}: front of {front_size}, {len(subnets)} picked; untuned bundles in {t1 - t0:.0f} s; "
-                  f"shared tuning {shared['seconds']:.0f} s for {shared['unique_tasks']} unique of "
+                  f"shared tuning ({strategy}) {shared['seconds']:.0f} s for {shared['unique_tasks']} unique of "
                   f"{shared['total_tasks']} tasks; alone {alone_s:.0f} s for {alone_tasks} tasks")
+    batch1 = measure_batch1(subnets, work)
     lat = {b: profile_latency(PROFILES[b, family], space=space) for b in ("onnxruntime", "tvm")}
     # The host's speed drifts (10% within the hour on this machine): re-measure a few of each
     # profile's own subnets now, and report fidelity both raw and scaled by that factor.
@@ -159,9 +176,9 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
     rows = []
     for i, (c, sub) in enumerate(zip(configs, subnets)):
         x = torch.randn(sub.input_shape, generator=torch.Generator().manual_seed(i))
-        ort_ms = untuned["manifests"][i]["measured"]["onnxruntime"]["median_ms"]
+        ort_ms = batch1[sub.name, "onnxruntime"]
         tvm_untuned_ms = untuned["manifests"][i]["measured"]["tvm"]["median_ms"]
-        tvm_tuned_ms = tuned["manifests"][i]["measured"]["tvm"]["median_ms"]
+        tvm_tuned_ms = batch1[sub.name, "tvm"]
         eager_ext = time_eager(sub.module, x)
         eager_super = time_eager(lambda inp, c=c: net(inp, c), x)
         fidelity = fidelity_all[sub.name]
@@ -173,8 +190,8 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
                      "tvm_tuned_vs_untuned": tvm_untuned_ms / tvm_tuned_ms,
                      "fidelity": fidelity})
     return {"rows": rows, "speed": {b: c.to_dict() for b, c in speed.items()}, "tuning": {**shared, "alone_seconds": alone_s, "alone_tasks": alone_tasks,
-                                     "shared_vs_alone_seconds": shared["seconds"] / alone_s,
-                                     "shared_vs_alone_tasks": shared["unique_tasks"] / alone_tasks}}
+                                     "shared_vs_alone_seconds": shared["seconds"] / alone_s if alone else None,
+                                     "shared_vs_alone_tasks": shared["unique_tasks"] / alone_tasks if alone else None}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", default="cnn,transformer")
     ap.add_argument("--subnets", type=int, default=5)
     ap.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per unique workload")
+    ap.add_argument("--strategy", default="evolutionary", choices=("evolutionary", "replay-trace"),
+                    help="MetaSchedule search strategy")
+    ap.add_argument("--no-alone", action="store_true", help="skip tuning each subnet alone (the cost comparison)")
     ap.add_argument("--search-evals", type=int, default=400, help="subnets evaluated to find each family's front")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench_compile.json"))
@@ -189,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "tuning reports")
     args = ap.parse_args(argv)
     console = Console(width=170)
-    results = {f: run_family(f, args.subnets, args.trials, args.search_evals, args.seed, console, args.work) for f in args.families.split(",")}
+    results = {f: run_family(f, args.subnets, args.trials, args.search_evals, args.seed, console, args.work,
+                                args.strategy, not args.no_alone) for f in args.families.split(",")}
     rows = [r for res in results.values() for r in res["rows"]]
     table = Table(title="batch-1 latency (ms, medians) per artifact, side by side in one run")
     cols = ["family", "subnet", "ORT", "TVM untuned", "TVM tuned", "eager extracted", "eager supernet",
@@ -213,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         "tuning": {f: res["tuning"] for f, res in results.items()},
     }
     for f, t in summary["tuning"].items():
+        if t["shared_vs_alone_seconds"] is None:
+            console.print(f"{f}: shared tuning {t['seconds']:.0f} s ({t['unique_tasks']} unique of {t['total_tasks']} "
+                          f"workloads); tuning each subnet alone not run (--no-alone)")
+            continue
         console.print(f"{f}: shared tuning {t['seconds']:.0f} s ({t['unique_tasks']} unique workloads) against "
                       f"{t['alone_seconds']:.0f} s tuning each subnet alone ({t['alone_tasks']} workloads): "
                       f"{t['shared_vs_alone_seconds']:.2f} of the time (target <= 0.5), "
@@ -223,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(raw / calibrated to the device's current speed): " + ", ".join(
                       f"{b} {100 * f['ratio']:.0f}% / {100 * f['calibrated_ratio']:.0f}%"
                       for b, f in summary["fidelity_within_10pct"].items()) + " (target 100%)")
-    write_json(args.out, {"meta": {"host": host_fingerprint(), "trials": args.trials, "subnets": args.subnets},
+    write_json(args.out, {"meta": {"host": host_fingerprint(), "trials": args.trials, "subnets": args.subnets,
+                                   "strategy": args.strategy},
                           "rows": rows, "summary": summary})
     console.print(f"wrote {args.out}")
     return 0
