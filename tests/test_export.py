@@ -146,6 +146,21 @@ def test_evolutionary_tuning_without_xgboost_says_what_to_install(net, tmp_path,
     assert TuneOptions(trials=4, strategy="replay-trace").enabled and not TuneOptions(trials=0).enabled
 
 
+def test_a_tuned_bundle_ships_the_faster_of_tuned_and_default_schedules():
+    from nestnas.compile.backends import get_backend
+    from nestnas.compile.bundle import _faster_of
+
+    x = torch.randn(1, 8, 16, 16)
+    fast = torch.nn.Conv2d(8, 8, 1).eval()
+    slow = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(40)]).eval()
+    backend = get_backend("tvm", threads=1)
+    built = {k: backend.build(m, x).executable for k, m in (("fast", fast), ("slow", slow))}
+    exe, report = _faster_of(built["slow"], built["fast"], (1, 8, 16, 16), 1, x.numpy())
+    assert exe is built["fast"] and report["used"] == "default" and report["default_ms"] < report["tuned_ms"]
+    exe, report = _faster_of(built["fast"], built["slow"], (1, 8, 16, 16), 1, x.numpy())
+    assert exe is built["fast"] and report["used"] == "tuned"
+
+
 def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
     space = net.space
     small = space.smallest()
@@ -161,7 +176,7 @@ def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
     for folder in first["folders"] + again["folders"]:
         m = read_manifest(folder)
         assert m["verified"]["tvm_max_abs_diff"] <= 1e-4 and m["tuning"]["trials_per_task"] == 2
-        assert m["tuning"]["strategy"] == "evolutionary"
+        assert m["tuning"]["strategy"] == "evolutionary" and m["tuning"]["schedules"]["used"] in ("tuned", "default")
 
 
 def test_export_and_bench_cli(net, tmp_path):
