@@ -161,7 +161,7 @@ def test_a_tuned_bundle_ships_the_faster_of_tuned_and_default_schedules():
     assert exe is built["fast"] and report["used"] == "tuned"
 
 
-def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
+def test_tuning_is_shared_and_the_database_reused(net, tmp_path, capfd):
     space = net.space
     small = space.smallest()
     pair = [candidate(net, small), candidate(net, dataclasses.replace(small, depths=(2, 2, 2, 2)))]
@@ -177,6 +177,13 @@ def test_tuning_is_shared_and_the_database_reused(net, tmp_path):
         m = read_manifest(folder)
         assert m["verified"]["tvm_max_abs_diff"] <= 1e-4 and m["tuning"]["trials_per_task"] == 2
         assert m["tuning"]["strategy"] == "evolutionary" and m["tuning"]["schedules"]["used"] in ("tuned", "default")
+    capfd.readouterr()
+    model = nestnas.load(first["folders"][0], backend="tvm")  # quietly: no TVM loader chatter on the terminal
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    x = np.load(Path(first["folders"][0]) / "check_input.npy")
+    want = np.load(Path(first["folders"][0]) / "check_output.npy")
+    assert np.abs(model(x) - want).max() <= 1e-4
 
 
 def test_export_and_bench_cli(net, tmp_path):
