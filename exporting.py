@@ -56,13 +56,15 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
 
 def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shape: Sequence[int] | None = None,
            formats: Sequence[str] = ("onnx", "tvm"), tune_trials: int = 32, tune_seconds: float | None = None,
-           tune_strategy: str = "evolutionary", database: str | os.PathLike | None = None, batch_size: int | None = None, threads: int | None = None,
+           tune_strategy: str = "evolutionary", database: str | os.PathLike | None = None,
+           batch_size: int | None = None, threads: int | None = None,
            measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export one front candidate, a list of them, or a static `nn.Module` (with `input_shape`)
     as bundles under `out_dir` (a single subject: `out_dir` is the bundle; several: one folder
     each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` records objective
     units and predictor in the manifests. TVM tuning (`tune_trials` per unique workload, 0 = off;
-    `tune_strategy` "evolutionary" or the faster, weaker "replay-trace") shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
+    `tune_strategy` "evolutionary" or the faster, weaker "replay-trace") shares one database, by
+    default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
     from nestnas.compile.bundle import Subnet, check_formats, export_bundles
     from nestnas.compile.tuning import TuneOptions
     from nestnas.search.front import Candidate, ParetoFront
