@@ -32,6 +32,7 @@ from torch import nn
 from nestnas.compile.backends import OrtModel, TvmModel, get_backend
 from nestnas.compile.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from nestnas.compile.runners import get_runner
+from nestnas.compile.stats import interleaved_sweeps
 from nestnas.compile.tuning import TuneOptions, TuningDatabase, extract_tasks, prepare, relax_module
 from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
 from nestnas.errors import ArtifactError, ConfigError
@@ -194,10 +195,7 @@ def _faster_of(tuned: Any, default: Any, shape: tuple[int, ...], threads: int, x
     Measured alternately, FASTER_OF_SWEEPS times each, medians compared."""
     models = {"tuned": TvmModel(tuned, shape, threads), "default": TvmModel(default, shape, threads)}
     runner = get_runner("tvm")
-    runs: dict[str, list[float]] = {k: [] for k in models}
-    for step in range(FASTER_OF_SWEEPS):
-        for k in (list(models) if step % 2 == 0 else list(models)[::-1]):
-            runs[k].append(runner.measure(models[k], x).median_ms)
+    runs = interleaved_sweeps(list(models), lambda _, k: runner.measure(models[k], x).median_ms, FASTER_OF_SWEEPS)
     ms = {k: float(np.median(v)) for k, v in runs.items()}
     used = "tuned" if ms["tuned"] <= ms["default"] else "default"
     return (tuned if used == "tuned" else default), {"used": used, "tuned_ms": ms["tuned"],

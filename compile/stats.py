@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -50,3 +50,15 @@ def summarize(samples: Sequence[float], confidence: float = 0.95) -> dict[str, f
     cv = float(arr.std(ddof=1) / mean) if len(arr) > 1 and mean > 0 else math.inf
     p10, median, p90 = (float(v) for v in np.percentile(arr, [10, 50, 90]))
     return {"median": median, "p10": p10, "p90": p90, "cv": cv, "rel_ci": rel_median_ci(arr, confidence)}
+
+
+def interleaved_sweeps(keys: Sequence[Hashable], measure: Callable[[int, Hashable], float],
+                       sweeps: int) -> dict[Hashable, list[float]]:
+    """`measure(i, key)` for every key, `sweeps` times, every other sweep in reverse order, so that
+    a drift of the host's speed over the sweeps falls on every key alike (take each list's median)."""
+    runs: dict[Hashable, list[float]] = {k: [] for k in keys}
+    for step in range(sweeps):
+        order = list(enumerate(keys))
+        for i, key in (order if step % 2 == 0 else order[::-1]):
+            runs[key].append(measure(i, key))
+    return runs

@@ -50,6 +50,7 @@ def remeasure(profile: DeviceProfile, keys: list[str], passes: int = 1, seed: in
     """Median ms now of the profile's subnets `keys`, measured as the profiler did (its backend,
     exporter, threads, batch and model spec), over `passes` interleaved sweeps."""
     from nestnas.compile import get_backend, get_runner
+    from nestnas.compile.stats import interleaved_sweeps
     from nestnas.hw_profiles.profiler import measure_module
     from nestnas.supernet.base import build_supernet
     from nestnas.supernet.config import SubnetConfig
@@ -59,14 +60,13 @@ def remeasure(profile: DeviceProfile, keys: list[str], passes: int = 1, seed: in
     backend = get_backend(profile.backend, threads=profile.fingerprint.get("threads"),
                           exporter=profile.fingerprint.get("exporter", "torchscript"))
     runner = get_runner(profile.backend)
-    now: dict[str, list[float]] = {k: [] for k in keys}
-    for step in range(passes):
-        for i, key in enumerate(keys if step % 2 == 0 else keys[::-1]):
-            config = SubnetConfig.from_dict(profile.measurements[key]["config"])
-            stats = measure_module(backend, runner, net.extract(config), net.input_shape(config, profile.batch_size),
-                                   seed + i)
-            now[key].append(stats["median_ms"])
-    return {k: float(np.median(v)) for k, v in now.items()}
+
+    def measure(i: int, key: str) -> float:
+        config = SubnetConfig.from_dict(profile.measurements[key]["config"])
+        return measure_module(backend, runner, net.extract(config), net.input_shape(config, profile.batch_size),
+                              seed + i)["median_ms"]
+
+    return {k: float(np.median(v)) for k, v in interleaved_sweeps(keys, measure, passes).items()}
 
 
 def speed_factor(profile: DeviceProfile, n_anchors: int = 5, passes: int = 2, seed: int = 0) -> SpeedCalibration:

@@ -247,3 +247,12 @@ def test_tvm_missing_gives_install_hint(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "MESSAGE: backend 'tvm' needs the tvm extra: pip install 'nestnas[tvm]'\n" in out.stdout
     assert "ORT: (1, 2)" in out.stdout
+
+
+def test_interleaved_sweeps_alternate_the_order_and_keep_each_keys_index():
+    from nestnas.compile.stats import interleaved_sweeps
+
+    calls = []
+    runs = interleaved_sweeps(["a", "b", "c"], lambda i, k: calls.append((i, k)) or float(len(calls)), 3)
+    assert calls == [(0, "a"), (1, "b"), (2, "c"), (2, "c"), (1, "b"), (0, "a"), (0, "a"), (1, "b"), (2, "c")]
+    assert runs == {"a": [1.0, 6.0, 7.0], "b": [2.0, 5.0, 8.0], "c": [3.0, 4.0, 9.0]}

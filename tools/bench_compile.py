@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nestnas.compile.bundle import Subnet, export_bundles, load_bundle, measure_bundle
+from nestnas.compile.stats import interleaved_sweeps
 from nestnas.compile.tuning import TuneOptions
 from nestnas.fileio import write_json
 from nestnas.hw_profiles import DeviceProfile, speed_factor
@@ -91,11 +92,8 @@ def measure_fidelity(family: str, net, configs, subnets, lat, work: Path, seed: 
     for b, cal in speed.items():
         console.print(f"{family}/{b}: device now {cal.factor:.3f}x the profile's latency "
                       f"(anchors {cal.spread[0]:.3f} to {cal.spread[1]:.3f})")
-    runs: dict = {key: [] for key in folders}
-    for step in range(FIDELITY_PASSES):
-        for key in (list(folders) if step % 2 == 0 else list(folders)[::-1]):
-            folder, fmt, _, _ = folders[key]
-            runs[key].append(measure_bundle(folder, formats=(fmt,))[key[0]]["median_ms"])
+    runs = interleaved_sweeps(list(folders), lambda _, key: measure_bundle(
+        folders[key][0], formats=(folders[key][1],))[key[0]]["median_ms"], FIDELITY_PASSES)
     for (backend, name), (_, _, batch, predicted) in folders.items():
         measured = float(np.median(runs[backend, name]))
         out[name][backend] = {"batch": batch, "measured_ms": measured, "passes_ms": runs[backend, name],
@@ -108,14 +106,13 @@ def measure_fidelity(family: str, net, configs, subnets, lat, work: Path, seed: 
 def measure_batch1(subnets, work: Path) -> dict:
     """ONNX Runtime and tuned TVM bundles measured alternately in FIDELITY_PASSES sweeps (median per
     artifact): sub-millisecond models measured minutes apart differ by more than the 1.25 target."""
-    runs: dict = {(sub.name, b): [] for sub in subnets for b in ("onnxruntime", "tvm")}
-    for step in range(FIDELITY_PASSES):
-        for key in (list(runs) if step % 2 == 0 else list(runs)[::-1]):
-            name, backend = key
-            folder = work / ("untuned" if backend == "onnxruntime" else "tuned") / name
-            runs[key].append(measure_bundle(folder, formats=("onnx" if backend == "onnxruntime" else "tvm",))
-                             [backend]["median_ms"])
-    return {key: float(np.median(v)) for key, v in runs.items()}
+    def measure(_, key):
+        name, backend = key
+        folder = work / ("untuned" if backend == "onnxruntime" else "tuned") / name
+        return measure_bundle(folder, formats=("onnx" if backend == "onnxruntime" else "tvm",))[backend]["median_ms"]
+
+    keys = [(sub.name, b) for sub in subnets for b in ("onnxruntime", "tvm")]
+    return {key: float(np.median(v)) for key, v in interleaved_sweeps(keys, measure, FIDELITY_PASSES).items()}
 
 
 def time_eager(fn, x, runs: int = 30) -> float:
