@@ -466,8 +466,9 @@ def export(
     pick: Annotated[str, typer.Option(help="knee, all, or front indices such as 0,3 (see `nestnas show`).")] =
         "knee",
     formats: Annotated[str, typer.Option(help="Comma-separated: onnx, tvm.")] = "onnx,tvm",
-    tune_trials: Annotated[int, typer.Option(min=0, help="TVM MetaSchedule trials per unique workload "
-                                                         "(0: untuned).")] = 32,
+    tune_trials: Annotated[int, typer.Option(min=0, help="TVM MetaSchedule trials per unique workload, on "
+                                                         "average: one round of up to 16 each, the rest to "
+                                                         "the workloads that take the most time (0: untuned).")] = 32,
     tune_seconds: Annotated[Optional[float], typer.Option(help="Stop tuning new workloads after this many "
                                                                "seconds.")] = None,
     tune_strategy: Annotated[str, typer.Option(help="TVM search: evolutionary (xgboost cost model) or "
@@ -526,7 +527,8 @@ def export(
         t = result["tuning"]
         console.print(f"TVM tuning: {t['unique_tasks']} unique workloads of {t['total_tasks']} tasks "
                       f"({t['reused_from_database']} already in the database, {t['tuned']} tuned with "
-                      f"{t['trials_per_task']} {t['strategy']} trials each, {t['skipped_for_time']} left for time) in "
+                      f"{t['trials']} {t['strategy']} trials, {len(t['extra_rounds'])} of them given extra rounds, "
+                      f"{t['skipped_for_time']} left for time) in "
                       f"{t['seconds']:.0f} s; database: {t['database']}")
 
 

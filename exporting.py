@@ -62,7 +62,7 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
     """Export one front candidate, a list of them, or a static `nn.Module` (with `input_shape`)
     as bundles under `out_dir` (a single subject: `out_dir` is the bundle; several: one folder
     each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` records objective
-    units and predictor in the manifests. TVM tuning (`tune_trials` per unique workload, 0 = off;
+    units and predictor in the manifests. TVM tuning (`tune_trials` per unique workload on average, 0 = off;
     `tune_strategy` "evolutionary" or the faster, weaker "replay-trace") shares one database, by
     default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
     from nestnas.compile.bundle import Subnet, check_formats, export_bundles

@@ -33,6 +33,7 @@ from nestnas.errors import BackendUnavailable, ConfigError
 
 STRATEGIES = ("replay-trace", "evolutionary")
 CHUNK = 4  # workloads per MetaSchedule call; the time budget is checked between calls
+ROUND = 16  # schedules measured per search round of one workload
 POPULATION = 256  # evolutionary candidates per round; MetaSchedule's 512 doubles the search time here
 RUN_TIMEOUT_S = 60.0
 MIN_REPEAT_MS = 40  # per measured schedule; MetaSchedule's 100 ms triples tuning time here
@@ -121,59 +122,91 @@ class TuningDatabase:
 
     def tune(self, tasks_per_module: list[list[Any]], options: TuneOptions,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-        """Tune the unique workloads among `tasks_per_module` not yet in the database."""
+        """Tune the unique workloads among `tasks_per_module` not yet in the database.
+
+        The budget is `options.trials` measured schedules per workload on average, spent in
+        rounds of up to ROUND: every workload gets one round, then the remaining rounds go to the
+        workloads where the subnets spend their time (best latency so far x calls, as a share of
+        each subnet's total, summed over subnets), so that a 50 us depthwise conv is not tuned as
+        briefly as a 0.2 us one."""
         from tvm.s_tir import meta_schedule as ms
 
         total = sum(len(t) for t in tasks_per_module)
         unique: dict[str, Any] = {}
-        weights: dict[str, float] = {}
+        calls: list[dict[str, float]] = []  # per module: workload -> calls
         for tasks in tasks_per_module:
+            calls.append({})
             for task in tasks:
                 key = task_key(task)
                 unique.setdefault(key, task)
-                weights[key] = weights.get(key, 0.0) + float(task.weight)
+                calls[-1][key] = calls[-1].get(key, 0.0) + float(task.weight)
+        weights = {k: sum(c.get(k, 0.0) for c in calls) for k in unique}
         # Heaviest workloads first (FLOPs x occurrences): under a time budget they gain the most.
         todo = sorted((k for k, t in unique.items() if not self.has(t)), key=lambda k: -_cost(unique[k], weights[k]))
-        reused = len(unique) - len(todo)
-        report = {"total_tasks": total, "unique_tasks": len(unique), "reused_from_database": reused, "tuned": 0,
-                  "skipped_for_time": 0, "trials_per_task": options.trials, "strategy": options.strategy,
-                  "seconds": 0.0, "database": str(self.path)}
-        if not options.enabled:
+        first = min(options.trials, ROUND)
+        extra = (options.trials - first) * len(todo) // ROUND
+        report = {"total_tasks": total, "unique_tasks": len(unique), "reused_from_database": len(unique) - len(todo),
+                  "tuned": 0, "skipped_for_time": 0, "trials_per_task": options.trials, "strategy": options.strategy,
+                  "trials": 0, "extra_rounds": {}, "seconds": 0.0, "database": str(self.path)}
+        if not options.enabled or not todo:
             return report
         start = time.perf_counter()
         load_tensor_intrinsics()
-        # Tasks go to MetaSchedule in chunks so that the time budget is checked in between; the
-        # builder and runner serve every chunk. The runner's worker process (slow to start: it
-        # imports TVM) is kept for the whole run; its timeout is generous because that import
-        # takes well over MetaSchedule's default 30 s on two busy cores.
-        builder = _in_process_builder()
-        cost_model = _cost_model(options.strategy)  # one model for every chunk: it learns across workloads
+        # The builder, runner and cost model serve every MetaSchedule call of the run. The runner's
+        # worker process (slow to start: it imports TVM) is kept for the whole run; its timeout is
+        # generous because that import takes well over MetaSchedule's default 30 s on two busy cores.
         with native_output_to(self.path / "logs" / "console.log"):
             runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=1, min_repeat_ms=MIN_REPEAT_MS, enable_cpu_cache_flush=False))
-        done = 0
+        session = _Session(self, options, _in_process_builder(), runner, _cost_model(options.strategy))
+        rounds_total = len(todo) + extra
         tuning_start = time.perf_counter()  # the budget is for tuning, not for setting up
-        for first in range(0, len(todo), CHUNK):
-            if options.max_seconds is not None and time.perf_counter() - tuning_start > options.max_seconds:
-                report["skipped_for_time"] = len(todo) - first
+
+        def out_of_time() -> bool:
+            return options.max_seconds is not None and time.perf_counter() - tuning_start > options.max_seconds
+
+        # Chunks of a few workloads per MetaSchedule call, so that the time budget is checked in between.
+        for at in range(0, len(todo), CHUNK):
+            if out_of_time():
+                report["skipped_for_time"] = len(todo) - at
                 break
-            chunk = [unique[k] for k in todo[first:first + CHUNK]]
-            # MetaSchedule logs its task tables to the terminal (from Python and C++); they belong
-            # in the database's logs/ folder only.
-            with native_output_to(self.path / "logs" / "console.log"):
-                contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    chunk, os.fspath(self.path), strategy=_strategy(options.strategy),
-                    num_threads=os.cpu_count() or 1, seed=options.seed)
-                ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=os.fspath(self.path),
-                              max_trials_global=options.trials * len(chunk), max_trials_per_task=options.trials,
-                              num_trials_per_iter=min(options.trials, 16), database=self.db,
-                              builder=builder, runner=runner, cost_model=cost_model)
-            done += len(chunk)
-            report["tuned"] = done
+            chunk = todo[at:at + CHUNK]
+            report["trials"] += session.run([unique[k] for k in chunk], first)
+            report["tuned"] = at + len(chunk)
             if progress:
-                progress("tuning", done, len(todo))
+                progress("tuning", report["tuned"], rounds_total)
+        if extra and not report["skipped_for_time"]:
+            best = {k: self.best_seconds(unique[k]) for k in todo}
+            share = {k: 0.0 for k in todo}
+            for c in calls:  # each subnet counts once, whatever its size
+                spent = {k: best.get(k, 0.0) * n for k, n in c.items()}
+                whole = sum(spent.values())
+                for k in todo:
+                    if k in c and whole > 0:
+                        share[k] += spent[k] / whole
+            rounds = allocate_rounds(share, extra, cap=max(1, 4 * options.trials // ROUND - 1))
+            report["extra_rounds"] = {k: r for k, r in rounds.items() if r}
+            done = len(todo)
+            for r in sorted(set(rounds.values()) - {0}, reverse=True):
+                group = sorted((k for k in rounds if rounds[k] == r), key=lambda k: -share[k])
+                for at in range(0, len(group), CHUNK):
+                    if out_of_time():
+                        break
+                    chunk = group[at:at + CHUNK]
+                    report["trials"] += session.run([unique[k] for k in chunk], r * ROUND)
+                    done += r * len(chunk)
+                    if progress:
+                        progress("tuning", done, rounds_total)
         report["seconds"] = time.perf_counter() - start
         return report
+
+    def best_seconds(self, task: Any) -> float | None:
+        """Mean run time of the best measured schedule of `task`'s workload."""
+        top = self.db.get_top_k(self.db.commit_workload(task.dispatched[0]), 1)
+        if not top or not top[0].run_secs:
+            return None
+        secs = [float(s) for s in top[0].run_secs]
+        return sum(secs) / len(secs)
 
     def compile(self, prepared: Any, target: Any) -> Any:
         """Build a prepared module with the database's best schedules applied."""
@@ -185,6 +218,54 @@ class TuningDatabase:
                                             relax.transform.SplitLayoutRewritePreproc(),  # weight repacking...
                                             relax.transform.FoldConstant()])(prepared)  # ...done once, here
             return tvm.compile(mod, target=target)
+
+
+@dataclass
+class _Session:
+    """What every MetaSchedule call of one tuning run shares."""
+
+    database: TuningDatabase
+    options: TuneOptions
+    builder: Any
+    runner: Any
+    cost_model: Any  # one model for the whole run: it learns across workloads
+
+    def run(self, tasks: list[Any], trials: int) -> int:
+        """Measure `trials` more schedules for each of `tasks` (MetaSchedule keeps going from the
+        best the database holds); returns the number measured."""
+        from tvm.s_tir import meta_schedule as ms
+
+        work_dir = os.fspath(self.database.path)
+        before = sum(_count(self.database, t) for t in tasks)
+        # MetaSchedule logs its task tables to the terminal (from Python and C++); they belong
+        # in the database's logs/ folder only.
+        with native_output_to(self.database.path / "logs" / "console.log"):
+            contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, work_dir, strategy=_strategy(self.options.strategy), num_threads=os.cpu_count() or 1,
+                seed=self.options.seed)
+            ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=work_dir,
+                          max_trials_global=trials * len(tasks), max_trials_per_task=trials,
+                          num_trials_per_iter=min(trials, ROUND), database=self.database.db,
+                          builder=self.builder, runner=self.runner, cost_model=self.cost_model)
+        return sum(_count(self.database, t) for t in tasks) - before
+
+
+def allocate_rounds(share: dict[str, float], rounds: int, cap: int) -> dict[str, int]:
+    """Split `rounds` among keys in proportion to `share` (highest averages, so the k-th round
+    of a key is worth share/k), at most `cap` each; keys with no share get none."""
+    given = {k: 0 for k in share}
+    for _ in range(rounds):
+        open_keys = [k for k in share if share[k] > 0 and given[k] < cap]
+        if not open_keys:
+            break
+        k = max(open_keys, key=lambda k: share[k] / (given[k] + 1))
+        given[k] += 1
+    return given
+
+
+def _count(database: TuningDatabase, task: Any) -> int:
+    mod = task.dispatched[0]
+    return len(database.db.get_top_k(database.db.commit_workload(mod), 1 << 20))
 
 
 def require_strategy(strategy: str) -> None:

@@ -186,6 +186,37 @@ def test_tuning_is_shared_and_the_database_reused(net, tmp_path, capfd):
     assert np.abs(model(x) - want).max() <= 1e-4
 
 
+def test_rounds_follow_the_share_of_time_with_a_cap():
+    from nestnas.compile.tuning import allocate_rounds
+
+    rounds = allocate_rounds({"big": 0.6, "mid": 0.3, "tiny": 0.1, "none": 0.0}, 10, cap=5)
+    assert rounds == {"big": 5, "mid": 4, "tiny": 1, "none": 0}  # highest averages; big stops at the cap
+    assert sum(allocate_rounds({"a": 1.0}, 10, cap=3).values()) == 3  # nothing to spend beyond the cap
+    assert allocate_rounds({"a": 0.5, "b": 0.5}, 3, cap=9) in ({"a": 2, "b": 1}, {"a": 1, "b": 2})
+
+
+def test_extra_tuning_rounds_go_to_the_workloads_that_take_the_time(tmp_path, monkeypatch):
+    from nestnas.compile import tuning
+    from nestnas.compile.onnx_export import export_onnx
+    from nestnas.compile.tvm_util import host_target
+
+    monkeypatch.setattr(tuning, "ROUND", 2)  # rounds of 2 trials keep this quick; the logic is the same
+    heavy = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(32 * 64, 4))
+    x = torch.randn(1, 16, 8, 8)
+    path = export_onnx(heavy.eval(), x, tmp_path / "m.onnx", exporter="dynamo")
+    target = host_target(1)
+    tasks = tuning.extract_tasks(tuning.prepare(tuning.relax_module(path, (1, 16, 8, 8), "x"), target), target)
+    db = tuning.TuningDatabase(tmp_path / "db")
+    report = db.tune([tasks], tuning.TuneOptions(trials=4, strategy="replay-trace"))
+    # one round of 2 each, then the n remaining rounds of 2 go where the time is: mostly the conv
+    conv = next(tuning.task_key(t) for t in tasks if "conv" in t.task_name)
+    extra = report["extra_rounds"]
+    assert report["tuned"] == len(tasks) and sum(extra.values()) == len(tasks)
+    assert extra[conv] == max(extra.values()) and extra[conv] >= 2
+    assert tuning._count(db, next(t for t in tasks if tuning.task_key(t) == conv)) == 2 + 2 * extra[conv]
+    assert report["trials"] <= 2 * len(tasks) + 2 * len(tasks)
+
+
 def test_export_and_bench_cli(net, tmp_path):
     from nestnas.supernet.checkpoint import save_checkpoint
     from nestnas.supernet.transformer import ElasticTransformer
