@@ -474,6 +474,10 @@ def export(
     tune_strategy: Annotated[str, typer.Option(help="TVM search: evolutionary (xgboost cost model) or "
                                                     "replay-trace (random samples; ~2.5x faster per trial, "
                                                     "slower code).")] = "evolutionary",
+    tune_transfer: Annotated[bool, typer.Option(help="A workload whose relative (the same kernel at other "
+                                                     "sizes) is tuned starts from the relative's best "
+                                                     "schedules, fitted to its sizes, instead of a search "
+                                                     "round.")] = True,
     tune_db: Annotated[Optional[Path], typer.Option(help="Tuning database folder shared across exports "
                                                          "[default: $NESTNAS_HOME/tuning/CPU-CORES].",
                                                     show_default=False)] = None,
@@ -517,7 +521,7 @@ def export(
     with StageBar("export", not as_json, err_console) as bar:
         result = run_export(chosen if len(chosen) > 1 else chosen[0], out, net=net, front=loaded, formats=fmts,
                             tune_trials=tune_trials, tune_seconds=tune_seconds, tune_strategy=tune_strategy,
-                            database=tune_db,
+                            tune_transfer=tune_transfer, database=tune_db,
                             batch_size=batch_size, threads=threads, seed=seed, progress=bar)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -527,7 +531,8 @@ def export(
         t = result["tuning"]
         console.print(f"TVM tuning: {t['unique_tasks']} unique workloads of {t['total_tasks']} tasks "
                       f"({t['reused_from_database']} already in the database, {t['tuned']} tuned with "
-                      f"{t['trials']} {t['strategy']} trials, {len(t['extra_rounds'])} of them given extra rounds, "
+                      f"{t['trials']} {t['strategy']} trials, {t['transplanted']} from tuned relatives, "
+                      f"{len(t['extra_rounds'])} given extra rounds, "
                       f"{t['skipped_for_time']} left for time) in "
                       f"{t['seconds']:.0f} s; database: {t['database']}")
 

@@ -56,15 +56,16 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
 
 def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shape: Sequence[int] | None = None,
            formats: Sequence[str] = ("onnx", "tvm"), tune_trials: int = 32, tune_seconds: float | None = None,
-           tune_strategy: str = "evolutionary", database: str | os.PathLike | None = None,
-           batch_size: int | None = None, threads: int | None = None,
+           tune_strategy: str = "evolutionary", tune_transfer: bool = True,
+           database: str | os.PathLike | None = None, batch_size: int | None = None, threads: int | None = None,
            measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export one front candidate, a list of them, or a static `nn.Module` (with `input_shape`)
     as bundles under `out_dir` (a single subject: `out_dir` is the bundle; several: one folder
     each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` records objective
     units and predictor in the manifests. TVM tuning (`tune_trials` per unique workload on average, 0 = off;
-    `tune_strategy` "evolutionary" or the faster, weaker "replay-trace") shares one database, by
-    default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
+    `tune_strategy` "evolutionary" or the faster, weaker "replay-trace"; `tune_transfer`: a
+    workload whose relative is tuned starts from its adapted schedules instead of a search round)
+    shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
     from nestnas.compile.bundle import Subnet, check_formats, export_bundles
     from nestnas.compile.tuning import TuneOptions
     from nestnas.search.front import Candidate, ParetoFront
@@ -92,7 +93,7 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
         dirs = [out_dir / f"{i:02d}-{s.info.get('hash', s.name)}" for i, s in enumerate(subnets)]
     tune = TuneOptions(trials=tune_trials if "tvm" in formats else 0, max_seconds=tune_seconds, strategy=tune_strategy,
                        database=database or (default_tuning_database() if "tvm" in formats and tune_trials else None),
-                       seed=seed)
+                       seed=seed, transfer=tune_transfer)
     with torch.no_grad():
         return export_bundles(subnets, dirs, formats=formats, tune=tune, threads=threads, measure=measure, seed=seed,
                               progress=progress)

@@ -20,10 +20,12 @@ parameter-transform function).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +36,7 @@ from nestnas.errors import BackendUnavailable, ConfigError
 STRATEGIES = ("replay-trace", "evolutionary")
 CHUNK = 4  # workloads per MetaSchedule call; the time budget is checked between calls
 ROUND = 16  # schedules measured per search round of one workload
+TRANSPLANT_TOP = 4  # best schedules taken from each of a workload's two nearest tuned relatives
 POPULATION = 256  # evolutionary candidates per round; MetaSchedule's 512 doubles the search time here
 RUN_TIMEOUT_S = 60.0
 MIN_REPEAT_MS = 40  # per measured schedule; MetaSchedule's 100 ms triples tuning time here
@@ -41,14 +44,17 @@ MIN_REPEAT_MS = 40  # per measured schedule; MetaSchedule's 100 ms triples tunin
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """`trials` measured schedules per unique workload (0: no tuning); `max_seconds` stops tuning
-    new workloads once spent (those left untuned keep TVM's default schedule)."""
+    """`trials` measured schedules per unique workload on average (0: no tuning); `max_seconds`
+    stops tuning new workloads once spent (those left untuned keep TVM's default schedule);
+    `transfer`: a workload whose relative (the same TIR with other extents) is already tuned
+    starts from that relative's best schedules, adapted, instead of a search round."""
 
     trials: int = 32
     max_seconds: float | None = None
     database: str | os.PathLike | None = None
     strategy: str = "evolutionary"
     seed: int = 0
+    transfer: bool = True
 
     def __post_init__(self) -> None:
         if self.trials < 0:
@@ -97,9 +103,7 @@ def extract_tasks(prepared: Any, target: Any) -> list[Any]:
 
 
 def task_key(task: Any) -> str:
-    import tvm_ffi
-
-    return f"{tvm_ffi.structural_hash(task.dispatched[0]):016x}"
+    return _structural_key(task.dispatched[0])
 
 
 class TuningDatabase:
@@ -125,7 +129,9 @@ class TuningDatabase:
         """Tune the unique workloads among `tasks_per_module` not yet in the database.
 
         The budget is `options.trials` measured schedules per workload on average, spent in
-        rounds of up to ROUND: every workload gets one round, then the remaining rounds go to the
+        rounds of up to ROUND: every workload gets one round (or, with `options.transfer`, a
+        transplant of its nearest tuned relatives' best schedules, which costs no search), then
+        the remaining rounds go to the
         workloads where the subnets spend their time (best latency so far x calls, as a share of
         each subnet's total, summed over subnets), so that a 50 us depthwise conv is not tuned as
         briefly as a 0.2 us one."""
@@ -147,7 +153,7 @@ class TuningDatabase:
         extra = (options.trials - first) * len(todo) // ROUND
         report = {"total_tasks": total, "unique_tasks": len(unique), "reused_from_database": len(unique) - len(todo),
                   "tuned": 0, "skipped_for_time": 0, "trials_per_task": options.trials, "strategy": options.strategy,
-                  "trials": 0, "extra_rounds": {}, "seconds": 0.0, "database": str(self.path)}
+                  "trials": 0, "transplanted": 0, "extra_rounds": {}, "seconds": 0.0, "database": str(self.path)}
         if not options.enabled or not todo:
             return report
         start = time.perf_counter()
@@ -159,22 +165,48 @@ class TuningDatabase:
             runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=1, min_repeat_ms=MIN_REPEAT_MS, enable_cpu_cache_flush=False))
         session = _Session(self, options, _in_process_builder(), runner, _cost_model(options.strategy))
+        session.index_database()
         rounds_total = len(todo) + extra
         tuning_start = time.perf_counter()  # the budget is for tuning, not for setting up
 
         def out_of_time() -> bool:
             return options.max_seconds is not None and time.perf_counter() - tuning_start > options.max_seconds
 
-        # Chunks of a few workloads per MetaSchedule call, so that the time budget is checked in between.
-        for at in range(0, len(todo), CHUNK):
+        # Cold workloads are searched in chunks of a few per MetaSchedule call (the time budget is
+        # checked in between); a workload whose relative waits in the current chunk waits for it.
+        cold: list[str] = []
+        waiting: list[str] = []
+        queue = list(todo)
+
+        def search_cold() -> None:
+            if cold:
+                report["trials"] += session.run([unique[k] for k in cold], first)
+                report["tuned"] += len(cold)
+                cold.clear()
+                queue[:0] = waiting  # their relatives are tuned now
+                waiting.clear()
+                if progress:
+                    progress("tuning", report["tuned"], rounds_total)
+
+        while queue or cold:
             if out_of_time():
-                report["skipped_for_time"] = len(todo) - at
+                report["skipped_for_time"] = len(queue) + len(cold) + len(waiting)
                 break
-            chunk = todo[at:at + CHUNK]
-            report["trials"] += session.run([unique[k] for k in chunk], first)
-            report["tuned"] = at + len(chunk)
-            if progress:
-                progress("tuning", report["tuned"], rounds_total)
+            if not queue or len(cold) == CHUNK:
+                search_cold()
+                continue
+            k = queue.pop(0)
+            measured = session.transplant(unique[k]) if options.transfer else 0
+            if measured:
+                report["trials"] += measured
+                report["transplanted"] += 1
+                report["tuned"] += 1
+                if progress:
+                    progress("tuning", report["tuned"], rounds_total)
+            elif options.transfer and any(session.related(unique[k], unique[c]) for c in cold):
+                waiting.append(k)
+            else:
+                cold.append(k)
         if extra and not report["skipped_for_time"]:
             best = {k: self.best_seconds(unique[k]) for k in todo}
             share = {k: 0.0 for k in todo}
@@ -229,6 +261,70 @@ class _Session:
     builder: Any
     runner: Any
     cost_model: Any  # one model for the whole run: it learns across workloads
+    families: dict[str, list[tuple[list[int], Any]]] = field(default_factory=dict)
+
+    def index_database(self) -> None:
+        """Group the workloads the database holds by family (their TIR with extents erased)."""
+        seen: set[str] = set()
+        for record in self.database.db.get_all_tuning_records():
+            mod = record.workload.mod
+            key = _structural_key(mod)
+            if key not in seen:
+                seen.add(key)
+                self._add(mod)
+
+    def _add(self, mod: Any) -> None:
+        family, dims = _family(mod)
+        self.families.setdefault(family, []).append((dims, mod))
+
+    def related(self, a: Any, b: Any) -> bool:
+        return _family(a.dispatched[0])[0] == _family(b.dispatched[0])[0]
+
+    def transplant(self, task: Any) -> int:
+        """Measure the best schedules of `task`'s two nearest tuned relatives, their tile sizes
+        fitted to its extents (transfer-tuning), and record them; returns the number measured
+        (0: no relative, or none of their schedules applies)."""
+        from tvm.s_tir import Schedule
+        from tvm.s_tir import meta_schedule as ms
+
+        mod = task.dispatched[0]
+        family, dims = _family(mod)
+        relatives = [(d, m) for d, m in self.families.get(family, []) if len(d) == len(dims) and d != dims]
+        relatives.sort(key=lambda r: sum(abs(math.log1p(a) - math.log1p(b)) for a, b in zip(r[0], dims)))
+        db = self.database.db
+        traces = [rec.trace for _, rel in relatives[:2] for rec in db.get_top_k(db.commit_workload(rel), TRANSPLANT_TOP)]
+        if not traces:
+            return 0
+        with native_output_to(self.database.path / "logs" / "console.log"):
+            context = ms.TuneContext(mod=mod, target=task.target, space_generator="post-order-apply",
+                                     task_name=task.task_name, num_threads=1)
+        schedules = []
+        for trace in traces:
+            sch = Schedule(mod)
+            try:
+                trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=_fit_tiles(sch))
+                sch.enter_postproc()
+                if all(p.apply(sch) for p in context.space_generator.postprocs):
+                    schedules.append(sch)
+            except Exception:  # noqa: BLE001 - a schedule that does not fit is simply not used
+                continue
+        if not schedules:
+            return 0
+        built = self.builder.build([ms.builder.BuilderInput(sch.mod, task.target) for sch in schedules])
+        runs = [(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True), b)
+                for sch, b in zip(schedules, built) if b.error_msg is None]
+        futures = self.runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", args) for _, args, b in runs])
+        workload = db.commit_workload(mod)
+        measured = 0
+        for (sch, args, _), future in zip(runs, futures):
+            result = future.result()
+            if result.error_msg is None and result.run_secs:
+                db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, list(result.run_secs),
+                                                                 task.target, args))
+                measured += 1
+        if measured:
+            self._add(mod)
+        return measured
 
     def run(self, tasks: list[Any], trials: int) -> int:
         """Measure `trials` more schedules for each of `tasks` (MetaSchedule keeps going from the
@@ -247,6 +343,8 @@ class _Session:
                           max_trials_global=trials * len(tasks), max_trials_per_task=trials,
                           num_trials_per_iter=min(trials, ROUND), database=self.database.db,
                           builder=self.builder, runner=self.runner, cost_model=self.cost_model)
+        for t in tasks:
+            self._add(t.dispatched[0])
         return sum(_count(self.database, t) for t in tasks) - before
 
 
@@ -261,6 +359,38 @@ def allocate_rounds(share: dict[str, float], rounds: int, cap: int) -> dict[str,
         k = max(open_keys, key=lambda k: share[k] / (given[k] + 1))
         given[k] += 1
     return given
+
+
+def _structural_key(mod: Any) -> str:
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod):016x}"
+
+
+def _family(mod: Any) -> tuple[str, list[int]]:
+    """A workload's family (its TIR with every number erased) and its numbers (extents mostly)."""
+    text = mod["main"].script()
+    return re.sub(r"\d+", "#", text), [int(n) for n in re.findall(r"T\.int64\((\d+)\)", text)]
+
+
+def _fit_tiles(sch: Any) -> Callable:
+    """A decision provider that fits a relative's tile sizes to this workload's loop extents:
+    inner factors are kept where they divide what is left (else the largest divisor below them),
+    and the outermost takes the rest."""
+
+    def provide(inst: Any, inputs: list, attrs: list, decision: Any) -> Any:
+        if inst.kind.name != "SamplePerfectTile":
+            return decision
+        rest = int(sch.get(inputs[0]).extent)
+        old = [int(f) for f in decision]
+        new = [1] * len(old)
+        for i in range(len(old) - 1, 0, -1):
+            new[i] = max(f for f in range(1, min(old[i], rest) + 1) if rest % f == 0)
+            rest //= new[i]
+        new[0] = rest
+        return new
+
+    return provide
 
 
 def _count(database: TuningDatabase, task: Any) -> int:

@@ -217,6 +217,35 @@ def test_extra_tuning_rounds_go_to_the_workloads_that_take_the_time(tmp_path, mo
     assert report["trials"] <= 2 * len(tasks) + 2 * len(tasks)
 
 
+def test_a_workload_with_a_tuned_relative_starts_from_its_adapted_schedules(tmp_path):
+    from nestnas.compile import tuning
+    from nestnas.compile.backends import TvmModel
+    from nestnas.compile.onnx_export import export_onnx
+    from nestnas.compile.tvm_util import host_target
+
+    target = host_target(1)
+    x = torch.randn(1, 8, 12, 12)
+    models, prepared, tasks = [], [], []
+    for width in (48, 20):  # the same conv at two widths: one family, extents that tile differently
+        model = torch.nn.Sequential(torch.nn.Conv2d(8, width, 3, padding=1), torch.nn.ReLU()).eval()
+        path = export_onnx(model, x, tmp_path / f"m{width}.onnx", exporter="dynamo")
+        prepared.append(tuning.prepare(tuning.relax_module(path, tuple(x.shape), "x"), target))
+        tasks.append(tuning.extract_tasks(prepared[-1], target))
+        models.append(model)
+    db = tuning.TuningDatabase(tmp_path / "db")
+    report = db.tune(tasks, tuning.TuneOptions(trials=2, strategy="replay-trace"))
+    assert report["tuned"] == 2 and report["transplanted"] == 1  # the heavier is searched, the other transplanted
+    narrow = tasks[1][0]
+    assert tuning._count(db, narrow) >= 1 and db.best_seconds(narrow) > 0
+    no_transfer = tuning.TuningDatabase(tmp_path / "db2").tune(tasks, tuning.TuneOptions(trials=2, strategy="replay-trace",
+                                                                                          transfer=False))
+    assert no_transfer["transplanted"] == 0 and no_transfer["tuned"] == 2
+    # the transplanted schedule is the one the build applies, and it computes the same thing
+    for model, mod in zip(models, prepared):
+        out = TvmModel(db.compile(mod, target), tuple(x.shape), 1)(x.numpy())
+        assert np.abs(out - model(x).detach().numpy()).max() <= 1e-4
+
+
 def test_export_and_bench_cli(net, tmp_path):
     from nestnas.supernet.checkpoint import save_checkpoint
     from nestnas.supernet.transformer import ElasticTransformer

@@ -7,7 +7,8 @@ one MetaSchedule database shared by the front (or TVM's default schedules where 
 whole subnet faster, as the bundle ships), torch eager on the extracted module, and torch
 eager on the supernet with the config (ONNX Runtime and tuned TVM measured alternately in three
 sweeps, median). Tuning (--strategy, default evolutionary) cost: the shared run's seconds against tuning each
-subnet alone (a fresh database each, the same trials per workload). Deployment fidelity: each ONNX
+subnet alone (a fresh database each, the same options; with transfer, each alone run can only
+draw on relatives within its own subnet). Deployment fidelity: each ONNX
 Runtime and (untuned) TVM artifact, exported at its profile's batch and measured in three interleaved
 sweeps (median), against the predictor of the
 shipped profile of that backend, raw and scaled by the device's speed now relative to the
@@ -128,7 +129,7 @@ def time_eager(fn, x, runs: int = 30) -> float:
 
 
 def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, console: Console,
-               work: Path | None, strategy: str, alone_too: bool) -> dict:
+               work: Path | None, strategy: str, alone_too: bool, transfer: bool = True) -> dict:
     space = SearchSpace.for_family(family)
     torch.manual_seed(seed)
     net = build_supernet(space, **SPEC[family])
@@ -149,7 +150,8 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
                              tune=TuneOptions(trials=0), measure=True, seed=seed)
     t1 = time.perf_counter()
     tuned = export_bundles(subnets, [work / "tuned" / s.name for s in subnets], formats=("tvm",),
-                           tune=TuneOptions(trials=trials, database=work / "db", strategy=strategy), measure=True,
+                           tune=TuneOptions(trials=trials, database=work / "db", strategy=strategy, transfer=transfer),
+                           measure=True,
                            seed=seed)
     if previous:
         shared, alone = previous["shared"], previous["alone"]
@@ -158,14 +160,16 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
         # Tuning each subnet alone: a fresh database per subnet, the same trials per workload.
         alone = [export_bundles([sub], [work / "alone" / sub.name], formats=("tvm",), measure=False, seed=seed,
                                 tune=TuneOptions(trials=trials, database=work / f"db-{sub.name}",
-                                                 strategy=strategy))["tuning"]
+                                                 strategy=strategy, transfer=transfer))["tuning"]
                  for sub in subnets] if alone_too else None
         write_json(cached, {"shared": shared, "alone": alone})
     alone_s = sum(a["seconds"] for a in alone) if alone else float("nan")
     alone_tasks = sum(a["unique_tasks"] for a in alone) if alone else 0
     console.print(f"{family}: front of {front_size}, {len(subnets)} picked; untuned bundles in {t1 - t0:.0f} s; "
                   f"shared tuning ({strategy}) {shared['seconds']:.0f} s for {shared['unique_tasks']} unique of "
-                  f"{shared['total_tasks']} tasks; alone {alone_s:.0f} s for {alone_tasks} tasks")
+                  f"{shared['total_tasks']} tasks ({shared.get('transplanted', 0)} from tuned relatives); "
+                  f"alone {alone_s:.0f} s for {alone_tasks} tasks "
+                  f"({sum(a.get('transplanted', 0) for a in alone or [])} from tuned relatives)")
     batch1 = measure_batch1(subnets, work)
     lat = {b: profile_latency(PROFILES[b, family], space=space) for b in ("onnxruntime", "tvm")}
     # The host's speed drifts (10% within the hour on this machine): re-measure a few of each
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per unique workload")
     ap.add_argument("--strategy", default="evolutionary", choices=("evolutionary", "replay-trace"),
                     help="MetaSchedule search strategy")
+    ap.add_argument("--no-transfer", action="store_true", help="tune every workload by search, also those "
+                                                                  "whose relative is already tuned")
     ap.add_argument("--no-alone", action="store_true", help="skip tuning each subnet alone (the cost comparison)")
     ap.add_argument("--search-evals", type=int, default=400, help="subnets evaluated to find each family's front")
     ap.add_argument("--seed", type=int, default=0)
@@ -208,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     console = Console(width=170)
     results = {f: run_family(f, args.subnets, args.trials, args.search_evals, args.seed, console, args.work,
-                                args.strategy, not args.no_alone) for f in args.families.split(",")}
+                                args.strategy, not args.no_alone, not args.no_transfer)
+               for f in args.families.split(",")}
     rows = [r for res in results.values() for r in res["rows"]]
     table = Table(title="batch-1 latency (ms, medians) per artifact, side by side in one run")
     cols = ["family", "subnet", "ORT", "TVM untuned", "TVM tuned", "eager extracted", "eager supernet",
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{b} {100 * f['ratio']:.0f}% / {100 * f['calibrated_ratio']:.0f}%"
                       for b, f in summary["fidelity_within_10pct"].items()) + " (target 100%)")
     write_json(args.out, {"meta": {"host": host_fingerprint(), "trials": args.trials, "subnets": args.subnets,
-                                   "strategy": args.strategy},
+                                   "strategy": args.strategy, "transfer": not args.no_transfer},
                           "rows": rows, "summary": summary})
     console.print(f"wrote {args.out}")
     return 0
