@@ -137,10 +137,9 @@ class TuningDatabase:
         The budget is `options.trials` measured schedules per workload on average, spent in
         rounds of up to ROUND: every workload gets one round (or, with `options.transfer`, a
         transplant of its nearest tuned relatives' best schedules, which costs no search), then
-        the remaining rounds go to the
-        workloads where the subnets spend their time (best latency so far x calls, as a share of
-        each subnet's total, summed over subnets), so that a 50 us depthwise conv is not tuned as
-        briefly as a 0.2 us one."""
+        the remaining rounds go to the workloads where the subnets spend their time (best latency
+        so far x calls, as a share of each subnet's total, summed over subnets), so that a 50 us
+        depthwise conv is not tuned as briefly as a 0.2 us one."""
         from tvm.s_tir import meta_schedule as ms
 
         total = sum(len(t) for t in tasks_per_module)
