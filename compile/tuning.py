@@ -266,24 +266,27 @@ class _Session:
     builder: Any
     runner: Any
     cost_model: Any  # one model for the whole run: it learns across workloads
-    families: dict[str, list[tuple[list[int], Any]]] = field(default_factory=dict)
+    families: dict[str, dict[str, tuple[list[int], Any]]] = field(default_factory=dict)  # tuned, by family
+    _known: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # structural key -> family, dims
+
+    def family_of(self, mod: Any) -> tuple[str, str, list[int]]:
+        """(structural key, family, dims) of a workload; printing its TIR is done once per workload."""
+        key = _structural_key(mod)
+        if key not in self._known:
+            self._known[key] = _family(mod)
+        return (key, *self._known[key])
 
     def index_database(self) -> None:
         """Group the workloads the database holds by family (their TIR with extents erased)."""
-        seen: set[str] = set()
         for record in self.database.db.get_all_tuning_records():
-            mod = record.workload.mod
-            key = _structural_key(mod)
-            if key not in seen:
-                seen.add(key)
-                self._add(mod)
+            self._add(record.workload.mod)
 
     def _add(self, mod: Any) -> None:
-        family, dims = _family(mod)
-        self.families.setdefault(family, []).append((dims, mod))
+        key, family, dims = self.family_of(mod)
+        self.families.setdefault(family, {})[key] = (dims, mod)
 
     def related(self, a: Any, b: Any) -> bool:
-        return _family(a.dispatched[0])[0] == _family(b.dispatched[0])[0]
+        return self.family_of(a.dispatched[0])[1] == self.family_of(b.dispatched[0])[1]
 
     def transplant(self, task: Any) -> int:
         """Measure the best schedules of `task`'s two nearest tuned relatives, their tile sizes
@@ -293,8 +296,8 @@ class _Session:
         from tvm.s_tir import meta_schedule as ms
 
         mod = task.dispatched[0]
-        family, dims = _family(mod)
-        relatives = [(d, m) for d, m in self.families.get(family, []) if len(d) == len(dims) and d != dims]
+        key, family, dims = self.family_of(mod)
+        relatives = [(d, m) for k, (d, m) in self.families.get(family, {}).items() if k != key and len(d) == len(dims)]
         relatives.sort(key=lambda r: sum(abs(math.log1p(a) - math.log1p(b)) for a, b in zip(r[0], dims)))
         db = self.database.db
         traces = [rec.trace for _, rel in relatives[:2] for rec in db.get_top_k(db.commit_workload(rel), TRANSPLANT_TOP)]
