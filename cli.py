@@ -71,7 +71,7 @@ def _read_config(text: str):
 def train(
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (resumed if it exists).")],
     family: Annotated[str, typer.Option(help="Supernet family: cnn or transformer.")] = "cnn",
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs [default: 8 for cnn, 60 for "
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs \\[default: 8 for cnn, 60 for "
                                                               "transformer].", show_default=False)] = None,
     sandwich: Annotated[int, typer.Option(min=0, help="Subnets trained per step besides the largest and smallest.")] = 2,
     distill: Annotated[bool, typer.Option(help="Train subnets on the largest subnet's soft predictions.")] = True,
@@ -141,7 +141,7 @@ def eval_(
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the checkpoint and results.")] = Path("nestnas-quickstart"),
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Supernet training epochs [default: 8].",
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Supernet training epochs \\[default: 8].",
                                                   show_default=False)] = None,
     profile_samples: Annotated[int, typer.Option(min=8, help="Subnets to profile on ONNX Runtime.")] = 60,
     search_evals: Annotated[int, typer.Option(min=16, help="Subnets the search evaluates on shared "
@@ -185,16 +185,16 @@ def profile(
     backend: Annotated[str, typer.Option(help="Runtime to measure on: onnxruntime or tvm.")] = "onnxruntime",
     family: Annotated[str, typer.Option(help="Supernet family: cnn or transformer.")] = "cnn",
     resolution: Annotated[Optional[str], typer.Option(help="CNN input resolutions to profile, comma-separated "
-                                                           "[default: the space's own].")] = None,
+                                                           "\\[default: the space's own].")] = None,
     samples: Annotated[int, typer.Option(min=2, help="Subnets to measure (space-filling sample).")] = 200,
     name: Annotated[str, typer.Option(help="Device name recorded in the profile.")] = "local",
     out: Annotated[Optional[Path], typer.Option(help="Profile file to write (resumed if it exists) "
-                                                     "[default: ~/.nestnas/profiles/NAME-BACKEND-FAMILY.json].",
+                                                     "\\[default: ~/.nestnas/profiles/NAME-BACKEND-FAMILY.json].",
                                                 show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Input batch size [default: the smallest power "
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Input batch size \\[default: the smallest power "
                                                                  "of two at which the smallest subnet takes 0.5 ms].",
                                                       show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: all cores].",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads \\[default: all cores].",
                                                    show_default=False)] = None,
     blocks: Annotated[bool, typer.Option(help="Also measure every distinct block for the lookup-table "
                                               "predictor.")] = True,
@@ -202,7 +202,7 @@ def profile(
                                                           "noisy.")] = True,
     passes: Annotated[Optional[int], typer.Option(min=1, help="Sweeps over all subnets and blocks; each "
                                                   "subnet keeps the median of its passes, which averages out the "
-                                                  "host's drift [default: 2 on onnxruntime, 1 on tvm].",
+                                                  "host's drift \\[default: 2 on onnxruntime, 1 on tvm].",
                                                   show_default=False)] = None,
     exporter: Annotated[str, typer.Option(help="ONNX exporter of the measured graphs: torchscript (fast) or "
                                                "dynamo (what bundles ship; use it for TVM profiles that should "
@@ -357,10 +357,10 @@ def search(
     pop_size: Annotated[int, typer.Option(min=4, help="Population (LINAS: subnets evaluated per "
                                                       "iteration).")] = 40,
     cache: Annotated[Optional[Path], typer.Option(help="SQLite evaluation cache shared by searches "
-                                                       "[default: $NESTNAS_HOME/evals.sqlite].",
+                                                       "\\[default: $NESTNAS_HOME/evals.sqlite].",
                                                   show_default=False)] = None,
     state: Annotated[Optional[Path], typer.Option(help="Search state file, saved every generation and "
-                                                       "resumed from [default: OUT.state.json].",
+                                                       "resumed from \\[default: OUT.state.json].",
                                                   show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also save the front as a PNG plot.")] = None,
     seed: Seed = 0,
@@ -461,7 +461,7 @@ def _parse_pick(text: str, front) -> list:
 def export(
     front: Annotated[Path, typer.Option(help="Pareto front file from `nestnas search`.")],
     out: Annotated[Path, typer.Option(help="Bundle folder (one subnet) or folder of bundles.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Supernet checkpoint [default: the one the front "
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Supernet checkpoint \\[default: the one the front "
                                                              "was searched with].", show_default=False)] = None,
     pick: Annotated[str, typer.Option(help="knee, all, or front indices such as 0,3 (see `nestnas show`).")] =
         "knee",
@@ -479,15 +479,15 @@ def export(
                                                      "schedules, fitted to its sizes, instead of a search "
                                                      "round.")] = True,
     tune_db: Annotated[Optional[Path], typer.Option(help="Tuning database folder shared across exports "
-                                                         "[default: $NESTNAS_HOME/tuning/CPU-CORES].",
+                                                         "\\[default: $NESTNAS_HOME/tuning/CPU-CORES].",
                                                     show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Input batch of the artifacts [default: the "
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Input batch of the artifacts \\[default: the "
                                                                  "batch the latency was predicted at, else 1].",
                                                       show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: all cores].",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads \\[default: all cores].",
                                                    show_default=False)] = None,
     switchable: Annotated[bool, typer.Option("--switchable", help="One bundle holding the picked subnets "
-                                                                  "[default pick: all] and a host module that "
+                                                                  "\\[default pick: all] and a host module that "
                                                                   "runs the most accurate one meeting a latency "
                                                                   "budget given at run time.")] = False,
     seed: Seed = 0,
@@ -588,7 +588,7 @@ def _bundle_table(manifests: list[dict], folders: list[str]) -> None:
 @app.command()
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder from `nestnas export`.")],
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads [default: the manifest's].",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads \\[default: the manifest's].",
                                                    show_default=False)] = None,
     calibrate: Annotated[Optional[Path], typer.Option(help="Profile the prediction came from: re-measure five of "
                                                            "its subnets and scale the prediction by how much "

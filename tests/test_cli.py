@@ -1,12 +1,16 @@
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import typer
 
 from nestnas import __version__
+from nestnas.cli import app
 from nestnas.supernet import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +44,17 @@ def test_every_command_has_help():
         assert proc.returncode == 0 and "--json" in proc.stdout, command
         # every random job is seeded; listing and timing commands draw nothing at random
         assert ("--seed" in proc.stdout) == (command not in ("devices", "show", "bench")), command
+
+
+def test_help_shows_every_bracketed_default():
+    # Typer renders help as Rich markup, which silently drops an unescaped "[default: ...]".
+    env = {**os.environ, "COLUMNS": "400"}
+    for name, cmd in typer.main.get_command(app).commands.items():
+        shown = " ".join(subprocess.run([sys.executable, "-m", "nestnas", name, "--help"], capture_output=True,
+                                        text=True, env=env, check=True).stdout.split())
+        for param in cmd.params:
+            for tag in re.findall(r"\\?\[[^\]]*\]", getattr(param, "help", None) or ""):
+                assert " ".join(tag.lstrip("\\").split()) in shown, (name, param.name, tag)
 
 
 @pytest.fixture(scope="module")
