@@ -143,13 +143,13 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the checkpoint and results.")] = Path("nestnas-quickstart"),
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Supernet training epochs \\[default: 8].",
                                                   show_default=False)] = None,
-    profile_samples: Annotated[int, typer.Option(min=8, help="Subnets to profile on ONNX Runtime.")] = 60,
+    profile_samples: Annotated[int, typer.Option(min=8, help="Subnets to profile on ONNX Runtime.")] = 48,
     search_evals: Annotated[int, typer.Option(min=16, help="Subnets the search evaluates on shared "
-                                                           "weights.")] = 120,
+                                                           "weights.")] = 96,
     tune_trials: Annotated[int, typer.Option(min=0, help="TVM tuning trials per workload for the exported "
                                                          "bundle (0: untuned).")] = 4,
     tune_seconds: Annotated[float, typer.Option(min=1, help="Stop tuning new TVM workloads (heaviest go "
-                                                            "first) after this many seconds.")] = 15.0,
+                                                            "first) after this many seconds.")] = 10.0,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:

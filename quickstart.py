@@ -177,8 +177,8 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
 
 def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS["cnn"], seed: int = 0,
                    console: Console | None = None, progress: bool = True,
-                   profile_samples: int = 60, search_evals: int = 120, tune_trials: int = 4,
-                   tune_seconds: float | None = 15.0) -> dict[str, Any]:
+                   profile_samples: int = 48, search_evals: int = 96, tune_trials: int = 4,
+                   tune_seconds: float | None = 10.0) -> dict[str, Any]:
     console = console or Console()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
