@@ -58,6 +58,24 @@ def read_document(path: str | os.PathLike, what: str, fmt: str, version: int, er
     return data
 
 
+def validate(data: Any, model: Any, path: str | os.PathLike, what: str, error: type[Exception]) -> Any:
+    """Check a parsed document against its declared pydantic schema `model`; raise `error` with
+    one line naming the file and the first bad field. Returns the validated model instance."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(document)"
+        got = first.get("input")
+        shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise error(f"{what} {path}: field {where}: {first['msg']} (got {shown}){more}") from None
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
     digest = hashlib.sha256()
