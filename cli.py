@@ -15,6 +15,7 @@ from rich.console import Console
 
 from nestnas import __version__
 from nestnas.errors import ConfigError, NestnasError
+from nestnas.fileio import check_output, check_outputs
 from nestnas.progress import SearchProgress, StageBar
 
 app = typer.Typer(
@@ -85,6 +86,7 @@ def train(
     as_json: AsJson = False,
 ) -> None:
     """Train a supernet on the embedded digits data set and write a checkpoint."""
+    check_output(out, "--out")
     import torch
 
     from nestnas.supernet import SearchSpace, build_supernet
@@ -155,6 +157,7 @@ def quickstart(
 ) -> None:
     """Run every stage of the pipeline on scikit-learn's digits: train, profile, fit, search,
     export (about 4 minutes on 2 cores)."""
+    check_output(out, "--out", kind="dir")
     from nestnas.quickstart import run_quickstart
     from nestnas.supernet.train import DEFAULT_EPOCHS
 
@@ -217,6 +220,7 @@ def profile(
 
     space = SearchSpace.for_family(family, **_parse_resolutions(resolution, family))
     out = out or default_profile_path(name, backend, family)
+    check_output(out, "--out")
     with StageBar("profile", not as_json, err_console) as bar:
         result = profile_device(space, backend, samples, seed, out=out, name=name, batch_size=batch_size,
                                 threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
@@ -270,6 +274,7 @@ def fit(
 ) -> None:
     """Fit a latency predictor on a profile (or an accuracy predictor on a checkpoint) and print
     RMSE, MAPE, Kendall tau and the share within +-10% on held-out subnets."""
+    check_output(out, "--out")
     from nestnas.predictors import fitting
     from nestnas.predictors.store import save_predictor
 
@@ -382,7 +387,7 @@ def search(
     if any(n not in METRICS for n in names):
         raise ConfigError(f"--objectives: unknown objective {next(n for n in names if n not in METRICS)!r}; "
                           f"allowed: {list(METRICS)}")
-    _check_writable(out, "--out")
+    check_outputs({"--out": out, "--plot": plot, "--state": state, "--cache": cache})
     net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
                                              budget_metrics=[b.metric for b in budgets], seed=seed)
     cache_path = cache or user_dir().parent / "evals.sqlite"
@@ -412,14 +417,6 @@ def search(
                   f"{cache_meta['hits']} of {cache_meta['hits'] + cache_meta['misses']} "
                   f"({100 * cache_meta['hit_rate']:.0f}%); reference point {front.reference}")
     console.print(f"front saved to {out}" + (f"; plot: {plot}" if plot else ""))
-
-
-def _check_writable(path: Path, option: str) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{option} {path}: {folder} is not a folder")
-    if path.is_dir():
-        raise ConfigError(f"{option} {path} is a folder; give a file name")
 
 
 @app.command()
@@ -497,6 +494,7 @@ def export(
     library (tuned with one shared database, verified after reloading), with a checksummed
     manifest and latencies measured on this device. With --switchable, one bundle switches
     among the subnets by a latency budget at run time."""
+    check_outputs({"--out": out, "--tune-db": tune_db}, kind="dir")
     from nestnas.exporting import export as run_export
     from nestnas.search import ParetoFront
     from nestnas.supernet.checkpoint import load_supernet
@@ -659,7 +657,22 @@ def main(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "NoArgsIsHelpError":
             return 0  # the help was shown
         _error(exc.format_message())
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user can fix: a bug, keep the traceback
+        _error(_os_error_line(exc))
     return 1
+
+
+def _os_error_line(exc: OSError) -> str:
+    """`cannot write PATH: REASON` for what only a write can hit, else `PATH: REASON`."""
+    import errno
+
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else f"{exc.filename}"
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return f"cannot write {where}: {reason}"
+    return f"{where}: {reason}"
 
 
 def _error(message: str) -> None:

@@ -23,3 +23,15 @@ class ArtifactError(NestnasError):
 
 class BackendUnavailable(NestnasError):
     """A compiler backend's optional dependency (e.g. the `tvm` extra) is not installed."""
+
+
+class OutputError(NestnasError, OSError):
+    """An output path cannot be written (under a file, read-only, disk full). Also an OSError, so
+    code that catches OSError around a write keeps working; `filename` is the path meant."""
+
+    def __init__(self, message: str, path: object = None, errno: int | None = None):
+        super().__init__(message)
+        self.filename, self.errno = None if path is None else str(path), errno
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -29,10 +29,20 @@ class StageBar:
             self._task = self._bar.add_task(stage, total=total, completed=done)
         self._bar.update(self._task, completed=done, total=total, description=stage)
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, *exc) -> bool:
         if self.enabled:
-            self._bar.stop()
+            _stop(self._bar, failed=exc_type is not None)
         return False
+
+
+def _stop(bar, failed: bool) -> None:
+    if failed:
+        # A failed job's bar goes (Progress.stop would add a blank line): the error line is
+        # then all that stderr shows.
+        bar.live.transient = True
+        bar.live.stop()
+    else:
+        bar.stop()
 
 
 class SearchProgress:
@@ -61,7 +71,7 @@ class SearchProgress:
                              description=f"gen {record['generation']}  HV {record['hypervolume']:.4f}  "
                                          f"cache hits {hits}/{hits + misses}")
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, *exc) -> bool:
         if self.enabled:
-            self._bar.stop()
+            _stop(self._bar, failed=exc_type is not None)
         return False

@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from nestnas.fileio import check_output
 from nestnas.predictors.macs import count_module
 from nestnas.progress import SearchProgress, StageBar
 from nestnas.supernet.checkpoint import save_checkpoint
@@ -180,7 +181,7 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
                    profile_samples: int = 48, search_evals: int = 96, tune_trials: int = 4,
                    tune_seconds: float | None = 10.0) -> dict[str, Any]:
     console = console or Console()
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, "quickstart folder", kind="dir")  # before minutes of training
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     train_loader, val_loader = digits_loaders("cnn", batch_size=64, seed=seed)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from nestnas.errors import CheckpointError, ConfigError
-from nestnas.fileio import atomic_path
+from nestnas.fileio import write_bytes
 from nestnas.supernet.base import Supernet, build_supernet
 from nestnas.supernet.space import SearchSpace
 
@@ -24,8 +25,9 @@ def save_checkpoint(net: Supernet, path: str | os.PathLike, train_state: dict[st
         "format": FORMAT, "version": VERSION, "space": net.space.to_dict(), "spec": net.spec(),
         "model": net.state_dict(), "train": train_state,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buffer = io.BytesIO()  # torch.save's own writer turns a full disk into an opaque RuntimeError
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
