@@ -462,7 +462,9 @@ def export(
                                                              "was searched with].", show_default=False)] = None,
     pick: Annotated[str, typer.Option(help="knee, all, or front indices such as 0,3 (see `nestnas show`).")] =
         "knee",
-    formats: Annotated[str, typer.Option(help="Comma-separated: onnx, tvm.")] = "onnx,tvm",
+    formats: Annotated[Optional[str], typer.Option(help="Comma-separated: onnx, tvm \\[default: onnx,tvm, or "
+                                                        "onnx where the tvm extra is not installed].",
+                                                   show_default=False)] = None,
     tune_trials: Annotated[int, typer.Option(min=0, help="TVM MetaSchedule trials per unique workload, on "
                                                          "average: one round of up to 16 each, the rest to "
                                                          "the workloads that take the most time (0: untuned).")] = 32,
@@ -499,10 +501,15 @@ def export(
     from nestnas.search import ParetoFront
     from nestnas.supernet.checkpoint import load_supernet
 
-    fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    from nestnas.compile.bundle import check_formats
+    from nestnas.compile.bundle import check_formats, installed_formats
 
-    check_formats(fmts)
+    if formats is None:
+        fmts, note = installed_formats()
+        if note:
+            err_console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    fmts = list(check_formats(fmts))
     loaded = ParetoFront.load(front)
     ckpt = checkpoint or Path(loaded.meta.get("checkpoint", {}).get("path", ""))
     if not str(ckpt) or not ckpt.is_file():
@@ -592,13 +599,18 @@ def bench(
                                                            "its subnets and scale the prediction by how much "
                                                            "slower or faster this device runs now.",
                                                       show_default=False)] = None,
+    trust: Annotated[bool, typer.Option("--trust", help="Run an unsigned bundle although a bundle key is "
+                                                        "configured (a bad signature is refused all the same).")]
+        = False,
     as_json: AsJson = False,
 ) -> None:
-    """Re-measure a bundle on this device (checksums verified first) and compare with its
-    manifest and the predicted latency."""
+    """Re-measure a bundle on this device (manifest, signature and checksums verified first) and
+    compare with its manifest and the predicted latency."""
     from nestnas.compile.bundle import measure_bundle, verify_checksums
+    from nestnas.compile.signing import check_signature
 
-    manifest = verify_checksums(bundle)
+    manifest = verify_checksums(bundle, trust)
+    signature = check_signature(manifest, f"bundle {bundle}", trust)
     speed = None
     if calibrate is not None:
         from nestnas.hw_profiles import DeviceProfile, speed_factor
@@ -608,7 +620,7 @@ def bench(
             raise ConfigError(f"--calibrate {calibrate} profiles the {profile.family} family; bundle {bundle} "
                               f"holds a {manifest['family']} subnet")
         speed = speed_factor(profile)
-    now = measure_bundle(bundle, threads=threads)
+    now = measure_bundle(bundle, threads=threads, trust=trust)
     pred = manifest.get("predicted_latency") or {}
     batch = manifest["input"]["shape"][0]
     rows = []
@@ -621,7 +633,7 @@ def bench(
                "predicted_now_ms": predicted * speed.factor if speed and predicted else None}
         rows.append(row)
     if as_json:
-        print(json.dumps({"bundle": str(bundle), "batch": batch, "rows": rows,
+        print(json.dumps({"bundle": str(bundle), "batch": batch, "signature": signature, "rows": rows,
                           "calibration": speed.to_dict() if speed else None}, indent=2))
         return
     if speed:
@@ -629,7 +641,8 @@ def bench(
                       f"({len(speed.anchors)} of its subnets re-measured: {speed.spread[0]:.3f} to {speed.spread[1]:.3f})")
     from rich.table import Table
 
-    table = Table(title=f"{bundle} (batch {batch}): measured now against manifest and prediction")
+    table = Table(title=f"{bundle} (batch {batch}, signature {signature}): measured now against manifest and "
+                        "prediction")
     for col in ("backend", "median ms", "p10-p90 ms", "manifest ms", "now/manifest",
                 "predicted ms" + (" (calibrated)" if speed else ""), "measured/predicted"):
         table.add_column(col, justify="left" if col == "backend" else "right")
@@ -641,6 +654,24 @@ def bench(
                       f"{predicted:.4f}" if predicted else "-",
                       f"{r['median_ms'] / predicted:.2f}" if predicted else "-")
     console.print(table)
+
+
+@app.command()
+def keygen(
+    out: Annotated[Optional[Path], typer.Option(help="Key file \\[default: $NESTNAS_HOME/bundle.key, which "
+                                                     "export and load then use].", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key file (bundles signed with it "
+                                                        "no longer verify).")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Write a new random bundle key (mode 0600). Where a key is configured ($NESTNAS_BUNDLE_KEY,
+    $NESTNAS_BUNDLE_KEY_FILE, or this default file), `export` signs manifests and `bench`/`load`
+    refuse bundles whose signature does not verify, and unsigned ones unless trusted."""
+    from nestnas.compile.signing import BundleKey, keygen as write_key
+
+    path = write_key(out, force)
+    key_id = BundleKey(bytes.fromhex(path.read_text().strip()), str(path)).key_id
+    _report({"key_file": str(path), "key_id": key_id}, as_json, f"bundle key written to {path} (key id {key_id})")
 
 
 def main(argv: list[str] | None = None) -> int:

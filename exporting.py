@@ -4,6 +4,7 @@ itself only sees static modules and their configs."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from pathlib import Path
@@ -55,29 +56,28 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
 
 
 def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shape: Sequence[int] | None = None,
-           formats: Sequence[str] = ("onnx", "tvm"), tune_trials: int = 32, tune_seconds: float | None = None,
+           formats: Sequence[str] | None = None, tune_trials: int = 32, tune_seconds: float | None = None,
            tune_strategy: str = "evolutionary", tune_transfer: bool = True,
            database: str | os.PathLike | None = None, batch_size: int | None = None, threads: int | None = None,
            measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export one front candidate, a list of them, or a static `nn.Module` (with `input_shape`)
     as bundles under `out_dir` (a single subject: `out_dir` is the bundle; several: one folder
     each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` records objective
-    units and predictor in the manifests. TVM tuning (`tune_trials` per unique workload on average, 0 = off;
-    `tune_strategy` "evolutionary" or the faster, weaker "replay-trace"; `tune_transfer`: a
+    units and predictor in the manifests. `formats` defaults to those installed (ONNX, and TVM
+    with the tvm extra); manifests are signed when a bundle key is configured. TVM tuning
+    (`tune_trials` per unique workload on average, 0 = off; `tune_strategy` "evolutionary" or the faster, weaker "replay-trace"; `tune_transfer`: a
     workload whose relative is tuned starts from its adapted schedules instead of a search round)
     shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
-    from nestnas.compile.bundle import Subnet, check_formats, export_bundles
+    from nestnas.compile.bundle import Subnet, check_formats, export_bundles, installed_formats
     from nestnas.compile.tuning import TuneOptions
     from nestnas.search.front import Candidate, ParetoFront
 
-    formats = check_formats(formats)
+    formats = check_formats(installed_formats()[0] if formats is None else formats)
     out_dir = Path(out_dir)
     if isinstance(what, ParetoFront):
         front, what = what, list(what.candidates)
     if isinstance(what, nn.Module):
-        if input_shape is None:
-            raise ConfigError("exporting a module needs its input_shape")
-        subnets = [Subnet(out_dir.name or "model", what, tuple(input_shape), {})]
+        subnets = [Subnet(out_dir.name or "model", what, _input_shape(input_shape), {})]
     else:
         items = what if isinstance(what, (list, tuple)) else [what]
         if not items or not all(isinstance(c, Candidate) for c in items):
@@ -99,8 +99,22 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
                               progress=progress)
 
 
-def load(bundle: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None):
-    """The bundle's model as a callable (numpy in, numpy out), after verifying every checksum."""
+def _input_shape(shape: Sequence[int] | None) -> tuple[int, ...]:
+    if shape is None:
+        raise ConfigError("exporting a module needs its input_shape")
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    if not dims or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise ConfigError(f"input_shape {shape!r}: give positive integers, e.g. (1, 3, 224, 224)")
+    return tuple(int(d) for d in dims)
+
+
+def load(bundle: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None, trust: bool = False):
+    """The bundle's model as a callable (numpy in, numpy out), after verifying its manifest, its
+    signature where a bundle key is configured (`trust=True` accepts an unsigned bundle), and
+    every checksum."""
     from nestnas.compile.bundle import load_bundle
 
-    return load_bundle(bundle, backend, threads)
+    return load_bundle(bundle, backend, threads, trust)

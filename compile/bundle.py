@@ -5,14 +5,15 @@ and measured latency, versions, and the sha256 of every artifact).
 `export_bundles` builds several subnets at once so that TVM tuning is shared (see `tuning`). Each
 bundle is written into a temporary folder beside its destination and renamed into place only when
 complete and verified: ONNX Runtime within 1e-4 of torch in this process, and the TVM library
-within 1e-4 after reloading it in a fresh process. `load_bundle` verifies every checksum before
-it loads anything.
+within 1e-4 after reloading it in a fresh process. `load_bundle` checks the manifest's shape and
+signature (see `signing`) and that the folder holds exactly the listed artifacts, each matching its
+checksum, before it loads anything; what it loads are the bytes it checked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import io
 import json
 import os
 import platform
@@ -23,23 +24,28 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from nestnas.compile.backends import OrtModel, TvmModel, get_backend
 from nestnas.compile.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from nestnas.compile.runners import get_runner
 from nestnas.compile.stats import interleaved_sweeps
+from nestnas.compile.signing import (ArtifactName, Sha256, Signature, Strict, check_folder, check_signature,
+                                    configured_key, read_verified, signed)
 from nestnas.compile.tuning import TuneOptions, TuningDatabase, extract_tasks, prepare, relax_module
 from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
-from nestnas.errors import ArtifactError, ConfigError
-from nestnas.fileio import read_document, sha256_file, write_json
+from nestnas.errors import ArtifactError, BackendUnavailable, ConfigError
+from nestnas.fileio import _umask, read_document, sha256_file, validate, write_json
 
 FORMAT, VERSION = "nestnas-bundle", 1
 FORMATS = ("onnx", "tvm")
+MANIFEST = "manifest.json"
+TVM_EXTRA = "pip install 'nestnas[tvm]'"
 FASTER_OF_SWEEPS = 2  # tuned, default, default, tuned
 TOLERANCE = 1e-4  # absolute for outputs up to 1 in magnitude, relative to the largest output beyond
 
@@ -49,6 +55,7 @@ def tolerance(want: np.ndarray) -> float:
     differ by 1.5e-4 between ONNX Runtime and torch at magnitudes around 20)."""
     return TOLERANCE * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
 FILES = {"onnx": "model.onnx", "tvm": "model_tvm.so"}
+SUFFIXES = {"onnx": ".onnx", "tvm": ".so"}
 CHECK_INPUT, CHECK_OUTPUT = "check_input.npy", "check_output.npy"
 
 
@@ -69,8 +76,20 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
         raise ConfigError(f"--formats: unknown format {bad[0]!r}; allowed: {list(FORMATS)}" if bad
                           else f"--formats: give at least one of {list(FORMATS)}")
     if "tvm" in formats:
-        require_tvm()
+        try:
+            require_tvm()
+        except BackendUnavailable:
+            raise BackendUnavailable(f"--formats tvm: the tvm extra is not installed ({TVM_EXTRA})") from None
     return formats
+
+
+def installed_formats() -> tuple[tuple[str, ...], str | None]:
+    """The formats this install can build, and a note saying which extra adds the missing one."""
+    try:
+        require_tvm()
+    except BackendUnavailable:
+        return ("onnx",), f"TVM is not installed, so bundles hold ONNX only ({TVM_EXTRA} adds TVM)"
+    return FORMATS, None
 
 
 def versions() -> dict[str, str]:
@@ -93,6 +112,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle gets the user's usual permissions
     except OSError as exc:
         raise ConfigError(f"--out {final}: cannot write there ({exc.strerror})") from None
     try:
@@ -120,6 +140,7 @@ def export_bundles(subnets: Sequence[Subnet], out_dirs: Sequence[str | os.PathLi
     tune = tune or TuneOptions(trials=0)
     if len(subnets) != len(out_dirs):
         raise ConfigError("one output folder per subnet")
+    configured_key()  # a malformed key fails before any work
     ort_backend = get_backend("onnxruntime", threads=threads)
     threads = ort_backend.threads
     work = Path(tempfile.mkdtemp(prefix="nestnas-export-"))
@@ -136,8 +157,7 @@ def _export(subnets, out_dirs, formats, tune, threads, measure, seed, work, prog
         folder.mkdir()
         x = torch.randn(sub.input_shape, generator=torch.Generator().manual_seed(seed + i))
         module = sub.module.eval()
-        with torch.no_grad():
-            want = module(x).numpy()
+        want = _forward_or_explain(module, x, sub.name)
         onnx_path = export_onnx(module, x, folder / FILES["onnx"], exporter="dynamo")
         np.save(folder / CHECK_INPUT, x.numpy(), allow_pickle=False)
         np.save(folder / CHECK_OUTPUT, want, allow_pickle=False)
@@ -172,13 +192,13 @@ def _export(subnets, out_dirs, formats, tune, threads, measure, seed, work, prog
     manifests = []
     for i, (s, sub, final) in enumerate(zip(staged, subnets, out_dirs)):
         manifest = _manifest(sub, s, formats, tune, report["tuning"], threads)
-        write_json(s["folder"] / "manifest.json", manifest)
+        manifest = _write_manifest(s["folder"], manifest)
         if "tvm" in formats:
             manifest["verified"]["tvm_max_abs_diff"] = _verify_fresh_process(s["folder"])
         if measure:
             manifest["measured"] = measure_bundle(s["folder"], formats, threads)
         manifest["artifacts"] = _checksums(s["folder"], formats)
-        write_json(s["folder"] / "manifest.json", manifest)
+        manifest = _write_manifest(s["folder"], manifest)
         with staged_folder(final) as tmp:
             for f in s["folder"].iterdir():
                 shutil.move(os.fspath(f), os.fspath(tmp / f.name))
@@ -186,6 +206,32 @@ def _export(subnets, out_dirs, formats, tune, threads, measure, seed, work, prog
         if progress:
             progress("bundles", i + 1, len(staged))
     return {"manifests": manifests, "folders": [str(d) for d in out_dirs], **report}
+
+
+def _write_manifest(folder: Path, manifest: dict) -> dict:
+    """Write the manifest, signed when a bundle key is configured; returns what was written."""
+    manifest = signed(manifest)
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _forward_or_explain(module: nn.Module, x: torch.Tensor, name: str) -> np.ndarray:
+    """The module's output on `x`, or a ConfigError saying what input its first layer takes."""
+    try:
+        with torch.no_grad():
+            return module(x).numpy()
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = next((m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))),
+                     None)
+        if isinstance(first, nn.Linear):
+            takes = f"; its first layer, Linear, takes (..., {first.in_features})"
+        elif first is not None:
+            dims = {1: "L", 2: "H, W", 3: "D, H, W"}[first.weight.dim() - 2]
+            takes = f"; its first layer, {type(first).__name__}, takes (N, {first.in_channels}, {dims})"
+        else:
+            takes = ""
+        raise ConfigError(f"{name}: input_shape {tuple(x.shape)} does not fit the module "
+                          f"({_first_line(exc)}){takes}") from None
 
 
 def _faster_of(tuned: Any, default: Any, shape: tuple[int, ...], threads: int, x: np.ndarray) -> tuple[Any, dict]:
@@ -245,62 +291,139 @@ def _verify_fresh_process(folder: Path) -> float:
     return diff
 
 
+class _Input(Strict):
+    name: str
+    shape: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    dtype: Literal["float32"]
+
+
+class _Named(Strict):
+    name: str
+
+
+class _Measured(Strict):
+    median_ms: float
+
+
+class _Accuracy(Strict):
+    value: float
+
+
+class _Predicted(Strict):
+    ms: float
+    batch: Optional[int] = None
+
+
+class BundleManifest(Strict):
+    """What `load_bundle`, `measure_bundle` and `nestnas bench` read from a manifest."""
+
+    name: str
+    formats: list[Literal["onnx", "tvm"]] = Field(min_length=1)
+    files: dict[Literal["onnx", "tvm"], ArtifactName]
+    input: _Input
+    output: _Named
+    artifacts: dict[ArtifactName, Sha256] = Field(min_length=1)
+    threads: Optional[Annotated[int, Field(gt=0)]] = None
+    measured: Optional[dict[str, _Measured]] = None
+    accuracy: Optional[_Accuracy] = None
+    predicted_latency: Optional[_Predicted] = None
+    macs: Optional[int] = None
+    hash: Optional[str] = None
+    family: Optional[str] = None
+    signature: Optional[Signature] = None
+
+    @model_validator(mode="after")
+    def _files_are_artifacts(self) -> "BundleManifest":
+        for fmt in self.formats:
+            name = self.files.get(fmt)
+            if name is None:
+                raise ValueError(f"files has no {fmt} entry, but formats lists {fmt}")
+            if not name.endswith(SUFFIXES[fmt]):
+                raise ValueError(f"files.{fmt} is {name!r}; a {fmt} artifact ends in {SUFFIXES[fmt]}")
+            if name not in self.artifacts:
+                raise ValueError(f"files.{fmt} is {name!r}, which is not a listed artifact")
+        return self
+
+
 def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
+    """The manifest, checked against its schema (not yet its signature or checksums)."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise ArtifactError(f"bundle folder not found: {bundle}")
-    return read_document(bundle / "manifest.json", "bundle manifest", FORMAT, VERSION, ArtifactError,
-                         version_key="version")
+    path = bundle / MANIFEST
+    data = read_document(path, "bundle manifest", FORMAT, VERSION, ArtifactError, version_key="version")
+    validate(data, BundleManifest, path, "bundle manifest", ArtifactError)
+    return data
 
 
-def verify_checksums(bundle: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The manifest, after checking the sha256 of `names` (default: every artifact)."""
+def verify_checksums(bundle: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
+    """The manifest, after checking its schema, its signature (see `signing.check_signature`),
+    that the folder holds exactly the listed artifacts, and the sha256 of every one."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    artifacts = manifest.get("artifacts")
-    if not isinstance(artifacts, dict) or not artifacts:
-        raise ArtifactError(f"bundle {bundle}: manifest lists no artifact checksums")
-    for name in names or list(artifacts):
-        if name not in artifacts:
-            raise ArtifactError(f"bundle {bundle}: {name} is not in the manifest")
-        path = bundle / name
-        if not path.is_file():
-            raise ArtifactError(f"bundle {bundle}: {name} is missing")
-        if sha256_file(path) != artifacts[name]:
+    check_signature(manifest, f"bundle {bundle}", trust)
+    artifacts = manifest["artifacts"]
+    check_folder(bundle, artifacts, f"bundle {bundle}", allowed=(MANIFEST,))
+    for name in artifacts:
+        if sha256_file(bundle / name) != artifacts[name]:
             raise ArtifactError(f"bundle {bundle}: {name} does not match its checksum in manifest.json "
                                 "(tampered or truncated); refusing to load it")
     return manifest
 
 
-def load_bundle(bundle: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None):
-    """A callable model (numpy in, numpy out) from a bundle, after verifying every checksum."""
+def read_array(bundle: str | os.PathLike, manifest: dict[str, Any], name: str) -> np.ndarray:
+    """A checked `.npy` artifact (check input or output) of a verified bundle."""
+    data = read_verified(Path(bundle), name, manifest["artifacts"], f"bundle {bundle}")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"bundle {bundle}: {name} is not a numpy array file ({exc})") from None
+
+
+def load_bundle(bundle: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None,
+                trust: bool = False):
+    """A callable model (numpy in, numpy out) from a bundle, after `verify_checksums` (`trust`:
+    accept an unsigned bundle where a bundle key is configured). What is loaded are the checked bytes."""
     fmt = {"onnxruntime": "onnx", "tvm": "tvm"}.get(backend)
     if fmt is None:
         raise ConfigError(f"--backend {backend!r}; allowed: ['onnxruntime', 'tvm']")
     bundle = Path(bundle)
-    manifest = verify_checksums(bundle)
+    manifest = verify_checksums(bundle, trust)
     if fmt not in manifest["formats"]:
         raise ArtifactError(f"bundle {bundle} has no {fmt} artifact (it holds {manifest['formats']})")
     shape = tuple(manifest["input"]["shape"])
     threads = threads or manifest.get("threads")
-    path = bundle / manifest["files"][fmt]
+    name = manifest["files"][fmt]
+    data = read_verified(bundle, name, manifest["artifacts"], f"bundle {bundle}")
     if fmt == "onnx":
+        import onnxruntime as ort
+
         backend_obj = get_backend("onnxruntime", threads=threads)
-        return backend_obj._build(path, torch.zeros(shape))
+        try:
+            session = ort.InferenceSession(data, backend_obj._session_options(ort), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - the runtime raises its own exception types
+            raise ArtifactError(f"bundle {bundle}: ONNX Runtime cannot load {name} "
+                                f"({_first_line(exc)})") from None
+        names = [i.name for i in session.get_inputs()]
+        if names != [manifest["input"]["name"]]:
+            raise ArtifactError(f"bundle {bundle}: {name} takes inputs {names}, the manifest says "
+                                f"[{manifest['input']['name']!r}]")
+        return OrtModel(session, shape)
     tvm = require_tvm()
-    module = _load_library_copy(tvm, path, manifest["artifacts"][path.name])
-    return TvmModel(module, shape, threads or os.cpu_count() or 1)
+    try:
+        module = _load_library_copy(tvm, data)
+        return TvmModel(module, shape, threads or os.cpu_count() or 1)
+    except Exception as exc:  # noqa: BLE001 - TVM raises its own exception types
+        raise ArtifactError(f"bundle {bundle}: TVM cannot load {name} ({_first_line(exc)})") from None
 
 
-def _load_library_copy(tvm, path: Path, digest: str):
-    """Load a private copy of a compiled library whose bytes were checked against `digest`.
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
-    Hashing and loading the same bytes closes the gap between the check and `dlopen`, and the
-    loaded code no longer maps the bundle's file, which may be rewritten while it is in use."""
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise ArtifactError(f"bundle {path.parent}: {path.name} does not match its checksum in manifest.json "
-                            "(tampered or truncated); refusing to load it")
+
+def _load_library_copy(tvm, data: bytes):
+    """Load a private copy of a compiled library from its checked bytes: the loaded code no
+    longer maps the bundle's file, which may be rewritten while it is in use."""
     fd, private = tempfile.mkstemp(prefix="nestnas-lib-", suffix=".so")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -312,18 +435,22 @@ def _load_library_copy(tvm, path: Path, digest: str):
 
 
 def measure_bundle(bundle: str | os.PathLike, formats: Sequence[str] | None = None,
-                   threads: int | None = None) -> dict[str, Any]:
+                   threads: int | None = None, trust: bool = False) -> dict[str, Any]:
     """Latency of each artifact of a bundle on this device (median, p10, p90 in ms)."""
-    manifest = read_manifest(bundle)
+    manifest = verify_checksums(bundle, trust)
     out = {}
-    x = np.load(Path(bundle) / CHECK_INPUT, allow_pickle=False)
+    x = read_array(bundle, manifest, CHECK_INPUT)
     for fmt in formats or manifest["formats"]:
         backend = "onnxruntime" if fmt == "onnx" else "tvm"
-        model = load_bundle(bundle, backend, threads)
-        m = get_runner(backend).measure(model, x).to_dict()
+        model = load_bundle(bundle, backend, threads, trust)
+        try:
+            m = get_runner(backend).measure(model, x).to_dict()
+        except Exception as exc:  # noqa: BLE001 - a verified but wrong check input fails in the runtime
+            raise ArtifactError(f"bundle {bundle}: {backend} cannot run {CHECK_INPUT} "
+                                f"({_first_line(exc)})") from None
         out[backend] = {k: m[k] for k in ("median_ms", "p10_ms", "p90_ms", "cv", "repeats", "stable")}
     return out
 
 
-__all__ = ["FORMATS", "OrtModel", "Subnet", "TuneOptions", "export_bundles", "load_bundle", "measure_bundle",
-           "read_manifest", "verify_checksums"]
+__all__ = ["FORMATS", "BundleManifest", "OrtModel", "Subnet", "TuneOptions", "export_bundles", "installed_formats",
+           "load_bundle", "measure_bundle", "read_manifest", "verify_checksums"]

@@ -44,15 +44,18 @@ import io
 import json
 import os
 import textwrap
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from nestnas.compile.signing import ArtifactName, Sha256, Signature, Strict
 from nestnas.errors import ArtifactError, ConfigError
 
 TENSOR, HOST, MODULE = "tensor", "host", "module"
@@ -852,14 +855,14 @@ class DynamicProgram:
                         "threads": threads, "subgraphs": table,
                         "segments": {s.id: s.source for s in self.segments.values()},
                         "branch_coverage": self.coverage(), "artifacts": artifacts}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _write_manifest(tmp / MANIFEST, manifest)
         return final
 
     def replace_host(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Write this program's host module over a saved one whose subgraphs it reuses (the same
         model with other host constants, e.g. measured latencies)."""
         folder = Path(folder)
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = _read_manifest(folder)
         missing = sorted(set(self.records) - set(manifest["subgraphs"]))
         if missing:
             raise ConfigError(f"{folder} lacks subgraphs this program needs: {missing}")
@@ -869,7 +872,7 @@ class DynamicProgram:
         manifest["artifacts"][HOST_FILE] = hashlib.sha256(tmp.read_bytes()).hexdigest()
         manifest.update(extra or {})
         tmp_manifest = folder / f".{MANIFEST}.tmp"
-        tmp_manifest.write_text(json.dumps(manifest, indent=1))
+        _write_manifest(tmp_manifest, manifest)
         os.replace(tmp, folder / HOST_FILE)
         os.replace(tmp_manifest, folder / MANIFEST)
 
@@ -994,31 +997,95 @@ def _eager_int(v: Any) -> int:
     return int(v)
 
 
-def load_dynamic(folder: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None):
-    """The host module of a saved program, loaded on `backend` (checksums verified first)."""
-    import importlib.util
+class _Subgraph(Strict):
+    onnx: ArtifactName
+    tvm: Optional[ArtifactName] = None
+    inputs: list[str]
+    outputs: list[str]
+    dtypes: list[str]
+
+
+class DynamicManifest(Strict):
+    """What `load_dynamic` and the host module read from a dynamic bundle's manifest."""
+
+    format: Literal["nestnas-dynamic"]
+    version: Literal[1]
+    backends: list[Literal["onnxruntime", "tvm"]] = Field(min_length=1)
+    threads: Optional[Annotated[int, Field(gt=0)]] = None
+    subgraphs: dict[str, _Subgraph]
+    artifacts: dict[ArtifactName, Sha256]
+    signature: Optional[Signature] = None
+
+    @model_validator(mode="after")
+    def _loaded_files_are_artifacts(self) -> "DynamicManifest":
+        if HOST_FILE not in self.artifacts:
+            raise ValueError(f"artifacts does not list {HOST_FILE}")
+        for key, entry in self.subgraphs.items():
+            for backend, name, suffix in (("onnxruntime", entry.onnx, ".onnx"), ("tvm", entry.tvm, ".so")):
+                if backend not in self.backends:
+                    continue
+                if name is None or not name.endswith(suffix) or name not in self.artifacts:
+                    raise ValueError(f"subgraph {key}: its {backend} file {name!r} is not a listed {suffix} artifact")
+        return self
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write a dynamic bundle's manifest, signed when a bundle key is configured."""
+    from nestnas.compile.signing import signed
+
+    path.write_text(json.dumps(signed(manifest), indent=1))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    from nestnas.fileio import read_document, validate
+
+    path = folder / MANIFEST
+    if not folder.is_dir() or not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not a dynamic bundle")
+    data = read_document(path, "dynamic bundle manifest", FORMAT, 1, ArtifactError, version_key="version")
+    validate(data, DynamicManifest, path, "dynamic bundle manifest", ArtifactError)
+    return data
+
+
+def load_dynamic(folder: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None,
+                 trust: bool = False):
+    """The host module of a saved program, loaded on `backend`: the manifest's shape and signature
+    (`trust`: accept an unsigned bundle where a bundle key is configured) are checked, the folder
+    must hold exactly the listed artifacts, and the host module and subgraphs are loaded from a
+    private copy of the bytes whose checksums were checked."""
+    import shutil
+    import tempfile
+
+    from nestnas.compile.signing import check_folder, check_signature, read_verified
 
     folder = Path(folder)
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r}; allowed: {list(BACKENDS)}")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{folder}: no {MANIFEST}; not a dynamic bundle")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    host = folder / HOST_FILE
-    if hashlib.sha256(host.read_bytes()).hexdigest() != manifest["artifacts"].get(HOST_FILE):
-        raise ArtifactError(f"{host} does not match its checksum in manifest.json; refusing to load it")
+    manifest = _read_manifest(folder)
+    what = f"dynamic bundle {folder}"
+    check_signature(manifest, what, trust)
+    artifacts = manifest["artifacts"]
+    # Importing host.py as its docstring shows leaves Python's bytecode cache; nothing loads it here.
+    check_folder(folder, artifacts, what, allowed=(MANIFEST, "__pycache__"))
     if backend not in manifest["backends"]:
         raise ArtifactError(f"{folder} holds no {backend} subgraphs (it holds {manifest['backends']})")
-    spec = importlib.util.spec_from_file_location(f"nestnas_host_{abs(hash(str(folder)))}", host)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    private = Path(tempfile.mkdtemp(prefix="nestnas-dynamic-"))
     try:
-        return module.Model(backend, threads, folder)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{folder}: {exc}") from None
+        # Every file is checked, the code first; the host module reads only this private copy.
+        for name in sorted(artifacts, key=lambda n: n != HOST_FILE):
+            (private / name).write_bytes(read_verified(folder, name, artifacts, what))
+        (private / MANIFEST).write_text(json.dumps(manifest))
+        host = private / HOST_FILE
+        module = types.ModuleType(f"nestnas_host_{abs(hash(str(folder)))}")
+        module.__file__ = str(folder / HOST_FILE)
+        try:
+            exec(compile(host.read_bytes(), str(folder / HOST_FILE), "exec"), module.__dict__)  # noqa: S102 - verified
+            return module.Model(backend, threads, private)
+        except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for a bad subgraph
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ArtifactError(f"{what}: cannot load it on {backend} ({why})") from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # the sessions and libraries hold their own copies
 
 
 __all__ = ["CoverageWarning", "DynamicProgram", "RewriteError", "load_dynamic", "rewrite"]
