@@ -119,7 +119,8 @@ def signed(manifest: dict[str, Any], key: BundleKey | None = None) -> dict[str, 
     """The manifest with a fresh signature by `key` (default: the configured key); without a key,
     the manifest without any (stale) signature."""
     key = key or configured_key()
-    out = {k: v for k, v in manifest.items() if k != "signature"}
+    # Sign what a reader will see: JSON turns tuples into lists and int keys into strings.
+    out = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "signature"}))
     if key is not None:
         out["signature"] = {"algorithm": ALGORITHM, "key_id": key.key_id, "value": _mac(key, out)}
     return out
