@@ -453,4 +453,4 @@ def measure_bundle(bundle: str | os.PathLike, formats: Sequence[str] | None = No
 
 
 __all__ = ["FORMATS", "BundleManifest", "OrtModel", "Subnet", "TuneOptions", "export_bundles", "installed_formats",
-           "load_bundle", "measure_bundle", "read_manifest", "verify_checksums"]
+           "load_bundle", "measure_bundle", "read_array", "read_manifest", "verify_checksums"]
