@@ -53,19 +53,23 @@ def _report(summary: dict, as_json: bool, line: str) -> None:
         console.print(line)
 
 
-def _read_config(text: str):
-    """A config given inline as JSON or as the path of a JSON file."""
+def _read_config(text: str, space):
+    """A config of `space` given inline as JSON or as the path of a JSON file."""
     from nestnas.supernet.config import SubnetConfig
 
-    if text.lstrip().startswith("{"):
-        return SubnetConfig.from_json(text)
-    path = Path(text)
-    if not path.is_file():
-        raise ConfigError(f"--config: {text!r} is neither inline JSON nor an existing file")
+    where = "--config"
     try:
-        return SubnetConfig.from_json(path.read_text())
+        if text.lstrip().startswith("{"):
+            return space.validate(SubnetConfig.from_json(text))
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"{text!r} is neither inline JSON nor an existing file")
+        where = f"--config {path}"
+        return space.validate(SubnetConfig.from_json(path.read_text()))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not a JSON text file") from None
     except ConfigError as exc:
-        raise ConfigError(f"--config {path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @app.command()
@@ -129,7 +133,7 @@ def eval_(
     net = load_supernet(checkpoint)
     space = net.space
     if config is not None:
-        picks = [("config", space.validate(_read_config(config)))]
+        picks = [("config", _read_config(config, space))]
     else:
         picks = [("largest", space.largest()), ("smallest", space.smallest())]
     train_loader, val_loader = digits_loaders(space.family, 64, seed)
@@ -239,6 +243,7 @@ def profile(
 @app.command()
 def devices(as_json: AsJson = False) -> None:
     """List the device profiles shipped with nestnas and your own (~/.nestnas/profiles)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from nestnas.hw_profiles.devices import list_profiles
@@ -251,8 +256,9 @@ def devices(as_json: AsJson = False) -> None:
     for col in ("origin", "name", "backend", "family", "subnets", "blocks", "batch", "cpu", "threads", "path"):
         table.add_column(col)
     for r in rows:
-        if "error" in r:
-            table.add_row(r["origin"], "[red]unreadable[/]", "", "", "", "", "", r["error"], "", r["path"])
+        if "error" in r:  # the reason is text, not markup (it may quote brackets)
+            table.add_row(r["origin"], "[red]unreadable[/]", "", "", "", "", "", escape(r["error"]), "",
+                          escape(r["path"]))
         else:
             table.add_row(r["origin"], r["name"], r["backend"], r["family"], str(r["subnets"]), str(r["blocks"]),
                           str(r["batch_size"]), str(r["cpu"]), str(r["threads"]), r["path"])

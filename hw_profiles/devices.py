@@ -28,8 +28,8 @@ def list_profiles() -> list[dict[str, Any]]:
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
                 p = DeviceProfile.load(path)
-            except ProfileError as exc:
-                rows.append({"origin": origin, "path": str(path), "error": str(exc)})
+            except (ProfileError, OSError) as exc:  # one bad file must not hide the others
+                rows.append({"origin": origin, "path": str(path), "error": " ".join(str(exc).split())})
                 continue
             rows.append({"origin": origin, "path": str(path), "name": p.name, "backend": p.backend,
                          "family": p.family, "subnets": len(p.measurements), "blocks": len(p.blocks),

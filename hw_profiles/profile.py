@@ -12,17 +12,68 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from nestnas.errors import ConfigError, ProfileError
-from nestnas.fileio import read_document, write_json
+from nestnas.fileio import read_document, validate, write_json
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
 
 SCHEMA_VERSION = 1
 FORMAT = "nestnas.device_profile"
+
+
+# --- the document's schema (checked on load; a record may carry fields added later) ----------
+Milliseconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Statistic = Optional[Annotated[float, Field(ge=0, allow_inf_nan=False)]]  # None: too few samples
+Count = Annotated[int, Field(ge=0)]
+
+
+class PassSchema(BaseModel):
+    """One measurement's statistics (`nestnas.compile.runners.Measurement.to_dict`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    median_ms: Milliseconds
+    p10_ms: Statistic
+    p90_ms: Statistic
+    cv: Statistic
+    repeats: Count
+    stable: bool
+    rel_ci: Statistic = None
+    attempts: Count = 1
+    calls_per_sample: Annotated[int, Field(ge=1)] = 1
+
+
+class BlockSchema(PassSchema):
+    passes: list[PassSchema] = []
+
+
+class MeasurementSchema(BlockSchema):
+    config: dict[str, Any]
+    timestamp: str = ""
+
+
+class MetaSchema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    passes: Annotated[int, Field(ge=1)] = 1
+    subnet_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    block_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+
+class ProfileSchema(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    created: str = ""
+    fingerprint: dict[str, Any]
+    space: dict[str, Any]
+    spec: dict[str, Annotated[int, Field(ge=1)]]  # the supernet's constructor arguments
+    batch_size: Annotated[int, Field(ge=1)]
+    meta: MetaSchema = MetaSchema()
+    measurements: dict[str, MeasurementSchema]
+    blocks: dict[str, BlockSchema] = {}
 
 
 def cpu_model() -> str:
@@ -107,15 +158,20 @@ class DeviceProfile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> DeviceProfile:
         data = read_document(path, "device profile", FORMAT, SCHEMA_VERSION, ProfileError)
+        validate(data, ProfileSchema, path, "device profile", ProfileError)
+        profile = cls(name=data["name"], fingerprint=data["fingerprint"], space=data["space"], spec=data["spec"],
+                      batch_size=data["batch_size"], measurements=data["measurements"],
+                      blocks=data.get("blocks", {}), created=data.get("created", ""), meta=data.get("meta", {}))
         try:
-            profile = cls(name=data["name"], fingerprint=data["fingerprint"], space=data["space"], spec=data["spec"],
-                          batch_size=int(data["batch_size"]), measurements=data["measurements"],
-                          blocks=data.get("blocks", {}), created=data.get("created", ""), meta=data.get("meta", {}))
             space = profile.search_space()
-            for key, m in profile.measurements.items():
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:  # the space's constructor checks it
+            raise ProfileError(f"device profile {path}: field space: {str(exc).splitlines()[0]}") from None
+        for key, m in profile.measurements.items():
+            try:
                 config = space.validate(SubnetConfig.from_dict(m["config"]))
-                if space.config_hash(config) != key or not np.isfinite(m["median_ms"]):
-                    raise ProfileError(f"device profile {path}: measurement {key} does not match its config")
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
-            raise ProfileError(f"device profile {path} is malformed: {str(exc).splitlines()[0]}") from None
+            except ConfigError as exc:
+                raise ProfileError(f"device profile {path}: field measurements.{key}.config: {exc}") from None
+            if space.config_hash(config) != key:
+                raise ProfileError(f"device profile {path}: measurement {key} does not match its config "
+                                   f"(whose hash is {space.config_hash(config)})")
         return profile

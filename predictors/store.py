@@ -10,17 +10,37 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from nestnas.errors import ArtifactError, ProfileError
-from nestnas.fileio import read_document, sha256_file, write_json
+from pydantic import BaseModel, ConfigDict, Field
+
+from nestnas.errors import ArtifactError, ConfigError, ProfileError
+from nestnas.fileio import read_document, sha256_file, validate, write_json
 from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.hw_profiles.profiler import block_table
 from nestnas.predictors.accuracy_data import AccuracyTable
-from nestnas.predictors.latency import AccuracyPredictor, LatencyPredictor
+from nestnas.predictors.latency import LATENCY_KINDS, AccuracyPredictor, LatencyPredictor
 
 FORMAT = "nestnas.predictor"
 VERSION = 1
+
+
+class DataRef(BaseModel):
+    model_config = ConfigDict(strict=True)
+    path: Annotated[str, Field(min_length=1)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class PredictorSchema(BaseModel):
+    """A saved predictor (see `save_predictor`); checked on load."""
+
+    model_config = ConfigDict(strict=True)
+    target: Literal["latency", "accuracy"]
+    kind: Literal[LATENCY_KINDS]  # accuracy predictors are ensembles
+    seed: int
+    data: DataRef
+    train_hashes: list[str]
+    heldout_metrics: dict[str, Any] = {}
 
 
 def fit_latency(profile: DeviceProfile, kind: str, train_hashes: list[str], seed: int = 0) -> LatencyPredictor:
@@ -53,6 +73,7 @@ def load_predictor(path: str | os.PathLike) -> tuple[LatencyPredictor | Accuracy
     """(refitted predictor, saved record). Raises ArtifactError naming the file on any mismatch."""
     path = Path(path)
     record = read_document(path, "predictor file", FORMAT, VERSION, ArtifactError, version_key="version")
+    validate(record, PredictorSchema, path, "predictor file", ArtifactError)
     data_path = (path.parent / record["data"]["path"]).resolve()
     if not data_path.is_file():
         raise ArtifactError(f"predictor file {path} was fitted on {data_path}, which is missing")
@@ -65,6 +86,6 @@ def load_predictor(path: str | os.PathLike) -> tuple[LatencyPredictor | Accuracy
             predictor = fit_latency(DeviceProfile.load(data_path), record["kind"], hashes, record["seed"])
         else:
             predictor = fit_accuracy(AccuracyTable.load(data_path), hashes, record["seed"])
-    except (KeyError, ProfileError) as exc:
+    except (KeyError, ProfileError, ConfigError) as exc:  # e.g. a hash the data does not hold, too few subnets
         raise ArtifactError(f"predictor file {path} does not match {data_path}: {exc}") from None
     return predictor, record

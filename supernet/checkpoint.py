@@ -6,17 +6,28 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf
 
 from nestnas.errors import CheckpointError, ConfigError
-from nestnas.fileio import write_bytes
+from nestnas.fileio import validate, write_bytes
 from nestnas.supernet.base import Supernet, build_supernet
 from nestnas.supernet.space import SearchSpace
 
 FORMAT = "nestnas.supernet"
 VERSION = 1
+
+
+class CheckpointSchema(BaseModel):
+    """What `save_checkpoint` writes; the training state's own schema is `train.TrainStateSchema`."""
+
+    model_config = ConfigDict(strict=True)
+    space: dict[str, Any]
+    spec: dict[str, Annotated[int, Field(ge=1)]]  # the supernet's constructor arguments
+    model: dict[str, InstanceOf[torch.Tensor]]
+    train: Optional[dict[str, Any]] = None
 
 
 def save_checkpoint(net: Supernet, path: str | os.PathLike, train_state: dict[str, Any] | None = None) -> None:
@@ -43,6 +54,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a nestnas supernet checkpoint")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has version {payload.get('version')!r}; this nestnas reads version {VERSION}")
+    validate(payload, CheckpointSchema, path, "checkpoint", CheckpointError)
     return payload
 
 

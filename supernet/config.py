@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from nestnas.errors import ConfigError
 
@@ -21,25 +23,55 @@ def _register(cls):
     return cls
 
 
-def _as_int(field: str, value: Any) -> int:
-    # bool is an int subclass, but `true` is never a valid depth or width
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config field {field!r}: expected an integer, got {value!r}")
-    return value
+def _name(field) -> str:
+    # item names are built only for an error message: ("depths", 1) -> 'depths[1]'
+    return field if isinstance(field, str) else f"{_name(field[0])}[{field[1]}]"
 
 
-def _as_float(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"config field {field!r}: expected a number, got {value!r}")
+def _as_int(field, value: Any, exact: bool = True) -> int:
+    # bool is an int subclass, but `true` is never a valid depth or width; numpy integers become
+    # int so that equal configs hash and serialise equally. JSON (exact=False) may write 32.0.
+    if type(value) is int:
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if not exact and isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ConfigError(f"config field {_name(field)!r}: expected an integer, got {value!r}")
+
+
+def _as_float(field, value: Any, exact: bool = True) -> float:
+    if type(value) is float and math.isfinite(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"config field {_name(field)!r}: expected a finite number, got {value!r}")
     return float(value)
 
 
-def _as_tuple(field: str, value: Any, item) -> tuple:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"config field {field!r}: expected a list, got {value!r}")
-    return tuple(item(f"{field}[{i}]", v) for i, v in enumerate(value))
+def _as_tuple(field, value: Any, item, exact: bool = True) -> tuple:
+    if not isinstance(value, (list, tuple)) and getattr(value, "ndim", 0) < 1:  # a numpy array is a list too
+        raise ConfigError(f"config field {_name(field)!r}: expected a list, got {value!r}")
+    return tuple([item((field, i), v, exact) for i, v in enumerate(value)])
+
+
+def _is_ints(value) -> bool:  # the common case, already normal: checked without rebuilding
+    return type(value) is tuple and all(type(v) is int for v in value)
+
+
+def _ints(field, value: Any, exact: bool = True) -> tuple[int, ...]:
+    return value if _is_ints(value) else _as_tuple(field, value, _as_int, exact)
+
+
+def _floats(field, value: Any, exact: bool = True) -> tuple[float, ...]:
+    if type(value) is tuple and all(type(v) is float and math.isfinite(v) for v in value):
+        return value
+    return _as_tuple(field, value, _as_float, exact)
+
+
+def _nested_ints(field, value: Any, exact: bool = True) -> tuple[tuple[int, ...], ...]:
+    if type(value) is tuple and all(_is_ints(v) for v in value):
+        return value
+    return _as_tuple(field, value, _ints, exact)
 
 
 @dataclass(frozen=True)
@@ -47,6 +79,12 @@ class SubnetConfig:
     """Base of the per-family configs. Use `SubnetConfig.from_dict` / `from_json` to parse."""
 
     family: ClassVar[str] = ""
+    # field -> normaliser(field, value, exact): checks the type and returns the canonical value
+    _types: ClassVar[dict[str, Callable[..., Any]]] = {}
+
+    def __post_init__(self):
+        for name, normalise in self._types.items():
+            object.__setattr__(self, name, normalise(name, getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"family": self.family}
@@ -62,7 +100,7 @@ class SubnetConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
         family = data.get("family")
-        if family not in _CONFIG_TYPES:
+        if not isinstance(family, str) or family not in _CONFIG_TYPES:  # a list is not even hashable
             raise ConfigError(
                 f"config field 'family': unknown value {family!r}; allowed: {sorted(_CONFIG_TYPES)}"
             )
@@ -86,7 +124,7 @@ class SubnetConfig:
 
     @classmethod
     def _parse(cls, data: dict[str, Any]) -> SubnetConfig:
-        raise NotImplementedError
+        return cls(**{name: normalise(name, data[name], False) for name, normalise in cls._types.items()})
 
 
 def _to_jsonable(value):
@@ -108,18 +146,9 @@ class CNNConfig(SubnetConfig):
     kernel_sizes: tuple[tuple[int, ...], ...]
     expand_ratios: tuple[tuple[int, ...], ...]
 
-    @classmethod
-    def _parse(cls, data):
-        def nested(field, value):
-            return _as_tuple(field, value, lambda f, v: _as_tuple(f, v, _as_int))
-
-        return cls(
-            resolution=_as_int("resolution", data["resolution"]),
-            width_mult=_as_float("width_mult", data["width_mult"]),
-            depths=_as_tuple("depths", data["depths"], _as_int),
-            kernel_sizes=nested("kernel_sizes", data["kernel_sizes"]),
-            expand_ratios=nested("expand_ratios", data["expand_ratios"]),
-        )
+    _types: ClassVar[dict[str, Callable[..., Any]]] = {
+        "resolution": _as_int, "width_mult": _as_float, "depths": _ints, "kernel_sizes": _nested_ints,
+        "expand_ratios": _nested_ints}
 
 
 @_register
@@ -134,11 +163,5 @@ class TransformerConfig(SubnetConfig):
     num_heads: tuple[int, ...]
     mlp_ratios: tuple[float, ...]
 
-    @classmethod
-    def _parse(cls, data):
-        return cls(
-            depth=_as_int("depth", data["depth"]),
-            embed_dim=_as_int("embed_dim", data["embed_dim"]),
-            num_heads=_as_tuple("num_heads", data["num_heads"], _as_int),
-            mlp_ratios=_as_tuple("mlp_ratios", data["mlp_ratios"], _as_float),
-        )
+    _types: ClassVar[dict[str, Callable[..., Any]]] = {
+        "depth": _as_int, "embed_dim": _as_int, "num_heads": _ints, "mlp_ratios": _floats}

@@ -8,18 +8,23 @@ a run resumed from its end-of-epoch checkpoint is bit-identical to an uninterrup
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable
 
 import numpy as np
+import pydantic
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from nestnas.errors import CheckpointError, ConfigError
+from nestnas.fileio import validate
 from nestnas.progress import StageBar
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
@@ -57,6 +62,29 @@ class TrainOptions:
             raise ConfigError(f"training option 'ladder_rungs' must be at least max(3, sandwich + 2), got {self.ladder_rungs}")
         if self.lr <= 0:
             raise ConfigError(f"training option 'lr' must be positive, got {self.lr}")
+
+
+# --- the training state a checkpoint holds (checked before a resume uses it) ---------------
+OptionsSchema = pydantic.create_model(  # TrainOptions' own fields and types; it checks the ranges itself
+    "OptionsSchema", __config__=ConfigDict(strict=True, extra="forbid"),
+    **{f.name: (typing.get_type_hints(TrainOptions)[f.name], ... if f.default is dataclasses.MISSING else f.default)
+       for f in dataclasses.fields(TrainOptions)},
+)
+
+
+class OptimizerStateSchema(BaseModel):
+    model_config = ConfigDict(strict=True)
+    state: dict[int, dict[str, Any]]
+    param_groups: list[dict[str, Any]]
+
+
+class TrainStateSchema(BaseModel):
+    model_config = ConfigDict(strict=True)
+    epoch: Annotated[int, Field(ge=1)]
+    options: OptionsSchema
+    history: list[dict[str, Any]]
+    optimizer: OptimizerStateSchema
+    scheduler: dict[str, Any]
 
 
 @dataclass
@@ -188,18 +216,28 @@ def _resume(net, optimizer, scheduler, opts, checkpoint, result) -> int:
     state = payload.get("train")
     if not state:
         raise CheckpointError(f"checkpoint {checkpoint} holds no training state to resume from")
+    what = "training state of checkpoint"
+    validate(state, TrainStateSchema, checkpoint, what, CheckpointError)
     if payload["space"] != net.space.to_dict():
         raise CheckpointError(f"checkpoint {checkpoint} was trained on another search space")
-    saved = TrainOptions(**state["options"])
+    try:
+        saved = TrainOptions(**state["options"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{what} {checkpoint}: field options: {exc}") from None
     if saved != opts:
         diff = {k: (v, getattr(opts, k)) for k, v in asdict(saved).items() if getattr(opts, k) != v}
         raise CheckpointError(
             f"checkpoint {checkpoint} was trained with other options {diff} (saved, asked); "
             "resume with the same options or write to a new checkpoint"
         )
-    net.load_state_dict(payload["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for name, load in (("model", lambda: net.load_state_dict(payload["model"])),
+                       ("optimizer", lambda: optimizer.load_state_dict(state["optimizer"])),
+                       ("scheduler", lambda: scheduler.load_state_dict(state["scheduler"]))):
+        try:
+            load()
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # torch's own checks of a state dict
+            owner = "checkpoint" if name == "model" else what
+            raise CheckpointError(f"{owner} {checkpoint}: field {name}: {str(exc).splitlines()[0]}") from None
     result.history = list(state["history"])
-    result.resumed_from_epoch = int(state["epoch"])
+    result.resumed_from_epoch = state["epoch"]
     return result.resumed_from_epoch
