@@ -193,31 +193,41 @@ def profile(
     family: Annotated[str, typer.Option(help="Supernet family: cnn or transformer.")] = "cnn",
     resolution: Annotated[Optional[str], typer.Option(help="CNN input resolutions to profile, comma-separated "
                                                            "\\[default: the space's own].")] = None,
-    samples: Annotated[int, typer.Option(min=2, help="Subnets to measure (space-filling sample).")] = 200,
+    samples: Annotated[int, typer.Option(help="Subnets to measure (space-filling sample): 2 to the space's "
+                                              "number of distinct subnets, at most 10000.")] = 200,
     name: Annotated[str, typer.Option(help="Device name recorded in the profile.")] = "local",
     out: Annotated[Optional[Path], typer.Option(help="Profile file to write (resumed if it exists) "
                                                      "\\[default: ~/.nestnas/profiles/NAME-BACKEND-FAMILY.json].",
                                                 show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Input batch size \\[default: the smallest power "
-                                                                 "of two at which the smallest subnet takes 0.5 ms].",
+    batch_size: Annotated[Optional[int], typer.Option(help="Input batch size, 1 to 1024 \\[default: the smallest "
+                                                           "power of two at which the smallest subnet takes 0.5 ms].",
                                                       show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads \\[default: all cores].",
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads, 1 to 256 \\[default: all cores].",
                                                    show_default=False)] = None,
     blocks: Annotated[bool, typer.Option(help="Also measure every distinct block for the lookup-table "
                                               "predictor.")] = True,
     remeasure_unstable: Annotated[bool, typer.Option(help="On resume, measure again what was flagged as too "
-                                                          "noisy.")] = True,
-    passes: Annotated[Optional[int], typer.Option(min=1, help="Sweeps over all subnets and blocks; each "
+                                                          "noisy (after everything missing).")] = True,
+    passes: Annotated[Optional[int], typer.Option(help="Sweeps over all subnets and blocks, 1 to 10; each "
                                                   "subnet keeps the median of its passes, which averages out the "
                                                   "host's drift \\[default: 2 on onnxruntime, 1 on tvm].",
                                                   show_default=False)] = None,
     exporter: Annotated[str, typer.Option(help="ONNX exporter of the measured graphs: torchscript (fast) or "
                                                "dynamo (what bundles ship; use it for TVM profiles that should "
                                                "predict exported artifacts).")] = "torchscript",
+    max_minutes: Annotated[Optional[float], typer.Option(help="Time budget of this run in minutes: it stops after "
+                                                              "the measurement during which the budget ran out and "
+                                                              "saves an incomplete profile that rerunning the same "
+                                                              "command continues; retries stop once half of it is "
+                                                              "gone. Exit code 0 with a warning line if the profile "
+                                                              "has the 7 subnets `nestnas fit` needs, else 1 "
+                                                              "\\[default: no budget].", show_default=False)] = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Measure subnets of a search space on this device (resumable; saved after every measurement)."""
+    """Measure subnets of a search space on this device (resumable; saved after every measurement)
+    and report unstable measurements, retries and how busy the host was."""
+    from nestnas.errors import ProfileError
     from nestnas.hw_profiles.devices import default_profile_path
     from nestnas.hw_profiles.profiler import profile_device
     from nestnas.supernet import SearchSpace
@@ -228,16 +238,38 @@ def profile(
     with StageBar("profile", not as_json, err_console) as bar:
         result = profile_device(space, backend, samples, seed, out=out, name=name, batch_size=batch_size,
                                 threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
-                                passes=passes, exporter=exporter, progress=bar)
+                                passes=passes, exporter=exporter, progress=bar, max_minutes=max_minutes)
+    run = result.meta["last_run"]
     medians = sorted(m["median_ms"] for m in result.measurements.values())
     flagged = sum(not m["stable"] for m in result.measurements.values())
     summary = {"profile": str(out), "backend": backend, "family": family, "subnets": len(result.measurements),
                "blocks": len(result.blocks), "batch_size": result.batch_size, "flagged_unstable": flagged,
-               "min_ms": medians[0], "max_ms": medians[-1], "subnet_seconds": result.meta.get("subnet_seconds"),
-               "block_seconds": result.meta.get("block_seconds")}
+               "min_ms": medians[0] if medians else None, "max_ms": medians[-1] if medians else None,
+               "subnet_seconds": result.meta.get("subnet_seconds"), "block_seconds": result.meta.get("block_seconds"),
+               **run}
+    span = f"{medians[0]:.3f} to {medians[-1]:.3f} ms" if medians else "no subnet yet"
     _report(summary, as_json, f"profile {out}: {summary['subnets']} subnets, {summary['blocks']} blocks at batch "
-                              f"{summary['batch_size']}; {medians[0]:.3f} to {medians[-1]:.3f} ms; "
-                              f"{flagged} flagged as unstable")
+                              f"{summary['batch_size']}; {span}; {flagged} flagged as unstable")
+    if not run["complete"]:
+        progress = (f"the {max_minutes:g}-minute budget ran out after {run['done']} of {run['total']} measurements; "
+                    f"{out} is incomplete (rerun the same command to continue)")
+        if not run["usable"]:  # the one line of an error, as for any other failure
+            raise ProfileError(f"{progress}; nothing usable yet: {summary['subnets']} subnets measured, "
+                               "`nestnas fit` needs 7")
+    loads = f"{run['load_start']} at start, {run['load_end']} at end" if run["load_start"] is not None else "unknown"
+    notes = [f"this run: {run['measured']} measurements in {run['seconds']:.0f} s, {run['unstable']} unstable "
+             f"(hit the retry cap), {run['retries']} retries, {run['first_attempt_only']} accepted at the first "
+             f"attempt to save the budget; load average {loads} on {run['cores']} cores"]
+    if run["busy"]:
+        notes.append(f"warning: the host was busy ({run['busy_reason']}): latencies may be inflated and noisy; "
+                     "profile on a quiet machine for a profile to trust")
+    if not run["complete"]:
+        notes.append(f"warning: {progress}; its {summary['subnets']} subnets are usable")
+    for note in notes:  # the report on stdout with the summary; warnings on stderr, --json or not
+        if note.startswith("warning:"):
+            err_console.print(note, markup=False, highlight=False, soft_wrap=True)
+        elif not as_json:
+            console.print(note, markup=False, highlight=False)
 
 
 @app.command()

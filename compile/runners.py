@@ -95,8 +95,11 @@ class Runner:
         self.max_seconds, self.max_attempts, self.min_sample_ms = max_seconds, max_attempts, min_sample_ms
         self.confidence = confidence
 
-    def measure(self, compiled: Any, x: Any) -> Measurement:
-        """Latency of one call of `compiled` on input `x`."""
+    def measure(self, compiled: Any, x: Any, *, max_attempts: int | None = None) -> Measurement:
+        """Latency of one call of `compiled` on input `x`. `max_attempts` lowers the retry cap
+        for this call (a profiler short of time accepts the first attempt, flagged if unstable)."""
+        cap = self.max_attempts if max_attempts is None else max_attempts
+        _check_options({"max_attempts": cap})
         self._check_model(compiled)
         prepared = self._prepare(compiled, x)
 
@@ -106,12 +109,12 @@ class Runner:
         with _gc_paused():
             per_sample = self._warm_up(call)
             best = None
-            for attempt in range(1, self.max_attempts + 1):
+            for attempt in range(1, cap + 1):
                 result = self._attempt(call, per_sample, attempt)
                 if result.stable:
                     return result
                 best = result if best is None or result.rel_ci < best.rel_ci else best
-        return dataclasses.replace(best, attempts=self.max_attempts)
+        return dataclasses.replace(best, attempts=cap)
 
     def fingerprint(self) -> dict[str, Any]:
         """The runner's settings, recorded next to its measurements."""

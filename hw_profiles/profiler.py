@@ -3,6 +3,12 @@
 Every measurement is appended to the profile and saved atomically, so a killed run resumes
 where it stopped: the sample list is a pure function of (space, n_samples, seed), and subnets
 or parts already in the profile are skipped, never measured twice.
+
+With a time budget (`max_minutes`) a run stops after the measurement during which the budget ran
+out and saves what it has with ``meta["complete"] = False``; rerunning with the same `out`
+continues it. An incomplete profile is still a profile: its subnets fit predictors (the table
+ones once every block is measured), and ``meta["last_run"]`` says how far it got (see
+`nestnas.hw_profiles.budget`). A profile without ``complete`` predates budgets and is complete.
 """
 
 from __future__ import annotations
@@ -18,23 +24,42 @@ import torch
 from nestnas.compile import get_backend, get_runner
 from nestnas.errors import ConfigError, ProfileError
 from nestnas.hw_profiles.blocks import all_parts, build_part
+from nestnas.hw_profiles.budget import RunBudget, check_minutes
 from nestnas.hw_profiles.profile import DeviceProfile, host_fingerprint
-from nestnas.hw_profiles.sampling import space_filling_sample
+from nestnas.hw_profiles.sampling import check_sample_count, space_filling_sample
 from nestnas.supernet.base import Supernet, build_supernet
 from nestnas.supernet.space import SearchSpace
 
 MIN_SMALLEST_MS = 0.5  # the smallest subnet must take this long for a trustworthy measurement
 MAX_BATCH = 256
+MAX_PASSES = 10  # beyond a few passes the median of medians no longer moves
+MAX_USER_BATCH = 1024  # a given --batch-size; larger inputs of the largest subnets exhaust memory
+MAX_THREADS = 256
 
 Progress = Callable[[str, int, int], None]
 
 
-def measure_module(backend, runner, module: torch.nn.Module, shape: tuple[int, ...], seed: int) -> dict[str, Any]:
-    """Build `module` for `backend` at input `shape` and time it with `runner` (random input)."""
+def measure_module(backend, runner, module: torch.nn.Module, shape: tuple[int, ...], seed: int,
+                   max_attempts: int | None = None) -> dict[str, Any]:
+    """Build `module` for `backend` at input `shape` and time it with `runner` (random input);
+    `max_attempts` lowers the runner's retry cap."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     compiled = backend.build(module, x)
-    m = runner.measure(compiled, x.numpy())
+    m = runner.measure(compiled, x.numpy(), max_attempts=max_attempts)
     return m.to_dict()
+
+
+def check_options(space: SearchSpace, n_samples: int, passes: int, batch_size: int | None, threads: int | None,
+                  max_minutes: float | None) -> None:
+    """Every numeric option within what the space and a sane maximum allow (one line naming the
+    allowed range), before anything is measured or written."""
+    check_sample_count(space, n_samples)
+    for option, value, hi in (("--passes", passes, MAX_PASSES), ("--batch-size", batch_size, MAX_USER_BATCH),
+                              ("--threads", threads, MAX_THREADS)):
+        if value is not None and not 1 <= value <= hi:
+            bound = "at least 1" if value < 1 else f"at most {hi}"
+            raise ConfigError(f"{option} must be {bound}, got {value}; allowed: 1 to {hi}")
+    check_minutes(max_minutes)
 
 
 def choose_batch_size(net: Supernet, backend, runner, seed: int = 0) -> int:
@@ -106,6 +131,7 @@ def profile_device(
     passes: int | None = None,
     exporter: str = "torchscript",
     progress: Progress | None = None,
+    max_minutes: float | None = None,
 ) -> DeviceProfile:
     """Profile `n_samples` space-filling subnets of `space` (plus, with `blocks`, every distinct
     part of the space for a lookup table) on `backend`. With `out`, the profile is saved after
@@ -121,66 +147,98 @@ def profile_device(
     `exporter` is TorchScript by default: ~15x faster to export than dynamo, which bundles use,
     and on ONNX Runtime the two graphs run within a few percent of each other. TVM compiles them
     differently (dynamo graphs measured 0.64-0.92x the time of TorchScript ones), so a TVM
-    profile meant to predict shipped artifacts should use ``exporter="dynamo"``."""
-    if n_samples < 2:
-        raise ConfigError(f"--samples must be at least 2, got {n_samples}")
+    profile meant to predict shipped artifacts should use ``exporter="dynamo"``.
+
+    `max_minutes` bounds the run's wall time: it stops after the measurement during which the
+    budget ran out, accepts first attempts (flagged if unstable) once half of it is gone, and
+    saves an incomplete profile (``meta["complete"] = False``) that a rerun continues. Unstable
+    records to heal are measured again only after everything missing, so a run short of time
+    adds coverage first and never leaves the profile with fewer measurements than before.
+    ``meta["last_run"]`` reports the run (`RunBudget.report`). `progress(text, done, total)` is
+    called after every measurement, `text` naming the kind, the pace with retries, the estimated
+    finish and the budget's end."""
     passes = default_passes(backend) if passes is None else passes
-    if passes < 1:
-        raise ConfigError(f"--passes must be at least 1, got {passes}")
+    check_options(space, n_samples, passes, batch_size, threads, max_minutes)
     be = get_backend(backend, threads=threads, exporter=exporter)
     runner = get_runner(backend)
+    budget = RunBudget(max_minutes, runner.max_attempts)
+    configs = space_filling_sample(space, n_samples, seed)  # before anything is written
     torch.manual_seed(seed)
     net = build_supernet(space, **(spec or {})).eval()
     fingerprint = {**host_fingerprint(), **be.fingerprint()}
     profile = _resume(out, space, net, fingerprint, batch_size) if out is not None else None
     if profile is None:
-        batch = batch_size or choose_batch_size(net, be, runner, seed)
+        # Short of time, a rough median (one attempt of at most 0.3 s) is enough to pick the batch.
+        chooser = runner if max_minutes is None else get_runner(backend, max_seconds=0.3, max_attempts=1)
+        batch = batch_size or choose_batch_size(net, be, chooser, seed)
         profile = DeviceProfile(name=name, fingerprint=fingerprint, space=space.to_dict(), spec=net.spec(),
                                 batch_size=batch, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 meta={"seed": seed, "sampling": "space-filling (Latin hypercube over size level)",
                                       "runner": runner.fingerprint()})
     profile.meta["passes"] = max(passes, profile.meta.get("passes", 1))
+    profile.meta["complete"] = False  # until this run ends (a killed run leaves it so)
     batch = profile.batch_size
     save = (lambda: profile.save(out)) if out is not None else (lambda: None)
     save()
 
-    configs = space_filling_sample(space, n_samples, seed)
-    if remeasure_unstable:  # an unstable record is measured again from its first pass
-        for table in (profile.measurements, profile.blocks):
-            for key in [k for k, m in table.items() if not m["stable"]]:
-                del table[key]
     subnet_items = [(space.config_hash(c), c) for c in configs]
     part_items = list(all_parts(net).items()) if blocks else []
-    total = passes * (len(subnet_items) + len(part_items))
-    done = sum(min(_passes_done(profile.measurements.get(k)), passes) for k, _ in subnet_items)
-    done += sum(min(_passes_done(profile.blocks.get(k)), passes) for k, _ in part_items)
+    tables = {"subnets": (profile.measurements, subnet_items), "blocks": (profile.blocks, part_items)}
+    # Unstable records are measured again from their first pass, after everything missing.
+    heal = {kind: {k for k, _ in items if k in table and not table[k]["stable"]} if remeasure_unstable else set()
+            for kind, (table, items) in tables.items()}
+    skip = heal  # the first sweeps leave records to heal alone
+    restart: dict[str, set[str]] = {kind: set() for kind in tables}  # kept on disk until measured anew
+    total, done = 0, 0
+    for kind, (table, items) in tables.items():
+        have = sum(passes if k in heal[kind] else min(_passes_done(table.get(k)), passes) for k, _ in items)
+        total, done = total + passes * (len(items) + len(heal[kind])), done + have
+        budget.add_work(kind, passes * (len(items) + len(heal[kind])) - have)
 
-    def sweep(items, table, build, meta_key, save_every, offset, step):
+    def sweep(kind, build, meta_key, save_every, offset, step) -> bool:
+        """One pass over `kind`'s items that lack it; False when the budget stopped it."""
         nonlocal done
-        t0 = time.perf_counter()
+        table, items = tables[kind]
+        prior = lambda k: [] if k in restart[kind] else _pass_records(table.get(k))  # noqa: E731
         order = items if step % 2 == 0 else items[::-1]
-        todo = [(i, k, item) for i, (k, item) in enumerate(order) if _passes_done(table.get(k)) == step]
+        todo = [(i, k, item) for i, (k, item) in enumerate(order) if k not in skip[kind] and len(prior(k)) == step]
         for n, (i, key, item) in enumerate(todo):
+            if budget.spent():
+                return False
+            t0, cap = time.perf_counter(), budget.attempts_cap()
             module, shape = build(item)
-            stats = measure_module(be, runner, module, shape, seed + offset + i + 7919 * step)
-            record = merge_passes([*_pass_records(table.get(key)), stats])
-            if table is profile.measurements:
+            stats = measure_module(be, runner, module, shape, seed + offset + i + 7919 * step, cap)
+            record = merge_passes([*prior(key), stats])
+            restart[kind].discard(key)
+            if kind == "subnets":
                 profile.add(item, record)
             else:
                 table[key] = record
-            profile.meta[meta_key] = profile.meta.get(meta_key, 0.0) + time.perf_counter() - t0
-            t0 = time.perf_counter()
+            seconds = time.perf_counter() - t0
+            profile.meta[meta_key] = profile.meta.get(meta_key, 0.0) + seconds
+            budget.record(kind, stats, seconds, cap)
             if n % save_every == save_every - 1 or n == len(todo) - 1:
                 save()
             done += 1
             if progress:
-                progress("subnets" if table is profile.measurements else "blocks", done, total)
+                progress(budget.describe(kind), done, total)
+        return True
 
-    for step in range(passes):
-        sweep(subnet_items, profile.measurements, lambda c: (net.extract(c), net.input_shape(c, batch)),
-              "subnet_seconds", 1, 0, step)
-        sweep(part_items, profile.blocks, lambda recipe: build_part(net, recipe, batch), "block_seconds", 10,
-              100_000, step)
+    def sweeps() -> bool:
+        for step in range(passes):
+            if not (sweep("subnets", lambda c: (net.extract(c), net.input_shape(c, batch)), "subnet_seconds", 1, 0,
+                          step)
+                    and sweep("blocks", lambda recipe: build_part(net, recipe, batch), "block_seconds", 10, 100_000,
+                              step)):
+                return False
+        return True
+
+    finished = sweeps()
+    if finished and any(heal.values()):
+        skip, restart = {kind: set() for kind in tables}, {kind: set(keys) for kind, keys in heal.items()}
+        finished = sweeps()
+    profile.meta["complete"] = finished
+    profile.meta["last_run"] = budget.report(done, total, len(profile.measurements), finished)
     save()
     return profile
 

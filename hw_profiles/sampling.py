@@ -11,13 +11,33 @@ from __future__ import annotations
 
 import numpy as np
 
+from nestnas.errors import ConfigError
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
+
+MAX_SAMPLES = 10_000  # hours of profiling at two passes; the sampler's arrays stay small
+
+
+def sample_range(space: SearchSpace, low: int = 2) -> tuple[int, int]:
+    """(lowest, highest) sample count allowed for `space`: no more than its distinct subnets,
+    nor MAX_SAMPLES."""
+    return low, max(low, min(space.size(), MAX_SAMPLES))
+
+
+def check_sample_count(space: SearchSpace, n: int, option: str = "--samples", low: int = 2) -> int:
+    """`n` if it is within `sample_range`, else a ConfigError naming the allowed range."""
+    lo, hi = sample_range(space, low)
+    if not lo <= n <= hi:
+        raise ConfigError(f"{option} {n} is out of range; allowed: {lo} to {hi} (this space has {space.size()} "
+                          f"distinct subnets; at most {MAX_SAMPLES} are sampled)")
+    return n
 
 
 def space_filling_sample(space: SearchSpace, n: int, seed: int = 0, spread: float = 0.25,
                          include_extremes: bool = True) -> list[SubnetConfig]:
     """`n` configs with distinct canonical forms (fewer only if the space is smaller)."""
+    if n > MAX_SAMPLES:
+        raise ConfigError(f"{n} samples are too many; at most {MAX_SAMPLES} are drawn")
     rng = np.random.default_rng(seed)
     top = space.upper_bounds()
     out: list[SubnetConfig] = []
