@@ -3,8 +3,10 @@
 The context names everything a value depends on besides the config (the objective, the space
 fingerprint, the checkpoint or profile checksum, evaluation settings), so reruns and other
 searches reuse evaluations and functionally equivalent configs (same canonical hash) are never
-evaluated twice. WAL mode lets several searches share one file. A corrupt database is moved aside
-and recreated with a warning; a database error mid-search degrades to an in-memory cache rather
+evaluated twice. WAL mode lets several searches share one file. A corrupt cache (a SQLite file
+whose integrity check fails) is moved aside with its -wal file and recreated with a warning;
+anything else at the path (a folder, another kind of file, a database of another schema) is
+refused and left untouched. A database error mid-search degrades to an in-memory cache rather
 than stopping the search.
 """
 
@@ -16,10 +18,13 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+from nestnas.errors import ConfigError
 from typing_extensions import Self
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS evals (context TEXT NOT NULL, hash TEXT NOT NULL, value REAL NOT NULL, " \
          "PRIMARY KEY (context, hash)) WITHOUT ROWID"
+COLUMNS = ["context", "hash", "value"]
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class CacheWarning(UserWarning):
@@ -38,21 +43,100 @@ class EvalCache:
     def _open(self) -> sqlite3.Connection:
         if self.path is None:
             return self._connect(":memory:")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        problem = self._inspect()
+        if problem is not None:
+            self._move_aside(problem)
         try:
-            db = self._connect(str(self.path))
-            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check failed")
-            return db
-        except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(self.path.name + ".corrupt")
-            warnings.warn(f"evaluation cache {self.path} is corrupt ({exc}); moved to {aside} and recreated",
-                          CacheWarning, stacklevel=3)
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(self.path) + suffix)
-                if src.exists():
-                    os.replace(src, str(aside) + suffix)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             return self._connect(str(self.path))
+        except OSError as exc:
+            raise ConfigError(f"evaluation cache {self.path}: cannot create {self.path.parent} ({exc.strerror})") \
+                from None
+        except sqlite3.Error as exc:
+            raise ConfigError(f"evaluation cache {self.path} cannot be opened: {exc}") from None
+
+    def _refuse(self, what: str) -> ConfigError:
+        return ConfigError(f"evaluation cache {self.path} is {what}, not a nestnas evaluation cache; "
+                           "it was left untouched: give another --cache path")
+
+    def _inspect(self) -> str | None:
+        """None if the path is absent or a usable cache (or an empty database); the reason if it
+        is a corrupt SQLite file; raises ConfigError for anything that is not ours to replace.
+        Only reads: a file that is refused stays byte for byte as it was."""
+        path = self.path
+        try:
+            if not path.exists():
+                if path.parent.exists() and not path.parent.is_dir():
+                    raise ConfigError(f"evaluation cache {path}: {path.parent} is a file, not a folder")
+                return None
+            if path.is_dir():
+                raise self._refuse("a folder")
+            if not path.is_file():
+                raise self._refuse("not a regular file")
+            with open(path, "rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise ConfigError(f"evaluation cache {path} cannot be read: {exc.strerror}") from None
+        if not header:
+            return None  # an empty file is an empty database to SQLite
+        if header != SQLITE_HEADER:
+            raise self._refuse("not a SQLite database")
+        # A read-only connection to a WAL database makes -wal/-shm files it cannot remove; remove
+        # the ones made here unless the cache is used (then this process's connection owns them).
+        made = [f for f in (Path(f"{path}-wal"), Path(f"{path}-shm")) if not f.exists()]
+        reason: str | None = "refused"  # until checked: an exception leaves nothing behind either
+        try:
+            reason = self._check_database()
+        finally:
+            if reason is not None:
+                for f in made:
+                    f.unlink(missing_ok=True)
+        return reason
+
+    def _check_database(self) -> str | None:
+        """None for a nestnas cache or an empty database, the reason for a corrupt one; raises
+        ConfigError for a database of another schema or one that cannot be read."""
+        db = None
+        try:
+            db = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True, timeout=30.0)
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                return f"integrity check: {check}"
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                               "AND name NOT LIKE 'sqlite%'")]
+            columns = [r[1] for r in db.execute("PRAGMA table_info(evals)")]
+        except sqlite3.OperationalError as exc:  # locked, unreadable: not evidence of corruption
+            raise ConfigError(f"evaluation cache {self.path} cannot be opened: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        finally:
+            if db is not None:
+                db.close()
+        if tables and (tables != ["evals"] or columns != COLUMNS):
+            raise self._refuse(f"a SQLite database of another schema (tables: {', '.join(sorted(tables))})")
+        return None
+
+    def _move_aside(self, reason: str) -> None:
+        """Move a corrupt cache and its -wal if any (uncheckpointed pages, kept for inspection) to a
+        free `.corrupt` name; an empty -wal and the -shm (an index of the -wal) are removed."""
+        n = 0
+        while True:
+            aside = Path(f"{self.path}.corrupt" + (f"-{n}" if n else ""))
+            if not any(Path(f"{aside}{s}").exists() for s in ("", "-wal")):
+                break
+            n += 1
+        wal, shm = Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
+        try:
+            os.replace(self.path, aside)
+            if wal.exists() and wal.stat().st_size:
+                os.replace(wal, f"{aside}-wal")
+            wal.unlink(missing_ok=True)
+            shm.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"evaluation cache {self.path} is corrupt ({reason}) and cannot be moved aside: "
+                              f"{exc.strerror}") from None
+        warnings.warn(f"evaluation cache {self.path} is corrupt ({reason}); moved to {aside} and recreated",
+                      CacheWarning, stacklevel=4)
 
     @staticmethod
     def _connect(where: str) -> sqlite3.Connection:

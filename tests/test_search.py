@@ -88,7 +88,7 @@ def test_equivalent_configs_are_evaluated_once_and_the_cache_persists(tmp_path):
 
 def test_a_corrupt_cache_is_recreated_with_a_warning(tmp_path):
     db = tmp_path / "evals.sqlite"
-    db.write_bytes(b"this is not a database" * 100)
+    db.write_bytes(b"SQLite format 3\x00" + b"this is not a database" * 100)  # only a SQLite file is moved aside
     with pytest.warns(CacheWarning, match="corrupt"):
         cache = EvalCache(db)
     cache.put("ctx", {"h": 1.5})
@@ -253,7 +253,7 @@ def test_search_and_show_cli(trained, tmp_path):
     one_line_error(nestnas("show", bad), "bad.json")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        (tmp_path / "home" / "evals.sqlite").write_bytes(b"garbage" * 1000)
+        (tmp_path / "home" / "evals.sqlite").write_bytes(b"SQLite format 3\x00" + b"garbage" * 1000)
         for suffix in ("-wal", "-shm"):
             Path(str(tmp_path / "home" / "evals.sqlite") + suffix).unlink(missing_ok=True)
         proc = nestnas(*args[:-2], "--state", tmp_path / "s3.json", env=env)
