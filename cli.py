@@ -426,10 +426,17 @@ def search(
         raise ConfigError(f"--objectives: unknown objective {next(n for n in names if n not in METRICS)!r}; "
                           f"allowed: {list(METRICS)}")
     check_outputs({"--out": out, "--plot": plot, "--state": state, "--cache": cache})
-    net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
-                                             budget_metrics=[b.metric for b in budgets], seed=seed)
     cache_path = cache or user_dir().parent / "evals.sqlite"
     state = state or out.with_name(out.name + ".state.json")
+    files = {k: v.resolve() for k, v in {"--out": out, "--plot": plot, "--state": state, "--cache": cache_path}.items()
+             if v is not None}
+    for first, a in files.items():  # one would overwrite the other, or need it to be a folder
+        for other, b in files.items():
+            if first != other and (a == b or a in b.parents):
+                raise ConfigError(f"{first} {a} and {other} {b} collide (the same file, or one inside the other); "
+                                  "give each its own file")
+    net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
+                                             budget_metrics=[b.metric for b in budgets], seed=seed)
     with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
             SearchProgress(not as_json, evals, err_console) as bar:
         warnings.simplefilter("always")
@@ -440,9 +447,7 @@ def search(
     from nestnas.predictors.store import sha256_file
 
     front.meta["checkpoint"] = {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}
-    front.save(out)
-    if plot is not None:
-        front.plot(plot)
+    front.save(out, plot=plot)
     if as_json:
         print(json.dumps({"front": str(out), "plot": str(plot) if plot else None, "size": len(front),
                           "evaluated": len(front.evaluated), "hypervolume": front.hypervolume,

@@ -10,18 +10,112 @@ the reference in any objective add nothing.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import numpy as np
 from nestnas.errors import ArtifactError, ConfigError
-from nestnas.fileio import read_document, write_json
+from nestnas.fileio import atomic_path, read_document, validate
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
+from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT, VERSION = "nestnas-pareto-front", 1
+
+
+def write_standard_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` atomically as standard JSON: NaN and infinities (undefined statistics such as
+    a Kendall tau of constant values) become null, which every JSON parser reads."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(finite(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+# --- the schema of a front file (checked on load; extra keys are kept, for newer writers) ----------
+class _Doc(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+class _ObjectiveDoc(_Doc):
+    name: str
+    direction: Literal["min", "max"]
+    unit: str
+    source: str
+    context: str = ""
+    ideal: float
+
+
+class _BudgetDoc(_Doc):
+    metric: str
+    op: Literal["<=", ">="]
+    value: float
+
+
+class _CandidateDoc(_Doc):
+    hash: str
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    measured: list[str]
+    predicted: list[str]
+
+
+class _CheckpointDoc(_Doc):
+    path: str
+    sha256: str = ""
+
+
+class _MetaDoc(_Doc):  # the fields that `show`, `export` and `anchors()` read
+    algorithm: Optional[str] = None
+    seed: Optional[int] = None
+    budgets: list[str] = []
+    anchors: dict[str, str] = {}
+    history: list[dict[str, Any]] = []
+    checkpoint: Optional[_CheckpointDoc] = None
+
+
+class _FrontDoc(_Doc):
+    space: dict[str, Any]
+    objectives: list[_ObjectiveDoc] = Field(min_length=1)
+    budgets: list[_BudgetDoc]
+    reference: dict[str, float]
+    front: list[int]
+    evaluated: list[_CandidateDoc]
+    meta: _MetaDoc = _MetaDoc()
+
+
+def _check_front_doc(data: dict, path: Path) -> None:
+    """What the schema cannot say: every metric a front needs is present, indices are in range."""
+    def bad(where: str, message: str):
+        return ArtifactError(f"Pareto front file {path}: field {where}: {message}")
+
+    names = [o["name"] for o in data["objectives"]]
+    if len(set(names)) != len(names):
+        raise bad("objectives", f"names repeat: {names}")
+    missing = [n for n in names if n not in data["reference"]]
+    if missing:
+        raise bad("reference", f"no value for objective {missing[0]!r}")
+    needed = list(dict.fromkeys(names + [b["metric"] for b in data["budgets"]]))
+    for i, c in enumerate(data["evaluated"]):
+        missing = [n for n in needed if n not in c["metrics"]]
+        if missing:
+            raise bad(f"evaluated.{i}.metrics", f"no value for {missing[0]!r}")
+    n = len(data["evaluated"])
+    for j, i in enumerate(data["front"]):
+        if not 0 <= i < n:
+            raise bad(f"front.{j}", f"index {i} is out of range (the file has {n} evaluated subnets)")
 
 
 @dataclass(frozen=True)
@@ -170,13 +264,20 @@ class ParetoFront:
                 "budgets": self.budgets, "reference": self.reference, "hypervolume": self.hypervolume,
                 "front": self.front, "evaluated": [c.to_dict() for c in self.evaluated], "meta": self.meta}
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json(path, self.to_dict())
+    def save(self, path: str | os.PathLike, plot: str | os.PathLike | None = None) -> None:
+        """Write the front as JSON and, with `plot`, its PNG: both or neither (the plot, the likelier
+        to fail, is rendered first; each file is renamed into place only when both are written)."""
+        with atomic_path(path) as tmp, (atomic_path(plot) if plot is not None else nullcontext()) as plot_tmp:
+            if plot_tmp is not None:
+                self.plot(plot_tmp)
+            write_standard_json(tmp, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike, space: SearchSpace | None = None) -> ParetoFront:
         path = Path(path)
         data = read_document(path, "Pareto front file", FORMAT, VERSION, ArtifactError, version_key="version")
+        validate(data, _FrontDoc, path, "Pareto front file", ArtifactError)
+        _check_front_doc(data, path)
         try:
             stored = SearchSpace.from_dict(data["space"])
             if space is not None and stored.fingerprint() != space.fingerprint():
@@ -187,8 +288,6 @@ class ParetoFront:
                                    tuple(c["predicted"])) for c in data["evaluated"]]
             front = cls(stored, data["objectives"], data["budgets"], data["reference"], evaluated,
                         [int(i) for i in data["front"]], data.get("meta", {}))
-            if any(not 0 <= i < len(evaluated) for i in front.front):
-                raise KeyError("front index out of range")
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             if isinstance(exc, ArtifactError):
                 raise
@@ -219,7 +318,6 @@ class ParetoFront:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from nestnas.fileio import atomic_path
 
         names = self.names
         if len(names) < 2:

@@ -4,7 +4,9 @@ Resume works by replay: the state file (saved atomically every generation) holds
 every value evaluated so far; a resumed run starts the same seeded algorithm again, takes those
 values instead of evaluating, and so passes through the same generations to the point where the
 killed run stopped. Evaluations never touch the global RNGs (see `preserved_rng`), so the
-resumed run's front equals an uninterrupted run's. Nothing is unpickled: the state is JSON.
+resumed run's front equals an uninterrupted run's. Saves made during the replay keep what the
+saved state holds beyond it, so a state never shrinks. Nothing is unpickled: the state is
+standard JSON, checked against a schema when read.
 
 LINAS (as in DyNAS-T): evaluate a space-filling population on the true objectives; then, each
 iteration, fit a surrogate (the ensemble regressor of `AccuracyPredictor`, which also gives an
@@ -22,13 +24,14 @@ from typing import Any
 
 import numpy as np
 from nestnas.errors import ConfigError, NestnasError
-from nestnas.fileio import read_document, write_json
+from nestnas.fileio import read_document, validate
 from nestnas.search.algorithms import integer_operators, make_algorithm
 from nestnas.search.cache import EvalCache
-from nestnas.search.front import Candidate, ParetoFront, hypervolume
+from nestnas.search.front import Candidate, ParetoFront, hypervolume, write_standard_json
 from nestnas.search.objectives import Budget, Objective, parse_budget
 from nestnas.search.problem import Evaluator, SubnetProblem, preserved_rng
 from nestnas.supernet.space import SearchSpace
+from pydantic import BaseModel, ConfigDict, Field
 from pymoo.core.problem import Problem
 
 STATE_FORMAT, STATE_VERSION = "nestnas-search-state", 1
@@ -38,6 +41,10 @@ INNER_POP = 100
 # Tree models only: a surrogate fitted on a few dozen subnets must not extrapolate (a linear or
 # MLP member predicts accuracies above 1 off the data, and the search then chases them).
 SURROGATE_MEMBERS = ("gbt", "forest")
+# Past these a run needs more memory than a machine has (every evaluated subnet stays in the
+# archive; a population is materialised several times per generation).
+MAX_EVALS, MAX_POP_SIZE = 1_000_000, 100_000
+STALL_GENERATIONS = 20  # generations without a new subnet before a search stops early
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -80,6 +87,11 @@ def search(
             raise ConfigError(f"budget {b} is on {b.metric!r}, which is not evaluated; allowed: {sorted(directions)}")
     if algorithm not in SEARCH_ALGORITHMS:
         raise ConfigError(f"--algorithm: unknown algorithm {algorithm!r}; allowed: {list(SEARCH_ALGORITHMS)}")
+    size = space.size()
+    for option, value, bound in (("--pop-size", pop_size, MAX_POP_SIZE), ("--evals", evals, MAX_EVALS)):
+        if value > min(size, bound):
+            why = f"the space has {size} distinct subnets" if size <= bound else "a larger run would not fit in memory"
+            raise ConfigError(f"{option} {value} is too large; allowed: at most {min(size, bound)} ({why})")
     if evals < pop_size or pop_size < 4:
         raise ConfigError(f"--evals ({evals}) must be at least the population size ({pop_size}), which must be >= 4")
     cache = cache if isinstance(cache, EvalCache) or cache is None else EvalCache(cache)
@@ -87,7 +99,7 @@ def search(
                 "extra": [m.cache_key for m in metrics[len(objectives):]], "budgets": [str(b) for b in budgets],
                 "algorithm": algorithm, "evals": evals, "pop_size": pop_size, "seed": seed,
                 **({"inner_evals": inner_evals, "kappa": kappa} if algorithm == "linas" else {})}
-    saved = _load_state(Path(state), settings) if state is not None and Path(state).exists() else None
+    saved = _load_state(Path(state), settings, space) if state is not None and Path(state).exists() else None
     run = _Run(space, objectives, metrics, budgets, cache, settings, state, saved, progress)
     t0 = time.perf_counter()
     if algorithm == "linas":
@@ -131,8 +143,48 @@ def _violation(metrics: dict[str, float], budgets: list[Budget]) -> float:
                for b in budgets)
 
 
-def _load_state(path: Path, settings: dict) -> dict:
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+
+class _StateRecord(_Strict):
+    hash: str
+    metrics: dict[str, float]
+
+
+class _StateGeneration(_Strict):
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float | None] = Field(init=False)  # tau_* (null where undefined)
+    generation: int
+    evaluations: int
+    hypervolume: float
+    cache_hits: int
+    cache_misses: int
+    seconds: float
+
+
+class _StateSchema(_Strict):
+    format: str
+    version: int
+    settings: dict[str, Any]
+    archive: list[_StateRecord]
+    batches: list[list[list[int]]] = []
+    history: list[_StateGeneration] = []
+
+
+def _load_state(path: Path, settings: dict, space: SearchSpace) -> dict:
     data = read_document(path, "search state file", STATE_FORMAT, STATE_VERSION, ConfigError, version_key="version")
+    validate(data, _StateSchema, path, "search state file", ConfigError)
+    upper = space.upper_bounds()
+    for b, batch in enumerate(data.get("batches", [])):
+        for r, row in enumerate(batch):
+            if len(row) != len(upper) or any(not 0 <= v <= u for v, u in zip(row, upper)):
+                raise ConfigError(f"search state file {path}: field batches.{b}.{r}: not a subnet of this space "
+                                  f"({len(upper)} choices, each from 0 to its count - 1)")
+    for g, record in enumerate(data.get("history", [])):
+        if record["generation"] != g + 1:
+            raise ConfigError(f"search state file {path}: field history.{g}.generation: expected {g + 1}, "
+                              f"got {record['generation']}")
     if data.get("settings") != settings:
         diff = sorted(k for k in set(settings) | set(data.get("settings", {}))
                       if settings.get(k) != data.get("settings", {}).get(k))
@@ -145,7 +197,8 @@ class _Run:
     def __init__(self, space, objectives, metrics, budgets, cache, settings, state, saved, progress):
         self.space, self.objectives, self.metrics, self.budgets = space, objectives, metrics, budgets
         self.settings, self.state_path, self.progress = settings, state, progress
-        replay = {r["hash"]: r["metrics"] for r in saved["archive"]} if saved else {}
+        self.saved_archive = saved["archive"] if saved else []
+        replay = {r["hash"]: r["metrics"] for r in self.saved_archive}
         self.saved_batches = saved.get("batches", []) if saved else []
         self.saved_history = saved.get("history", []) if saved else []
         self.ev = Evaluator(space, metrics, cache, replay)
@@ -186,10 +239,14 @@ class _Run:
     def save_state(self) -> None:
         if self.state_path is None:
             return
-        write_json(self.state_path, {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "settings": self.settings,
-            "archive": [{"hash": h, "metrics": r["metrics"]} for h, r in self.ev.archive.items()],
-            "batches": self.batches, "history": self.history})
+        # While replaying, the saved state still holds more than this run has reached: keep it, so
+        # a kill during the replay never loses what an earlier run evaluated.
+        archive = [{"hash": h, "metrics": r["metrics"]} for h, r in self.ev.archive.items()]
+        archive += [r for r in self.saved_archive if r["hash"] not in self.ev.archive]
+        write_standard_json(self.state_path, {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "settings": self.settings, "archive": archive,
+            "batches": self.batches + self.saved_batches[len(self.batches):],
+            "history": self.history + self.saved_history[len(self.history):]})
 
     def candidates(self) -> list[Candidate]:
         measured = tuple(m.name for m in self.metrics if m.source != "predicted")
@@ -204,7 +261,7 @@ class _Run:
         algo = make_algorithm(name, self.space, pop_size, len(self.objectives))
         algo.setup(problem, termination=MaximumFunctionCallTermination(10**12), seed=seed, verbose=False)
         generation, stalled = 0, 0
-        while len(self.ev) < evals and stalled < 20:
+        while len(self.ev) < evals and stalled < STALL_GENERATIONS:
             before = len(self.ev)
             pop = algo.ask()
             algo.evaluator.eval(problem, pop)
@@ -216,11 +273,13 @@ class _Run:
     def random(self, evals: int, pop_size: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
         upper = self.space.upper_bounds()
-        generation = 0
-        while len(self.ev) < evals:
+        generation, stalled = 0, 0
+        while len(self.ev) < evals and stalled < STALL_GENERATIONS:  # a nearly exhausted space stops too
+            before = len(self.ev)
             n = min(pop_size, evals - len(self.ev))
             self.ev.evaluate(rng.integers(0, upper + 1, size=(n, len(upper))))
             generation += 1
+            stalled = stalled + 1 if len(self.ev) == before else 0
             self.step(generation)
 
     def linas(self, evals: int, pop_size: int, seed: int, inner_evals: int, kappa: float) -> None:
@@ -228,7 +287,7 @@ class _Run:
 
         init = space_filling_sample(self.space, pop_size, seed)
         self.ev.evaluate(np.array([self.space.encode(c) for c in init]))
-        self.batches.append([self.space.encode(c) for c in init])
+        self.batches.append([self.space.encode(c).tolist() for c in init])  # JSON: plain ints
         self.step(1)
         iteration = 1
         while len(self.ev) < evals:
@@ -298,13 +357,14 @@ class _Run:
         return X, predicted
 
 
-def _kendall(a: np.ndarray, b: np.ndarray) -> float:
+def _kendall(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Kendall tau, or None where it is undefined (fewer than 3 points, or constant values)."""
     from scipy.stats import kendalltau
 
     if len(a) < 3:
-        return float("nan")
+        return None
     tau = kendalltau(a, b).statistic
-    return float(tau) if np.isfinite(tau) else float("nan")
+    return float(tau) if np.isfinite(tau) else None
 
 
 class _SurrogateProblem(Problem):
