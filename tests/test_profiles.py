@@ -105,6 +105,8 @@ def test_profile_resumes_without_measuring_twice(tiny_profile, tmp_path):
     # a measurement flagged as too noisy is measured again on the next run
     data = json.loads(path.read_text())
     data["measurements"][keys[0]].update(stable=False, timestamp="flagged")
+    for k in keys[1:]:  # on a busy host the fixture's own records may be flagged too; only keys[0] is
+        data["measurements"][k]["stable"] = True
     path.write_text(json.dumps(data))
     healed = profile_device(TINY_CNN, "onnxruntime", N_TINY, seed=0, out=path, threads=1)
     assert healed.measurements[keys[0]]["timestamp"] != "flagged"
