@@ -325,6 +325,7 @@ def fit(
         if kind not in ("auto", *LATENCY_KINDS):
             raise ConfigError(f"--kind: unknown latency predictor {kind!r}; allowed: {['auto', *LATENCY_KINDS]}")
         prof = DeviceProfile.load(profile)
+        _warn_incomplete(prof, profile)
         kinds = fitting.available_kinds(prof)
         if kind != "auto" and kind not in kinds:
             raise ConfigError(f"--kind {kind} needs every block measured, which profile {profile} lacks "
@@ -354,6 +355,13 @@ def fit(
                       f"{100 * m['within_10pct']:.1f}%")
     console.print(table)
     console.print(f"predictor saved to {out}")
+
+
+def _warn_incomplete(prof, path: Path) -> None:
+    if not prof.complete:
+        err_console.print(f"warning: profile {path} is incomplete ({len(prof.measurements)} subnets; its last run "
+                          f"stopped before the end); rerun `nestnas profile --out {path}` with the same options "
+                          "to finish it", markup=False, soft_wrap=True)
 
 
 def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, seed: int, quiet: bool) -> dict:
@@ -406,6 +414,9 @@ def search(
                                                        "resumed from \\[default: OUT.state.json].",
                                                   show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also save the front as a PNG plot.")] = None,
+    inner_evals: Annotated[int, typer.Option(min=100, max=1_000_000,
+                                             help="LINAS: predictor-only evaluations of each iteration's inner "
+                                                  "NSGA-II.")] = 5000,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -435,13 +446,17 @@ def search(
             if first != other and (a == b or a in b.parents):
                 raise ConfigError(f"{first} {a} and {other} {b} collide (the same file, or one inside the other); "
                                   "give each its own file")
+    if profile is not None:
+        from nestnas.hw_profiles.profile import DeviceProfile
+
+        _warn_incomplete(DeviceProfile.load(profile), profile)
     net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
                                              budget_metrics=[b.metric for b in budgets], seed=seed)
     with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
             SearchProgress(not as_json, evals, err_console) as bar:
         warnings.simplefilter("always")
         front = run_search(net.space, objs, budgets, algorithm=algorithm, evals=evals, pop_size=pop_size, seed=seed,
-                           extra_metrics=extra, cache=db, state=state, progress=bar)
+                           extra_metrics=extra, cache=db, state=state, inner_evals=inner_evals, progress=bar)
     for w in caught:
         err_console.print(f"warning: {w.message}", markup=False)
     from nestnas.predictors.store import sha256_file

@@ -113,6 +113,12 @@ class DeviceProfile:
         return self.fingerprint.get("backend", "?")
 
     @property
+    def complete(self) -> bool:
+        """False while a profiling run is going, or after one stopped at its time budget (a profile
+        from before budgets has no flag and is complete)."""
+        return self.meta.get("complete", True) is not False
+
+    @property
     def family(self) -> str:
         return self.space.get("family", "?")
 

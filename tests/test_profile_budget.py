@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,21 @@ def test_cli_exit_code_says_whether_an_incomplete_profile_is_usable(tmp_path, ca
     warning = [line for line in err.splitlines() if "budget ran out" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: the 0.0005-minute budget ran out")
     assert "subnets are usable" in warning[0] and math.isfinite(summary["seconds"])
+
+
+def test_fit_warns_that_a_profile_is_incomplete(tmp_path, capsys):
+    import nestnas.hw_profiles as hw
+
+    shipped = Path(hw.__file__).parent / "data" / "xeon-2c-onnxruntime-transformer.json"
+    data = json.loads(shipped.read_text())
+    for complete, warned in ((True, False), (False, True)):
+        data.setdefault("meta", {})["complete"] = complete
+        path = tmp_path / f"p{complete}.json"
+        path.write_text(json.dumps(data))
+        out = tmp_path / f"pred{complete}.json"
+        assert main(["fit", "--profile", str(path), "--out", str(out), "--kind", "ensemble", "--json"]) == 0
+        err = capsys.readouterr().err
+        assert ("is incomplete" in err) == warned, err
+        assert out.is_file()
+    assert DeviceProfile.load(tmp_path / "pFalse.json").complete is False
+    assert DeviceProfile.load(shipped).complete is True  # no flag: from before budgets

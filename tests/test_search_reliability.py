@@ -87,12 +87,13 @@ def test_a_killed_linas_search_resumes_to_the_same_front(tmp_path):
     assert strict_json(state)["batches"] == saved["batches"]
 
 
-@pytest.mark.slow
 def test_linas_from_the_cli_resumes(tmp_path, checkpoint, capsys):
     args = ["search", "--checkpoint", str(checkpoint), "--objectives", "params,macs", "--algorithm", "linas",
-            "--evals", "16", "--pop-size", "8", "--cache", str(tmp_path / "c.sqlite"), "--json"]
+            "--evals", "16", "--pop-size", "8", "--inner-evals", "200", "--cache", str(tmp_path / "c.sqlite"),
+            "--json"]
     assert main([*args, "--out", str(tmp_path / "f.json")]) == 0, capsys.readouterr().err
-    assert strict_json(tmp_path / "f.json.state.json")["batches"]
+    saved = strict_json(tmp_path / "f.json.state.json")
+    assert saved["batches"] and saved["settings"]["inner_evals"] == 200
     assert main([*args, "--out", str(tmp_path / "f.json")]) == 0, capsys.readouterr().err  # resumed from it
     assert strict_json(tmp_path / "f.json")["meta"]["resumed"]
 
