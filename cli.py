@@ -27,7 +27,9 @@ err_console = Console(stderr=True)
 # Typer has vendored click since 0.20; take its base class from Typer itself so either works.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
-Seed = Annotated[int, typer.Option(help="Seed of every random choice (results reproduce bit for bit).")]
+# numpy and scikit-learn take seeds in [0, 2**32 - 1]
+Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of every random choice (results reproduce "
+                                                              "bit for bit).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 
 
@@ -733,6 +735,7 @@ def keygen(
 
 
 def main(argv: list[str] | None = None) -> int:
+    _escape_unencodable_output()
     try:
         rv = app(args=argv, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -751,6 +754,14 @@ def main(argv: list[str] | None = None) -> int:
             raise  # not about a path the user can fix: a bug, keep the traceback
         _error(_os_error_line(exc))
     return 1
+
+
+def _escape_unencodable_output() -> None:
+    """A file name that is not UTF-8 reaches Python as lone surrogates, which a strict stream
+    cannot encode: print them escaped instead of failing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _os_error_line(exc: OSError) -> str:

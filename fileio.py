@@ -124,6 +124,20 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
         tmp.write_bytes(data)
 
 
+def parse_json(text: str) -> Any:
+    """`json.loads`, where every way `text` can fail to parse is a ValueError with a one-line
+    message: beside malformed JSON, nesting deeper than Python recurses (RecursionError) and an
+    integer of more digits than Python converts."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion: ...; use ..."
+        raise ValueError(str(exc).split(";")[0]) from None
+
+
 def read_document(path: str | os.PathLike, what: str, fmt: str, version: int, error: type[Exception],
                   version_key: str = "schema_version") -> dict[str, Any]:
     """Read a nestnas JSON document, raising `error` with one line naming the file when it is
@@ -132,8 +146,8 @@ def read_document(path: str | os.PathLike, what: str, fmt: str, version: int, er
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = parse_json(path.read_text())
+    except ValueError as exc:  # not JSON, not UTF-8, nested too deeply, a number too long
         raise error(f"{what} {path} is corrupt: {exc}") from None
     except OSError as exc:  # Python's read errors name no file (EIO, EISDIR on some file systems)
         raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from None

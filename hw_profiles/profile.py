@@ -63,13 +63,18 @@ class MetaSchema(BaseModel):
     block_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
 
+# A supernet's constructor sizes (classes, tokens, channels): far above any real one, and low
+# enough that a wrong profile cannot make fitting allocate terabytes.
+MAX_SPEC = 1 << 16
+
+
 class ProfileSchema(BaseModel):
     model_config = ConfigDict(strict=True)
     name: str
     created: str = ""
     fingerprint: dict[str, Any]
     space: dict[str, Any]
-    spec: dict[str, Annotated[int, Field(ge=1)]]  # the supernet's constructor arguments
+    spec: dict[str, Annotated[int, Field(ge=1, le=MAX_SPEC)]]  # the supernet's constructor arguments
     batch_size: Annotated[int, Field(ge=1)]
     meta: MetaSchema = MetaSchema()
     measurements: dict[str, MeasurementSchema]

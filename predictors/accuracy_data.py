@@ -5,18 +5,33 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from nestnas.errors import ConfigError, ProfileError
-from nestnas.fileio import read_document, write_json
+from nestnas.fileio import read_document, validate, write_json
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
 from nestnas.supernet.space import SearchSpace
 
 FORMAT = "nestnas.accuracy_table"
+
+
+class _EntrySchema(BaseModel):
+    model_config = ConfigDict(strict=True)
+    config: dict[str, Any]  # checked against the space on load
+    accuracy: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class _TableSchema(BaseModel):
+    model_config = ConfigDict(strict=True)
+    space: dict[str, Any]
+    spec: dict[str, Annotated[int, Field(ge=1)]]
+    checkpoint_sha256: str
+    entries: dict[str, _EntrySchema]
 
 
 @dataclass
@@ -43,6 +58,7 @@ class AccuracyTable:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AccuracyTable:
         data = read_document(path, "accuracy table", FORMAT, 1, ProfileError)
+        validate(data, _TableSchema, path, "accuracy table", ProfileError)
         try:
             table = cls(data["space"], data["spec"], data["checkpoint_sha256"], data["entries"])
             space = table.search_space()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from nestnas.errors import ConfigError
+from nestnas.fileio import parse_json
 
 _CONFIG_TYPES: dict[str, type[SubnetConfig]] = {}
 
@@ -117,9 +118,11 @@ class SubnetConfig:
     @staticmethod
     def from_json(text: str) -> SubnetConfig:
         try:
-            data = json.loads(text)
+            data = parse_json(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"malformed config JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except ValueError as exc:  # nested too deeply, a number too long
+            raise ConfigError(f"malformed config JSON: {exc}") from None
         return SubnetConfig.from_dict(data)
 
     @classmethod
