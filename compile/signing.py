@@ -97,7 +97,10 @@ def configured_key() -> BundleKey | None:
     if not named and not path.exists():
         return None
     try:
-        text = path.read_text()
+        if path.exists() and not path.is_file():  # a folder, a pipe, /dev/zero: never read one whole
+            raise OSError(0, "not a regular file")
+        with open(path, "rb") as f:
+            text = f.read(1 << 12).decode("utf-8")  # a key file holds 64 hex digits
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a text file"
         raise ConfigError(f"bundle key file {path}" + (f" (from ${KEY_FILE_ENV})" if named else "")

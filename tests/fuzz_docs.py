@@ -171,6 +171,8 @@ def snapshot(folder: Path) -> dict[str, str]:
                 seen[rel] = "link:" + os.readlink(p)
             elif p.is_dir():
                 seen[rel] = "dir"
+            elif not p.is_file():  # a pipe or device: reading it could block or never end
+                seen[rel] = "special"
             else:
                 seen[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return seen

@@ -268,7 +268,8 @@ KEY_A, KEY_B = "a1" * 32, "b2" * 32
 KEY_ENVS = [{}, {"NESTNAS_BUNDLE_KEY": KEY_A}, {"NESTNAS_BUNDLE_KEY": KEY_B}, {"NESTNAS_BUNDLE_KEY": "zz"},
             {"NESTNAS_BUNDLE_KEY": "00" * 8}, {"NESTNAS_BUNDLE_KEY_FILE": "<folder>"},
             {"NESTNAS_BUNDLE_KEY_FILE": "<missing>"}, {"NESTNAS_BUNDLE_KEY_FILE": "/proc/nestnas-fuzz"},
-            {"NESTNAS_BUNDLE_KEY_FILE": "<text>"}, {"NESTNAS_BUNDLE_KEY_FILE": "/dev/null"}]
+            {"NESTNAS_BUNDLE_KEY_FILE": "<text>"}, {"NESTNAS_BUNDLE_KEY_FILE": "/dev/null"},
+            {"NESTNAS_BUNDLE_KEY_FILE": "<fifo>"}]
 
 
 @fuzz(12)
@@ -484,7 +485,7 @@ def _resolve(token: str, world, wd: Path) -> str:
         "<profile>": world.profile, "<pred>": world.pred, "<manifest>": world.bundle / "manifest.json",
         "<smallest>": world.smallest, "<cache>": world.cache, "<out>": wd / "out",
         "<ckpt-copy>": wd / "c.ckpt", "<front-copy>": wd / "front.json", "<bundle-copy>": wd / "b",
-        "<under-missing>": wd / "new",
+        "<under-missing>": wd / "new", "<fifo>": wd / "fifo",
     }.items():
         token = token.replace(name, str(value))
     return token
@@ -513,6 +514,7 @@ def _prepare(wd: Path, world) -> None:
     shutil.copy2(world.ckpt, wd / "c.ckpt")
     shutil.copy2(world.front, wd / "front.json")
     shutil.copytree(world.bundle, wd / "b")
+    os.mkfifo(wd / "fifo")  # opening it for reading blocks until a writer comes: none ever does
 
 
 def _check_arguments(world, example) -> None:
@@ -623,6 +625,18 @@ def test_an_accuracy_table_entry_of_another_shape_gives_one_line(world):
         outcome = run_cli(["fit", "--checkpoint", world.ckpt, "--samples", "7", "--out", wd / "acc.json"], wd)
         record("regression: accuracy table", _identity("table", m), outcome, m.what, wd)
         assert outcome.rc == 1 and "accuracy" in outcome.stderr, outcome.stderr
+
+
+@pytest.mark.parametrize("where", ["<fifo>", "<folder>"])
+def test_a_key_file_that_is_no_regular_file_gives_one_line(world, where):
+    """A key file naming a pipe blocked forever, and /dev/zero was read until memory ran out
+    (MemoryError): only a regular file is read, and only its first 4 KiB."""
+    with Workdir(world) as wd:
+        _prepare(wd, world)
+        with fz.environ(NESTNAS_BUNDLE_KEY=None, NESTNAS_BUNDLE_KEY_FILE=_resolve(where, world, wd)):
+            outcome = run_cli(["bench", wd / "b", "--threads", "1"], wd, timeout=20)
+        record("regression: key file", fz.digest("key file", where), outcome, where, wd)
+        assert outcome.rc == 1 and "not a regular file" in outcome.stderr, outcome.stderr
 
 
 def test_a_deeply_nested_user_profile_is_listed_as_unreadable(world):
