@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -115,6 +116,27 @@ def _umask() -> int:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_standard_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` atomically as standard JSON: NaN and infinities (undefined statistics such as
+    a Kendall tau of constant values) become null, which every JSON parser reads."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(finite(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def nestnas_home() -> Path:
+    """`$NESTNAS_HOME`, by default `~/.nestnas`: the user's profiles, caches, tuning and bundle key."""
+    return Path(os.environ.get("NESTNAS_HOME", Path.home() / ".nestnas"))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Iterable, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from nestnas.errors import ArtifactError, ConfigError
+from nestnas.fileio import nestnas_home
 
 KEY_ENV, KEY_FILE_ENV = "NESTNAS_BUNDLE_KEY", "NESTNAS_BUNDLE_KEY_FILE"
 ALGORITHM = "hmac-sha256"
@@ -66,13 +67,8 @@ class BundleKey:
         return hashlib.sha256(b"nestnas-bundle-key-id\0" + self.secret).hexdigest()[:16]
 
 
-def home() -> Path:
-    """`$NESTNAS_HOME`, by default `~/.nestnas` (as `hw_profiles.devices.user_dir` resolves it)."""
-    return Path(os.environ.get("NESTNAS_HOME", Path.home() / ".nestnas"))
-
-
 def default_key_path() -> Path:
-    return home() / "bundle.key"
+    return nestnas_home() / "bundle.key"
 
 
 def _parse(text: str, source: str) -> bytes:

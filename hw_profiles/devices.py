@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from nestnas.errors import ProfileError
+from nestnas.fileio import nestnas_home
 from nestnas.hw_profiles.profile import DeviceProfile
 
 SHIPPED = Path(__file__).resolve().parent / "data"
@@ -14,7 +14,7 @@ SHIPPED = Path(__file__).resolve().parent / "data"
 
 def user_dir() -> Path:
     """`$NESTNAS_HOME/profiles`, by default `~/.nestnas/profiles`."""
-    return Path(os.environ.get("NESTNAS_HOME", Path.home() / ".nestnas")) / "profiles"
+    return nestnas_home() / "profiles"
 
 
 def default_profile_path(name: str, backend: str, family: str) -> Path:

@@ -11,7 +11,6 @@ the reference in any objective add nothing.
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,28 +19,12 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 from nestnas.errors import ArtifactError, ConfigError
-from nestnas.fileio import atomic_path, read_document, validate
+from nestnas.fileio import atomic_path, read_document, validate, write_standard_json
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT, VERSION = "nestnas-pareto-front", 1
-
-
-def write_standard_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` atomically as standard JSON: NaN and infinities (undefined statistics such as
-    a Kendall tau of constant values) become null, which every JSON parser reads."""
-    def finite(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(v) for v in value]
-        return value
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(finite(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 # --- the schema of a front file (checked on load; extra keys are kept, for newer writers) ----------

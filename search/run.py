@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 from nestnas.errors import ConfigError, NestnasError
-from nestnas.fileio import read_document, validate
+from nestnas.fileio import read_document, validate, write_standard_json
 from nestnas.search.algorithms import integer_operators, make_algorithm
 from nestnas.search.cache import EvalCache
-from nestnas.search.front import Candidate, ParetoFront, hypervolume, write_standard_json
+from nestnas.search.front import Candidate, ParetoFront, hypervolume
 from nestnas.search.objectives import Budget, Objective, parse_budget
 from nestnas.search.problem import Evaluator, SubnetProblem, preserved_rng
 from nestnas.supernet.space import SearchSpace
