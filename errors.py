@@ -13,6 +13,10 @@ class CheckpointError(NestnasError):
     """A checkpoint is missing, corrupt, or belongs to another space."""
 
 
+class DataError(NestnasError, ValueError):
+    """A data spec cannot be read, or its data does not fit the supernet (shape, classes)."""
+
+
 class ProfileError(NestnasError):
     """A device profile is missing, corrupt, or measured on another space."""
 

@@ -43,6 +43,24 @@ class Supernet(nn.Module):
         """Constructor arguments beyond the space (saved in checkpoints)."""
         raise NotImplementedError
 
+    @classmethod
+    def spec_for_data(cls, space: SearchSpace, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+        """Constructor arguments (beyond the space) for data whose samples have `sample_shape`
+        (no batch dimension, e.g. (C, H, W) for images, (F,) for tables) and `num_classes`
+        classes. Raises `DataError` naming the shapes this family takes if it cannot take these."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_size(cls, space: SearchSpace) -> int | None:
+        """Side (pixels) to which a folder of images is resized for this family; None keeps
+        the images' own size (they must then all have the same size)."""
+        return None
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """Per-sample shape this net takes from a data set, before `prepare_input`; data
+        whose samples differ is refused (`DataError`)."""
+        raise NotImplementedError
+
     def input_shape(self, config: SubnetConfig | None = None, batch: int = 1) -> tuple[int, ...]:
         raise NotImplementedError
 
