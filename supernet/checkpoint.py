@@ -20,6 +20,18 @@ FORMAT = "nestnas.supernet"
 VERSION = 1
 
 
+class DataRecordSchema(BaseModel):
+    """What a checkpoint keeps of the data it was trained on (`Data.record()`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    spec: Optional[str]  # None: datasets given in Python
+    seed: Annotated[int, Field(ge=0)]  # of the train/validation split
+    sample_shape: list[Annotated[int, Field(ge=1)]]
+    num_classes: Annotated[int, Field(ge=2)]
+    fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    classes: Optional[list[str]] = None
+
+
 class CheckpointSchema(BaseModel):
     """What `save_checkpoint` writes; the training state's own schema is `train.TrainStateSchema`."""
 
@@ -28,14 +40,19 @@ class CheckpointSchema(BaseModel):
     spec: dict[str, Annotated[int, Field(ge=1)]]  # the supernet's constructor arguments
     model: dict[str, InstanceOf[torch.Tensor]]
     train: Optional[dict[str, Any]] = None
+    data: Optional[DataRecordSchema] = None  # absent in checkpoints written before data specs
 
 
-def save_checkpoint(net: Supernet, path: str | os.PathLike, train_state: dict[str, Any] | None = None) -> None:
-    """Write `net` (its space, constructor spec and weights) and optional training state atomically."""
+def save_checkpoint(net: Supernet, path: str | os.PathLike, train_state: dict[str, Any] | None = None,
+                    data: Any = None) -> None:
+    """Write `net` (its space, constructor spec and weights), optional training state and the
+    record of the data it was trained on (a `nestnas.data.Data` or its `record()`) atomically."""
     payload = {
         "format": FORMAT, "version": VERSION, "space": net.space.to_dict(), "spec": net.spec(),
         "model": net.state_dict(), "train": train_state,
     }
+    if data is not None:
+        payload["data"] = data if isinstance(data, dict) else data.record()
     buffer = io.BytesIO()  # torch.save's own writer turns a full disk into an opaque RuntimeError
     torch.save(payload, buffer)
     write_bytes(path, buffer.getbuffer())
@@ -56,6 +73,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has version {payload.get('version')!r}; this nestnas reads version {VERSION}")
     validate(payload, CheckpointSchema, path, "checkpoint", CheckpointError)
     return payload
+
+
+def checkpoint_data(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of the data the checkpoint's supernet was trained on (None if not recorded)."""
+    return read_checkpoint(path).get("data")
 
 
 def load_supernet(path: str | os.PathLike) -> Supernet:

@@ -146,13 +146,15 @@ def train_supernet(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    data: Any = None,
 ) -> TrainResult:
     """Train `net` in place with the sandwich rule.
 
     `callbacks` are called as ``cb(epoch, metrics)`` after every epoch. With `val_loader`, the
     largest and smallest subnets are evaluated each epoch (batch norm recalibrated on training
     batches). With `checkpoint`, the state is saved atomically after every epoch, and an
-    existing checkpoint of the same run is resumed exactly when `resume` is true.
+    existing checkpoint of the same run is resumed exactly when `resume` is true. `data` (a
+    `nestnas.data.Data`) is recorded in the checkpoint; a resume on other data is refused.
     """
     opts = TrainOptions(epochs, sandwich, distill, sorted_ladder, grad_accum=grad_accum, lr=lr,
                         weight_decay=weight_decay, seed=seed)
@@ -169,6 +171,7 @@ def train_supernet(
     result = TrainResult()
     start_epoch = 0
     if checkpoint is not None and resume and os.path.exists(checkpoint):
+        _check_resume_data(checkpoint, data)
         start_epoch = _resume(net, optimizer, scheduler, opts, checkpoint, result)
 
     ladder = net.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
@@ -203,12 +206,20 @@ def train_supernet(
                 save_checkpoint(net, checkpoint, {
                     "epoch": epoch + 1, "options": asdict(opts), "history": result.history,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                })
+                }, data=data)
             for cb in callbacks:
                 cb(epoch + 1, metrics)
     result.seconds = time.perf_counter() - t0
     net.eval()
     return result
+
+
+def _check_resume_data(checkpoint, data) -> None:
+    saved = read_checkpoint(checkpoint).get("data")
+    if data is not None and saved is not None and saved["fingerprint"] != data.fingerprint:
+        raise CheckpointError(f"checkpoint {checkpoint} was trained on other data "
+                              f"({saved['spec'] or 'given in Python'}); resume on the same data or write to a new "
+                              "checkpoint")
 
 
 def _resume(net, optimizer, scheduler, opts, checkpoint, result) -> int:
