@@ -12,7 +12,7 @@ import numpy as np
 
 from nestnas.errors import ConfigError
 from nestnas.predictors.macs import count_macs_encoded
-from nestnas.supernet.space import CNNSpace, SearchSpace, TransformerSpace
+from nestnas.supernet.space import SearchSpace
 
 
 def check_encoded(space: SearchSpace, X) -> np.ndarray:
@@ -29,37 +29,33 @@ def check_encoded(space: SearchSpace, X) -> np.ndarray:
 
 
 def active_mask(space: SearchSpace, X: np.ndarray) -> np.ndarray:
-    """(n, n_var) booleans: False where the depth choice removes the slot of that variable."""
+    """(n, n_var) booleans: False where the depth choice removes the slot of that variable
+    (read from the variables' structure: `Variable.stage`, `slot` and `depth`)."""
+    variables = space.variables()
     mask = np.ones(X.shape, dtype=bool)
-    names = [v.name for v in space.variables()]
-    if isinstance(space, CNNSpace):
-        depth_cols = [names.index(f"depths[{i}]") for i in range(len(space.stages))]
-        depths = np.stack([np.asarray(space.stages[i].depth_choices)[X[:, c]] for i, c in enumerate(depth_cols)], 1)
-        for j, name in enumerate(names):
-            if name.startswith(("kernel_sizes", "expand_ratios")):
-                stage, block = (int(t) for t in name[name.index("[") + 1 : -1].split("]["))
-                mask[:, j] = block < depths[:, stage]
-    elif isinstance(space, TransformerSpace):
-        depth = np.asarray(space.depth_choices)[X[:, names.index("depth")]]
-        for j, name in enumerate(names):
-            if name.startswith(("num_heads", "mlp_ratios")):
-                mask[:, j] = int(name[name.index("[") + 1 : -1]) < depth
+    depth_col = {v.stage: j for j, v in enumerate(variables) if v.depth}
+    for j, v in enumerate(variables):
+        if v.slot is not None:
+            c = depth_col[v.stage]
+            mask[:, j] = v.slot < np.asarray(variables[c].options)[X[:, c]]
     return mask
 
 
-def option_values(space: SearchSpace, X: np.ndarray) -> np.ndarray:
-    """Option value of every choice; CNN kernels as their effective size (see `canonical`)."""
+def active_slots(space: SearchSpace, mask: np.ndarray) -> np.ndarray:
+    """Number of active (stage, slot) pairs of each config: its blocks or layers."""
     variables = space.variables()
-    values = np.stack([np.asarray(v.options, dtype=np.float64)[X[:, j]] for j, v in enumerate(variables)], 1)
-    if isinstance(space, CNNSpace):
-        res_col = [v.name for v in variables].index("resolution")
-        for j, v in enumerate(variables):
-            if v.name.startswith("kernel_sizes"):
-                stage, block = (int(t) for t in v.name[v.name.index("[") + 1 : -1].split("]["))
-                table = np.array([[space.effective_kernel(k, space.block_input_sizes(r)[stage][block])
-                                   for k in space.kernel_choices] for r in space.resolution_choices], dtype=np.float64)
-                values[:, j] = table[X[:, res_col], X[:, j]]
-    return values
+    slots: dict[tuple, list[int]] = {}
+    for j, v in enumerate(variables):
+        if v.slot is not None:
+            slots.setdefault((v.stage, v.slot), []).append(j)
+    if not slots:
+        return np.zeros(len(mask))
+    return np.stack([mask[:, cols].any(axis=1) for cols in slots.values()], 1).sum(axis=1).astype(np.float64)
+
+
+def option_values(space: SearchSpace, X: np.ndarray) -> np.ndarray:
+    """Option value of every choice, as the family shows it (`SearchSpace.option_values`)."""
+    return space.option_values(X)
 
 
 def config_features(space: SearchSpace, X, spec: dict) -> np.ndarray:
@@ -67,7 +63,7 @@ def config_features(space: SearchSpace, X, spec: dict) -> np.ndarray:
     values = option_values(space, X)
     mask = active_mask(space, X)
     macs, params = count_macs_encoded(space, X, **spec)
-    blocks = mask.sum(axis=1) / 2.0  # two variables per block or layer slot
+    blocks = active_slots(space, mask)
     return np.column_stack([values * mask, np.log(macs.astype(np.float64)), np.log(params.astype(np.float64)),
                             blocks])
 

@@ -76,12 +76,9 @@ class _Ensemble:
 
 def default_spec(space: SearchSpace) -> dict:
     """The constructor spec of the family's default supernet (e.g. 10 classes, 1 channel)."""
-    from nestnas.supernet.base import SUPERNETS
+    from nestnas.supernet.families import supernet_class
 
-    import inspect
-
-    params = inspect.signature(SUPERNETS[space.family].__init__).parameters
-    return {k: p.default for k, p in params.items() if k not in ("self", "space")}
+    return supernet_class(space.family).default_spec()
 
 
 def _check_xy(space: SearchSpace, X, y, positive: bool) -> tuple[np.ndarray, np.ndarray]:

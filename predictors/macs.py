@@ -21,17 +21,15 @@ Analytic counts are taken on ``space.canonical(config)``, the form `extract` bui
 depth choice removes contribute nothing, and a depthwise kernel is reduced to the smallest
 kernel choice that computes the same function at that block's input resolution.
 
-The analytic counts need the supernet's constructor spec (``net.spec()``): ``num_classes`` and
-``in_channels`` for the CNN, ``num_classes``, ``num_tokens`` and ``token_dim`` for the
-transformer. Left out, they take the supernet constructors' defaults.
+The analytic counts are the family's own (`Supernet.count_macs`, `count_macs_encoded`) and need
+the supernet's constructor spec (``net.spec()``, e.g. classes and input channels); fields left
+out take the family constructor's defaults.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,15 +37,11 @@ from torch import nn
 
 from nestnas.errors import ArtifactError, ConfigError
 from nestnas.supernet.attention import Attention
-from nestnas.supernet.cnn import plan
 from nestnas.supernet.config import SubnetConfig
-from nestnas.supernet.space import CNNSpace, SearchSpace, TransformerSpace
+from nestnas.supernet.families import family_names, supernet_class
+from nestnas.supernet.space import SearchSpace
 
 __all__ = ["count_macs", "count_macs_encoded", "count_module", "onnx_macs"]
-
-#: Stem convolution kernel of `ElasticCNN` (fixed, not a search choice).
-_STEM_KERNEL = 3
-
 
 # ---------------------------------------------------------------------------------------------
 # Counted from a built module
@@ -93,36 +87,22 @@ def count_module(module: nn.Module, example: torch.Tensor) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Analytic counts: registry of families
+# Analytic counts: each family counts its own subnets (`Supernet.count_macs`)
 # ---------------------------------------------------------------------------------------------
-# family -> (scalar counter, encoded counter). A scalar counter takes (space, canonical config,
-# **spec) and returns (macs, params); an encoded counter takes (space, validated index matrix,
-# **spec) and returns two int64 arrays. Both declare the spec as keyword-only arguments with
-# the supernet constructor's defaults.
-_COUNTERS: dict[str, tuple[Callable, Callable]] = {}
-
-
-def _register_counter(family: str, encoded: Callable):
-    def wrap(scalar):
-        _COUNTERS[family] = (scalar, encoded)
-        return scalar
-
-    return wrap
-
-
-def _counters(space: Any) -> tuple[Callable, Callable]:
+def _family(space: Any):
     if not isinstance(space, SearchSpace):
         raise ConfigError(f"expected a SearchSpace, got {type(space).__name__}")
-    if space.family not in _COUNTERS:
-        raise ConfigError(f"no analytic MAC count for family {space.family!r}; allowed: {sorted(_COUNTERS)}")
-    return _COUNTERS[space.family]
+    try:
+        return supernet_class(space.family)
+    except ConfigError:
+        raise ConfigError(f"no analytic MAC count for family {space.family!r}; allowed: {family_names()}") from None
 
 
-def _check_spec(fn: Callable, family: str, spec: dict[str, Any]) -> dict[str, int]:
-    allowed = {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+def _check_spec(family, spec: dict[str, Any]) -> dict[str, int]:
+    allowed = family.default_spec()
     extra = sorted(set(spec) - set(allowed))
     if extra:
-        raise ConfigError(f"unknown spec field(s) {extra} for family {family!r}; allowed: {sorted(allowed)}")
+        raise ConfigError(f"unknown spec field(s) {extra} for family {family.family!r}; allowed: {sorted(allowed)}")
     out = {**allowed, **spec}
     for name, value in out.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -133,25 +113,27 @@ def _check_spec(fn: Callable, family: str, spec: dict[str, Any]) -> dict[str, in
 
 def count_macs(space: SearchSpace, config: SubnetConfig, **spec: int) -> tuple[int, int]:
     """Analytic (MACs per sample, parameters) of the subnet `config` of `space`, without
-    building it. `spec` is the supernet's constructor spec (``net.spec()``). Equals
-    ``count_module(net.extract(config), example)`` and the parameter count of the extracted
-    module exactly. Raises `ConfigError` if `config` is not in `space`."""
-    scalar, _ = _counters(space)
-    spec = _check_spec(scalar, space.family, spec)
-    return scalar(space, space.canonical(config), **spec)
+    building it. `spec` is the supernet's constructor spec (``net.spec()``; fields left out take
+    the constructor's defaults). Equals ``count_module(net.extract(config), example)`` and the
+    parameter count of the extracted module exactly. Raises `ConfigError` if `config` is not in
+    `space`."""
+    family = _family(space)
+    spec = _check_spec(family, spec)
+    macs, params = family.count_macs(space, space.canonical(config), spec)
+    return int(macs), int(params)
 
 
 def count_macs_encoded(space: SearchSpace, X: np.ndarray, **spec: int) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised `count_macs` over integer-encoded configs: `X` has one row per config
     (``space.encode(config)``, shape ``(n, space.n_var)``). Returns int64 arrays of MACs and
     parameters per row. Canonicalisation (removed blocks, effective kernels) happens inside
-    the vectorised code; the only Python loops run over variables and block slots, never over
-    rows. Per-slot lookup tables are cached per (space, spec)."""
-    _, encoded = _counters(space)
-    spec = _check_spec(encoded, space.family, spec)
+    the family's counter; the built-in families loop over variables and block slots, never over
+    rows, with per-slot lookup tables cached per (space, spec)."""
+    family = _family(space)
+    spec = _check_spec(family, spec)
     X = _check_encoded(space, X)
-    return encoded(space, X, **spec)
-
+    macs, params = family.count_macs_encoded(space, X, spec)
+    return np.asarray(macs, dtype=np.int64), np.asarray(params, dtype=np.int64)
 
 
 def _check_encoded(space: SearchSpace, X: Any) -> np.ndarray:
@@ -178,173 +160,6 @@ def _check_encoded(space: SearchSpace, X: Any) -> np.ndarray:
                 f"0..{len(var.options) - 1}"
             )
     return X
-
-
-# ---------------------------------------------------------------------------------------------
-# CNN family
-# ---------------------------------------------------------------------------------------------
-def _out_size(size: int, stride: int) -> int:
-    """Spatial size after an odd-kernel conv with padding k // 2."""
-    return (size - 1) // stride + 1
-
-
-def _cnn_block(c_in: int, hidden: int, c_out: int, kernel: int, size_in: int, stride: int) -> tuple[int, int]:
-    """(MACs, params) of one inverted residual block (1x1 expand, kxk depthwise, 1x1 project,
-    each followed by a BatchNorm with weight and bias)."""
-    size_out = _out_size(size_in, stride)
-    macs = (size_in * size_in * hidden * c_in                # expand 1x1
-            + size_out * size_out * hidden * kernel * kernel  # depthwise kxk
-            + size_out * size_out * c_out * hidden)          # project 1x1
-    params = hidden * c_in + 2 * hidden + hidden * kernel * kernel + 2 * hidden + c_out * hidden + 2 * c_out
-    return macs, params
-
-
-def _cnn_fixed(space: CNNSpace, resolution: int, width_mult: float, num_classes: int,
-               in_channels: int) -> tuple[int, int]:
-    """(MACs, params) of the stem, head conv and classifier (all choices but blocks)."""
-    stem, stage_channels, head = space.channels(width_mult)
-    size = _out_size(resolution, space.stem_stride)
-    macs = size * size * stem * in_channels * _STEM_KERNEL**2
-    params = stem * in_channels * _STEM_KERNEL**2 + 2 * stem
-    for st in space.stages:
-        size = _out_size(size, st.stride)
-    c_last = stage_channels[-1]
-    macs += size * size * head * c_last + head * num_classes
-    params += head * c_last + 2 * head + head * num_classes + num_classes
-    return macs, params
-
-
-def _cnn_encoded(space: CNNSpace, X: np.ndarray, *, num_classes: int = 10,
-                 in_channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    fixed, slots = _cnn_tables(space, num_classes, in_channels)
-    r, w = X[:, 0], X[:, 1]
-    macs = fixed[0][r, w].copy()
-    params = fixed[1][r, w].copy()
-    n_stages = len(space.stages)
-    col = 2 + n_stages
-    for i, st in enumerate(space.stages):
-        depth = np.asarray(st.depth_choices, dtype=np.int64)[X[:, 2 + i]]
-        for b in range(st.max_depth):
-            k, e = X[:, col], X[:, col + 1]
-            col += 2
-            active = depth > b
-            t_macs, t_params = slots[i][b]
-            macs += np.where(active, t_macs[r, w, k, e], 0)
-            params += np.where(active, t_params[r, w, k, e], 0)
-    return macs, params
-
-
-@_register_counter("cnn", _cnn_encoded)
-def _cnn_scalar(space: CNNSpace, config, *, num_classes: int = 10, in_channels: int = 1) -> tuple[int, int]:
-    p = plan(space, config)
-    sizes = space.block_input_sizes(config.resolution)
-    macs, params = _cnn_fixed(space, config.resolution, config.width_mult, num_classes, in_channels)
-    for bp in p.blocks:
-        stride = space.stages[bp.stage].stride if bp.index == 0 else 1
-        m, q = _cnn_block(bp.in_channels, bp.hidden, bp.out_channels, bp.kernel, sizes[bp.stage][bp.index], stride)
-        macs, params = macs + m, params + q
-    return macs, params
-
-
-@functools.lru_cache(maxsize=64)
-def _cnn_tables(space: CNNSpace, num_classes: int, in_channels: int):
-    """Lookup tables indexed by encoded choices: the fixed part by (resolution, width), and
-    each block slot by (resolution, width, kernel, expand) with the effective (canonical)
-    kernel at that slot's input size already applied. Loops run over options, not configs."""
-    res, widths = space.resolution_choices, space.width_choices
-    kernels, expands = space.kernel_choices, space.expand_choices
-    fixed = np.zeros((2, len(res), len(widths)), dtype=np.int64)
-    for a, r in enumerate(res):
-        for c, wm in enumerate(widths):
-            fixed[:, a, c] = _cnn_fixed(space, r, wm, num_classes, in_channels)
-    sizes = [space.block_input_sizes(r) for r in res]
-    channels = [space.channels(wm) for wm in widths]
-    slots = []
-    for i, st in enumerate(space.stages):
-        per_stage = []
-        for b in range(st.max_depth):
-            shape = (len(res), len(widths), len(kernels), len(expands))
-            t_macs, t_params = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
-            stride = st.stride if b == 0 else 1
-            for a in range(len(res)):
-                size = sizes[a][i][b]
-                for c, (stem, stage_ch, _) in enumerate(channels):
-                    c_in = (stem if i == 0 else stage_ch[i - 1]) if b == 0 else stage_ch[i]
-                    for f, k in enumerate(kernels):
-                        k_eff = space.effective_kernel(k, size)
-                        for g, e in enumerate(expands):
-                            hidden = space.hidden_channels(c_in, e)
-                            t_macs[a, c, f, g], t_params[a, c, f, g] = _cnn_block(
-                                c_in, hidden, stage_ch[i], k_eff, size, stride)
-            per_stage.append((t_macs, t_params))
-        slots.append(per_stage)
-    return (fixed[0], fixed[1]), slots
-
-
-# ---------------------------------------------------------------------------------------------
-# Transformer family
-# ---------------------------------------------------------------------------------------------
-def _tf_fixed(embed: int, num_classes: int, num_tokens: int, token_dim: int) -> tuple[int, int]:
-    """Token embedding (Linear with bias), positional embedding, final LayerNorm, head."""
-    macs = num_tokens * token_dim * embed + embed * num_classes
-    params = (token_dim * embed + embed) + num_tokens * embed + 2 * embed + (embed * num_classes + num_classes)
-    return macs, params
-
-
-def _tf_layer(embed: int, heads: int, head_dim: int, hidden: int, num_tokens: int) -> tuple[int, int]:
-    """One pre-norm encoder layer: LayerNorm, fused qkv Linear, QK^T and AV, proj Linear,
-    LayerNorm, Linear-GELU-Linear MLP."""
-    inner = heads * head_dim
-    t = num_tokens
-    macs = (t * embed * 3 * inner        # qkv
-            + 2 * heads * t * t * head_dim  # QK^T and AV
-            + t * inner * embed          # proj
-            + t * embed * hidden         # fc1
-            + t * hidden * embed)        # fc2
-    params = (2 * embed + embed * 3 * inner + 3 * inner + inner * embed + embed
-              + 2 * embed + embed * hidden + hidden + hidden * embed + embed)
-    return macs, params
-
-
-def _tf_encoded(space: TransformerSpace, X: np.ndarray, *, num_classes: int = 10, num_tokens: int = 8,
-                token_dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    fixed, layer = _tf_tables(space, num_classes, num_tokens, token_dim)
-    e = X[:, 1]
-    macs, params = fixed[0][e].copy(), fixed[1][e].copy()
-    depth = np.asarray(space.depth_choices, dtype=np.int64)[X[:, 0]]
-    for i in range(space.max_depth):
-        h, m = X[:, 2 + 2 * i], X[:, 3 + 2 * i]
-        active = depth > i
-        macs += np.where(active, layer[0][e, h, m], 0)
-        params += np.where(active, layer[1][e, h, m], 0)
-    return macs, params
-
-
-@_register_counter("transformer", _tf_encoded)
-def _tf_scalar(space: TransformerSpace, config, *, num_classes: int = 10, num_tokens: int = 8,
-               token_dim: int = 8) -> tuple[int, int]:
-    e = config.embed_dim
-    macs, params = _tf_fixed(e, num_classes, num_tokens, token_dim)
-    for i in range(config.depth):
-        hidden = space.mlp_hidden(e, config.mlp_ratios[i])
-        m, q = _tf_layer(e, config.num_heads[i], space.head_dim, hidden, num_tokens)
-        macs, params = macs + m, params + q
-    return macs, params
-
-
-@functools.lru_cache(maxsize=64)
-def _tf_tables(space: TransformerSpace, num_classes: int, num_tokens: int, token_dim: int):
-    """Fixed part by embed index; one layer by (embed, heads, mlp ratio) index (same for every
-    layer slot, gated by depth). Loops run over options, not configs."""
-    embeds, heads, ratios = space.embed_choices, space.head_choices, space.mlp_ratio_choices
-    fixed = np.zeros((2, len(embeds)), dtype=np.int64)
-    layer = np.zeros((2, len(embeds), len(heads), len(ratios)), dtype=np.int64)
-    for a, e in enumerate(embeds):
-        fixed[:, a] = _tf_fixed(e, num_classes, num_tokens, token_dim)
-        for b, h in enumerate(heads):
-            for c, r in enumerate(ratios):
-                layer[:, a, b, c] = _tf_layer(e, h, space.head_dim, space.mlp_hidden(e, r), num_tokens)
-    return (fixed[0], fixed[1]), (layer[0], layer[1])
 
 
 # ---------------------------------------------------------------------------------------------

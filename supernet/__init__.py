@@ -1,12 +1,30 @@
-"""Search spaces, elastic supernets, subnet extraction and supernet training."""
+"""Search spaces, elastic supernets, subnet extraction and supernet training.
 
-from nestnas.supernet.base import SUPERNETS, Supernet, build_supernet, register_supernet
-from nestnas.supernet.cnn import ElasticCNN
-from nestnas.supernet.config import CNNConfig, SubnetConfig, TransformerConfig
-from nestnas.supernet.space import CNNSpace, SearchSpace, StageSpec, TransformerSpace
-from nestnas.supernet.transformer import ElasticTransformer
+Names resolve on first use (as in `nestnas`), so that the family registry
+(`nestnas.supernet.families`) loads without torch.
+"""
 
-__all__ = [
-    "SUPERNETS", "CNNConfig", "CNNSpace", "ElasticCNN", "ElasticTransformer", "SearchSpace", "StageSpec",
-    "SubnetConfig", "Supernet", "TransformerConfig", "TransformerSpace", "build_supernet", "register_supernet",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "DEFAULT_FAMILY": "families", "SUPERNETS": "families", "family_names": "families",
+    "register_supernet": "families", "unregister_supernet": "families", "supernet_class": "families",
+    "Supernet": "base", "build_supernet": "base", "part_key": "base",
+    "SearchSpace": "space", "Variable": "space", "SubnetConfig": "config",
+    "CNNConfig": "cnn", "CNNSpace": "cnn", "ElasticCNN": "cnn", "StageSpec": "cnn",
+    "ElasticTransformer": "transformer", "TransformerConfig": "transformer", "TransformerSpace": "transformer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"nestnas.supernet.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nestnas.supernet' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,7 +1,8 @@
 """`SubnetConfig`: the one currency passed between every part of nestnas.
 
 A config is frozen data: hashable, comparable, and JSON round-trips exactly. Each supernet
-family has its own subclass; `SubnetConfig.from_dict` dispatches on the ``family`` key.
+family defines its own subclass in its family module; `SubnetConfig.from_dict` dispatches on the
+``family`` key through the family registry.
 """
 
 from __future__ import annotations
@@ -15,14 +16,7 @@ from typing import Any, Callable, ClassVar
 
 from nestnas.errors import ConfigError
 from nestnas.fileio import parse_json
-
-_CONFIG_TYPES: dict[str, type[SubnetConfig]] = {}
-
-
-def _register(cls):
-    _CONFIG_TYPES[cls.family] = cls
-    return cls
-
+from nestnas.supernet.families import config_class, family_names
 
 def _name(field) -> str:
     # item names are built only for an error message: ("depths", 1) -> 'depths[1]'
@@ -101,11 +95,9 @@ class SubnetConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
         family = data.get("family")
-        if not isinstance(family, str) or family not in _CONFIG_TYPES:  # a list is not even hashable
-            raise ConfigError(
-                f"config field 'family': unknown value {family!r}; allowed: {sorted(_CONFIG_TYPES)}"
-            )
-        cls = _CONFIG_TYPES[family]
+        cls = config_class(family)  # a list is not even hashable: config_class checks for a str
+        if cls is None:
+            raise ConfigError(f"config field 'family': unknown value {family!r}; allowed: {family_names()}")
         names = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(data) - names - {"family"})
         if extra:
@@ -136,35 +128,14 @@ def _to_jsonable(value):
     return value
 
 
-@_register
-@dataclass(frozen=True)
-class CNNConfig(SubnetConfig):
-    """A MobileNetV3-style subnet: input resolution, width multiplier, depth per stage, and
-    kernel size and expand ratio per block slot (``kernel_sizes[stage][block]``)."""
-
-    family: ClassVar[str] = "cnn"
-    resolution: int
-    width_mult: float
-    depths: tuple[int, ...]
-    kernel_sizes: tuple[tuple[int, ...], ...]
-    expand_ratios: tuple[tuple[int, ...], ...]
-
-    _types: ClassVar[dict[str, Callable[..., Any]]] = {
-        "resolution": _as_int, "width_mult": _as_float, "depths": _ints, "kernel_sizes": _nested_ints,
-        "expand_ratios": _nested_ints}
+# Normalisers a family's config declares in `_types` (field -> normaliser(field, value, exact)).
+as_int, as_float, ints, floats, nested_ints = _as_int, _as_float, _ints, _floats, _nested_ints
 
 
-@_register
-@dataclass(frozen=True)
-class TransformerConfig(SubnetConfig):
-    """A ViT/BERT-style encoder subnet: number of layers, embedding width, and heads and MLP
-    ratio per layer slot."""
+def __getattr__(name: str):
+    # The built-in families' configs live in their family modules; these names stay importable.
+    if name in ("CNNConfig", "TransformerConfig"):
+        from nestnas.supernet import cnn, transformer
 
-    family: ClassVar[str] = "transformer"
-    depth: int
-    embed_dim: int
-    num_heads: tuple[int, ...]
-    mlp_ratios: tuple[float, ...]
-
-    _types: ClassVar[dict[str, Callable[..., Any]]] = {
-        "depth": _as_int, "embed_dim": _as_int, "num_heads": _ints, "mlp_ratios": _floats}
+        return getattr(cnn if name == "CNNConfig" else transformer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""The registry of supernet families by name (timm-style `register_model`).
+
+A family is one module that defines a `SubnetConfig`, a `SearchSpace` and a `Supernet` subclass
+and decorates the supernet with `@register_supernet("name")`. Everything outside `supernet/`
+reaches families through this registry only. This module imports neither torch nor the families,
+so the command line can list and default family names without loading them; a built-in family is
+imported the first time it is looked up.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any, Callable
+
+from nestnas.errors import ConfigError
+
+#: The family used when none is named (the command line's --family default, the quickstart).
+DEFAULT_FAMILY = "cnn"
+
+# Built-in families: name -> module that registers it on import.
+_BUILTIN = {"cnn": "nestnas.supernet.cnn", "transformer": "nestnas.supernet.transformer"}
+
+
+
+class _Registry(dict):
+    """name -> class; a built-in family not imported yet is imported on first lookup."""
+
+    def __missing__(self, family):
+        if isinstance(family, str) and family in _BUILTIN:
+            import_module(_BUILTIN[family])
+            if family in self:
+                return dict.__getitem__(self, family)
+        raise KeyError(family)
+
+
+SUPERNETS: dict[str, Any] = _Registry()  # family -> Supernet subclass
+SPACES: dict[str, Any] = _Registry()  # family -> SearchSpace subclass
+CONFIGS: dict[str, Any] = _Registry()  # family -> SubnetConfig subclass
+
+
+def register_supernet(family: str) -> Callable[[type], type]:
+    """Class decorator: register a `Supernet` subclass, its `space_type` and that space's
+    `config_type` under `family` (which all three must declare)."""
+
+    def wrap(cls):
+        space_type = cls.space_type
+        config_type = space_type.config_type
+        for what, declared in (("space_type", space_type.family), ("config_type", config_type.family)):
+            if declared != family:
+                raise ConfigError(f"supernet family {family!r}: its {what} declares family {declared!r}")
+        cls.family = family
+        SUPERNETS[family], SPACES[family], CONFIGS[family] = cls, space_type, config_type
+        return cls
+
+    return wrap
+
+
+def unregister_supernet(family: str) -> None:
+    """Remove a registered family (e.g. one a test defined)."""
+    for table in (SUPERNETS, SPACES, CONFIGS):
+        table.pop(family, None)
+
+
+def family_names() -> list[str]:
+    """Every family that can be looked up: the built-in ones and those registered since."""
+    return sorted({*_BUILTIN, *SUPERNETS})
+
+
+def _find(table: dict[str, Any], family: Any):
+    try:
+        return table[family] if isinstance(family, str) else None
+    except KeyError:
+        return None
+
+
+def supernet_class(family: str):
+    """The `Supernet` subclass of `family` (`ConfigError` naming the known families if none)."""
+    cls = _find(SUPERNETS, family)
+    if cls is None:
+        raise ConfigError(f"unknown supernet family {family!r}; allowed: {family_names()}")
+    return cls
+
+
+def space_class(family: str):
+    """The `SearchSpace` subclass of `family`, or None."""
+    return _find(SPACES, family)
+
+
+def config_class(family: str):
+    """The `SubnetConfig` subclass of `family`, or None."""
+    return _find(CONFIGS, family)
