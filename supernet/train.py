@@ -14,7 +14,7 @@ import os
 import time
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pydantic
@@ -29,12 +29,27 @@ from nestnas.progress import StageBar
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
 from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.families import family_names, supernet_class
 from nestnas.supernet.evaluate import subnet_accuracy
 
 Callback = Callable[[int, dict[str, Any]], None]
 
-# Epochs that reach the accuracy targets on digits within about two minutes on 2 cores.
-DEFAULT_EPOCHS = {"cnn": 8, "transformer": 60}
+
+
+class _DefaultEpochs(Mapping):
+    """family -> its default training epochs (`Supernet.default_epochs`), read from the registry."""
+
+    def __getitem__(self, family: str) -> int:
+        return supernet_class(family).default_epochs
+
+    def __iter__(self):
+        return iter(family_names())
+
+    def __len__(self) -> int:
+        return len(family_names())
+
+
+DEFAULT_EPOCHS: Mapping[str, int] = _DefaultEpochs()
 
 
 @dataclass(frozen=True)
