@@ -5,6 +5,7 @@ User errors (NestnasError) become one line on stderr and exit code 1, never a tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from nestnas import __version__
 from nestnas.errors import ConfigError, NestnasError
 from nestnas.fileio import check_output, check_outputs
 from nestnas.progress import SearchProgress, StageBar
+from nestnas.supernet.families import DEFAULT_FAMILY, family_names
 
 app = typer.Typer(
     name="nestnas", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,6 +33,11 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of every random choice (results reproduce "
                                                               "bit for bit).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", help="Data: digits, a folder of class sub-folders, FILE.npz, FILE.csv:label=COLUMN or "
+                   "package.module:function (see the README) \[default: the data the checkpoint was trained on].",
+    show_default=False)]
+Family = Annotated[str, typer.Option(help=f"Supernet family: {' or '.join(family_names())}.")]
 
 
 def _version(value: bool) -> None:
@@ -77,9 +84,9 @@ def _read_config(text: str, space):
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (resumed if it exists).")],
-    family: Annotated[str, typer.Option(help="Supernet family: cnn or transformer.")] = "cnn",
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs \\[default: 8 for cnn, 60 for "
-                                                              "transformer].", show_default=False)] = None,
+    family: Family = DEFAULT_FAMILY,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs \\[default: the family's recipe].",
+                                                  show_default=False)] = None,
     sandwich: Annotated[int, typer.Option(min=0, help="Subnets trained per step besides the largest and smallest.")] = 2,
     distill: Annotated[bool, typer.Option(help="Train subnets on the largest subnet's soft predictions.")] = True,
     sorted_ladder: Annotated[bool, typer.Option(help="Draw subnets from a sorted ladder of nested subnets "
@@ -88,28 +95,34 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 64,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine schedule).")] = 4e-3,
     resume: Annotated[bool, typer.Option(help="Continue from OUT if it holds an unfinished run.")] = True,
+    data: Annotated[str, typer.Option("--data", help="Data: digits, a folder of class sub-folders, FILE.npz, "
+                                                     "FILE.csv:label=COLUMN or package.module:function (see the "
+                                                     "README).")] = "digits",
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Train a supernet on the embedded digits data set and write a checkpoint."""
+    """Train a supernet on a data set (default: the embedded digits) and write a checkpoint that
+    records the data."""
     check_output(out, "--out")
     import torch
 
     from nestnas.supernet import SearchSpace, build_supernet
-    from nestnas.supernet.data import digits_loaders
+    from nestnas.supernet.data import load_data
     from nestnas.supernet.evaluate import subnet_accuracy
     from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
 
     space = SearchSpace.for_family(family)
     epochs = epochs or DEFAULT_EPOCHS[family]
     torch.manual_seed(seed)
-    train_loader, val_loader = digits_loaders(family, batch_size, seed)
-    net = build_supernet(space, num_classes=10)
+    dataset = load_data(data, space, seed=seed)
+    train_loader, val_loader = dataset.loaders(batch_size)
+    net = build_supernet(space, **dataset.spec_for(space))
     result = train_supernet(net, train_loader, epochs, sandwich=sandwich, distill=distill,
                             sorted_ladder=sorted_ladder, grad_accum=grad_accum, seed=seed, lr=lr,
-                            checkpoint=out, resume=resume, progress=not as_json)
+                            checkpoint=out, resume=resume, progress=not as_json, data=dataset)
     summary = {
         "checkpoint": str(out), "family": family, "epochs": epochs, "train_seconds": result.seconds,
+        "data": dataset.spec, "sample_shape": list(dataset.sample_shape), "num_classes": dataset.num_classes,
         "resumed_from_epoch": result.resumed_from_epoch,
         "val_acc_largest": subnet_accuracy(net, space.largest(), val_loader, train_loader, seed=seed),
         "val_acc_smallest": subnet_accuracy(net, space.smallest(), val_loader, train_loader, seed=seed),
@@ -124,13 +137,15 @@ def eval_(
     checkpoint: Annotated[Path, typer.Option(help="Supernet checkpoint (from `nestnas train`).")],
     config: Annotated[Optional[str], typer.Option(help="Subnet config as inline JSON or a JSON file; "
                                                        "default: largest and smallest.")] = None,
+    data: DataOpt = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Shared-weight accuracy (batch norm recalibrated), params and MACs of subnets of a checkpoint."""
-    from nestnas.quickstart import describe_subnet, subnet_table
+    """Shared-weight accuracy (batch norm recalibrated), params and MACs of subnets of a checkpoint,
+    on the validation split of its data (or of --data)."""
+    from nestnas.report import describe_subnet, subnet_table
     from nestnas.supernet.checkpoint import load_supernet
-    from nestnas.supernet.data import digits_loaders
+    from nestnas.supernet.data import data_for_checkpoint
 
     net = load_supernet(checkpoint)
     space = net.space
@@ -138,12 +153,13 @@ def eval_(
         picks = [("config", _read_config(config, space))]
     else:
         picks = [("largest", space.largest()), ("smallest", space.smallest())]
-    train_loader, val_loader = digits_loaders(space.family, 64, seed)
+    dataset = data_for_checkpoint(net, checkpoint, data, seed=seed)
+    train_loader, val_loader = dataset.loaders(64)
     rows = [(name, describe_subnet(net, c, val_loader, train_loader, seed)) for name, c in picks]
     if as_json:
         print(json.dumps({name: r for name, r in rows}, indent=2))
     else:
-        console.print(subnet_table(f"{checkpoint}", rows))
+        console.print(subnet_table(f"{checkpoint} on {dataset.name}", rows))
 
 
 @app.command()
@@ -167,7 +183,7 @@ def quickstart(
     from nestnas.quickstart import run_quickstart
     from nestnas.supernet.train import DEFAULT_EPOCHS
 
-    summary = run_quickstart(out, epochs=epochs or DEFAULT_EPOCHS["cnn"], seed=seed, profile_samples=profile_samples,
+    summary = run_quickstart(out, epochs=epochs or DEFAULT_EPOCHS[DEFAULT_FAMILY], seed=seed, profile_samples=profile_samples,
                              search_evals=search_evals, tune_trials=tune_trials, tune_seconds=tune_seconds,
                              console=Console(stderr=True) if as_json else console,
                              progress=not as_json)
@@ -178,8 +194,14 @@ def quickstart(
 def _parse_resolutions(text: str | None, family: str) -> dict:
     if text is None:
         return {}
-    if family != "cnn":
-        raise ConfigError("--resolution applies to the cnn family only")
+    from nestnas.supernet import SearchSpace
+
+    def has_resolution(name: str) -> bool:
+        return "resolution_choices" in {f.name for f in dataclasses.fields(type(SearchSpace.for_family(name)))}
+
+    if not has_resolution(family):
+        names = [name for name in family_names() if has_resolution(name)]
+        raise ConfigError(f"--resolution applies to the {' and '.join(names)} family only")
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:
@@ -192,7 +214,7 @@ def _parse_resolutions(text: str | None, family: str) -> dict:
 @app.command()
 def profile(
     backend: Annotated[str, typer.Option(help="Runtime to measure on: onnxruntime or tvm.")] = "onnxruntime",
-    family: Annotated[str, typer.Option(help="Supernet family: cnn or transformer.")] = "cnn",
+    family: Family = DEFAULT_FAMILY,
     resolution: Annotated[Optional[str], typer.Option(help="CNN input resolutions to profile, comma-separated "
                                                            "\\[default: the space's own].")] = None,
     samples: Annotated[int, typer.Option(help="Subnets to measure (space-filling sample): 2 to the space's "

@@ -19,37 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from nestnas.fileio import check_output
-from nestnas.predictors.macs import count_module
 from nestnas.progress import SearchProgress, StageBar
+from nestnas.report import describe_subnet, subnet_table
 from nestnas.supernet.checkpoint import save_checkpoint
-from nestnas.supernet.cnn import ElasticCNN
 from nestnas.supernet.data import digits_loaders
-from nestnas.supernet.evaluate import subnet_accuracy
-from nestnas.supernet.base import Supernet
-from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.base import Supernet, build_supernet
+from nestnas.supernet.families import DEFAULT_FAMILY
+from nestnas.supernet.space import SearchSpace
 from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
-
-
-def describe_subnet(net: Supernet, config: SubnetConfig, val_loader, calib_loader, seed: int = 0) -> dict[str, Any]:
-    """Accuracy (batch norm recalibrated), MACs and params of one subnet, plus its identity."""
-    acc = subnet_accuracy(net, config, val_loader, calib_loader, seed=seed)
-    macs, params = count_module(net.extract(config), torch.zeros(net.input_shape(config)))
-    return {"hash": net.space.config_hash(config), "config": config.to_dict(), "accuracy": acc, "macs": macs,
-            "params": params}
-
-
-def subnet_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
-    table = Table(title=title)
-    for col, justify in (("subnet", "left"), ("hash", "left"), ("val acc", "right"), ("params", "right"),
-                         ("MACs", "right"), ("config", "left")):
-        table.add_column(col, justify=justify)
-    for name, r in rows:
-        c = r["config"]
-        summary = ", ".join(f"{k}={v}" for k, v in c.items() if k in ("resolution", "width_mult", "depths", "depth",
-                                                                       "embed_dim"))
-        table.add_row(name, r["hash"], f"{100 * r['accuracy']:.2f}%", f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}M",
-                      summary)
-    return table
 
 
 MIN_STABLE = 7  # a held-out third needs 5 subnets to fit and 2 to test
@@ -184,7 +161,7 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
             "tuning": result.get("tuning")}
 
 
-def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS["cnn"], seed: int = 0,
+def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS[DEFAULT_FAMILY], seed: int = 0,
                    console: Console | None = None, progress: bool = True,
                    profile_samples: int = 48, search_evals: int = 96, tune_trials: int = 4,
                    tune_seconds: float | None = 10.0) -> dict[str, Any]:
@@ -192,8 +169,8 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
     out_dir = check_output(out_dir, "quickstart folder", kind="dir")  # before minutes of training
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    train_loader, val_loader = digits_loaders("cnn", batch_size=64, seed=seed)
-    net = ElasticCNN(num_classes=10, in_channels=1)
+    train_loader, val_loader = digits_loaders(DEFAULT_FAMILY, batch_size=64, seed=seed)
+    net = build_supernet(SearchSpace.for_family(DEFAULT_FAMILY), num_classes=10)
     space = net.space
     console.rule("[bold]1. train[/] the CNN supernet on scikit-learn digits (sandwich rule, in-place distillation)")
     console.print(f"search space: {space.size():,} distinct subnets; {epochs} epochs")
