@@ -331,6 +331,7 @@ def fit(
                                            "the fitting subnets), hybrid, lut or ensemble.")] = "auto",
     samples: Annotated[int, typer.Option(min=7, help="Subnets to evaluate for an accuracy predictor.")] = 200,
     holdout: Annotated[float, typer.Option(help="Share of subnets held out for the printed figures.")] = 1 / 3,
+    data: DataOpt = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -363,7 +364,7 @@ def fit(
         save_predictor(out, "latency", profile, kind, seed, train, scores[kind])
         rows, unit = scores, "ms"
     else:
-        rows, unit, kind = _fit_accuracy(checkpoint, out, samples, holdout, seed, as_json), "", "accuracy"
+        rows, unit, kind = _fit_accuracy(checkpoint, out, samples, holdout, seed, as_json, data), "", "accuracy"
     summary = {"predictor": str(out), "saved_kind": kind, "heldout": rows}
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -388,23 +389,29 @@ def _warn_incomplete(prof, path: Path) -> None:
                           "to finish it", markup=False, soft_wrap=True)
 
 
-def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, seed: int, quiet: bool) -> dict:
+def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, seed: int, quiet: bool,
+                  data: str | None = None) -> dict:
+    import hashlib
+
     from nestnas.hw_profiles.sampling import space_filling_sample
     from nestnas.predictors import fitting
     from nestnas.predictors.accuracy_data import AccuracyTable, measure_accuracies
     from nestnas.predictors.store import save_predictor, sha256_file
     from nestnas.supernet.checkpoint import load_supernet
-    from nestnas.supernet.data import digits_loaders
+    from nestnas.supernet.data import data_for_checkpoint
 
     net = load_supernet(checkpoint)
+    dataset = data_for_checkpoint(net, checkpoint, data, seed=seed)
     table_path = out.with_suffix(".accuracy.json")
     digest = sha256_file(checkpoint)
+    if data is not None:  # accuracies on other data are another table
+        digest = hashlib.sha256(f"{digest}|{dataset.fingerprint}".encode()).hexdigest()
     table = None
     if table_path.exists():
         table = AccuracyTable.load(table_path)
         if table.checkpoint_sha256 != digest:
             table = None  # another checkpoint: start afresh
-    train_loader, val_loader = digits_loaders(net.space.family, 64, seed)
+    train_loader, val_loader = dataset.loaders(64)
     configs = space_filling_sample(net.space, samples, seed)
     with StageBar("accuracy", not quiet, err_console) as bar:
         table = measure_accuracies(net, configs, val_loader, train_loader, digest, table, seed,
@@ -417,8 +424,8 @@ def _fit_accuracy(checkpoint: Path, out: Path, samples: int, holdout: float, see
 
 @app.command()
 def search(
-    checkpoint: Annotated[Path, typer.Option(help="Trained supernet checkpoint (accuracy on the digits "
-                                                  "validation split, batch norm recalibrated).")],
+    checkpoint: Annotated[Path, typer.Option(help="Trained supernet checkpoint (accuracy on the validation "
+                                                  "split of its data, batch norm recalibrated).")],
     out: Annotated[Path, typer.Option(help="Pareto front file to write (JSON).")],
     profile: Annotated[Optional[Path], typer.Option(help="Device profile: latency from its default "
                                                           "predictor.")] = None,
@@ -441,6 +448,7 @@ def search(
     inner_evals: Annotated[int, typer.Option(min=100, max=1_000_000,
                                              help="LINAS: predictor-only evaluations of each iteration's inner "
                                                   "NSGA-II.")] = 5000,
+    data: DataOpt = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -475,7 +483,7 @@ def search(
 
         _warn_incomplete(DeviceProfile.load(profile), profile)
     net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
-                                             budget_metrics=[b.metric for b in budgets], seed=seed)
+                                             budget_metrics=[b.metric for b in budgets], seed=seed, data=data)
     with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
             SearchProgress(not as_json, evals, err_console) as bar:
         warnings.simplefilter("always")
@@ -571,6 +579,9 @@ def export(
                                                                   "\\[default pick: all] and a host module that "
                                                                   "runs the most accurate one meeting a latency "
                                                                   "budget given at run time.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", help="Measure the manifests' accuracy on this data's "
+                                                               "validation split (a spec as for train) \[default: "
+                                                               "the front's accuracy].", show_default=False)] = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -602,6 +613,8 @@ def export(
     chosen = _parse_pick("all" if switchable and pick == "knee" else pick, loaded)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    if data is not None:
+        chosen = _accuracy_on(net, ckpt, data, chosen, seed)
     if switchable:
         _export_switchable(net, loaded, chosen, out, fmts, threads, seed, as_json)
         return
@@ -622,6 +635,18 @@ def export(
                       f"{len(t['extra_rounds'])} given extra rounds, "
                       f"{t['skipped_for_time']} left for time) in "
                       f"{t['seconds']:.0f} s; database: {t['database']}")
+
+
+def _accuracy_on(net, checkpoint: Path, data: str, chosen: list, seed: int) -> list:
+    """`chosen` front candidates with their accuracy measured on `data` (checked to fit first)."""
+    from nestnas.supernet.data import data_for_checkpoint
+    from nestnas.supernet.evaluate import subnet_accuracy
+
+    train_loader, val_loader = data_for_checkpoint(net, checkpoint, data, seed=seed).loaders(64)
+    return [dataclasses.replace(c, metrics={**c.metrics, "accuracy": subnet_accuracy(net, c.config, val_loader,
+                                                                                     train_loader, seed=seed)},
+                                measured=tuple(dict.fromkeys([*c.measured, "accuracy"])),
+                                predicted=tuple(m for m in c.predicted if m != "accuracy")) for c in chosen]
 
 
 def _export_switchable(net, front, chosen, out: Path, fmts: list[str], threads, seed: int, as_json: bool) -> None:

@@ -1,0 +1,35 @@
+"""What a subnet of a supernet is (accuracy on shared weights, MACs, params), as a record and as
+a table; shared by `nestnas eval` and the quickstart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from nestnas.predictors.macs import count_module
+from nestnas.supernet.base import Supernet
+from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.evaluate import subnet_accuracy
+from rich.table import Table
+
+
+def describe_subnet(net: Supernet, config: SubnetConfig, val_loader, calib_loader, seed: int = 0) -> dict[str, Any]:
+    """Accuracy (batch norm recalibrated), MACs and params of one subnet, plus its identity."""
+    acc = subnet_accuracy(net, config, val_loader, calib_loader, seed=seed)
+    macs, params = count_module(net.extract(config), torch.zeros(net.input_shape(config)))
+    return {"hash": net.space.config_hash(config), "config": config.to_dict(), "accuracy": acc, "macs": macs,
+            "params": params}
+
+
+def subnet_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    table = Table(title=title)
+    for col, justify in (("subnet", "left"), ("hash", "left"), ("val acc", "right"), ("params", "right"),
+                         ("MACs", "right"), ("config", "left")):
+        table.add_column(col, justify=justify)
+    for name, r in rows:
+        c = r["config"]
+        summary = ", ".join(f"{k}={v}" for k, v in c.items() if k in ("resolution", "width_mult", "depths", "depth",
+                                                                       "embed_dim"))
+        table.add_row(name, r["hash"], f"{100 * r['accuracy']:.2f}%", f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}M",
+                      summary)
+    return table
