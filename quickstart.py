@@ -22,7 +22,7 @@ from nestnas.fileio import check_output
 from nestnas.progress import SearchProgress, StageBar
 from nestnas.report import describe_subnet, subnet_table
 from nestnas.supernet.checkpoint import save_checkpoint
-from nestnas.supernet.data import digits_loaders
+from nestnas.supernet.data import load_data
 from nestnas.supernet.base import Supernet, build_supernet
 from nestnas.supernet.families import DEFAULT_FAMILY
 from nestnas.supernet.space import SearchSpace
@@ -169,14 +169,15 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
     out_dir = check_output(out_dir, "quickstart folder", kind="dir")  # before minutes of training
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    train_loader, val_loader = digits_loaders(DEFAULT_FAMILY, batch_size=64, seed=seed)
-    net = build_supernet(SearchSpace.for_family(DEFAULT_FAMILY), num_classes=10)
-    space = net.space
+    space = SearchSpace.for_family(DEFAULT_FAMILY)
+    data = load_data("digits", space, seed=seed)
+    train_loader, val_loader = data.loaders(batch_size=64)
+    net = build_supernet(space, **data.spec_for(space))
     console.rule("[bold]1. train[/] the CNN supernet on scikit-learn digits (sandwich rule, in-place distillation)")
     console.print(f"search space: {space.size():,} distinct subnets; {epochs} epochs")
     result = train_supernet(net, train_loader, epochs, seed=seed, progress=progress)
     ckpt = out_dir / "supernet.ckpt"
-    save_checkpoint(net, ckpt)
+    save_checkpoint(net, ckpt, data=data)
     console.print(f"trained in {result.seconds:.0f} s; checkpoint: {ckpt}")
 
     rng = np.random.default_rng(seed)
