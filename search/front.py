@@ -20,16 +20,28 @@ from typing import Any, Literal, Optional
 import numpy as np
 from nestnas.errors import ArtifactError, ConfigError
 from nestnas.fileio import atomic_path, read_document, validate, write_standard_json
+from nestnas.search.objectives import BUDGET_OPS, Budget, MetricInfo, as_budgets, total_violation
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
 from pydantic import BaseModel, ConfigDict, Field
 
+# Version 1 throughout: an objective's typed `batch_size` and `predictor` are optional fields, so
+# fronts written before them still load, and older readers keep them as unknown extras.
 FORMAT, VERSION = "nestnas-pareto-front", 1
 
 
 # --- the schema of a front file (checked on load; extra keys are kept, for newer writers) ----------
 class _Doc(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+class _PredictorDoc(_Doc):  # search.objectives.PredictorId
+    kind: str
+    file: str = ""
+    sha256: str = ""
+    device: str = ""
+    backend: str = ""
+    threads: Optional[int] = None
 
 
 class _ObjectiveDoc(_Doc):
@@ -39,11 +51,13 @@ class _ObjectiveDoc(_Doc):
     source: str
     context: str = ""
     ideal: float
+    batch_size: Optional[int] = Field(default=None, ge=1)
+    predictor: Optional[_PredictorDoc] = None
 
 
-class _BudgetDoc(_Doc):
+class _BudgetDoc(_Doc):  # search.objectives.Budget.to_dict()
     metric: str
-    op: Literal["<=", ">="]
+    op: Literal[BUDGET_OPS]
     value: float
 
 
@@ -147,16 +161,20 @@ def non_dominated(u: np.ndarray) -> np.ndarray:
 class ParetoFront:
     space: SearchSpace
     objectives: list[dict]          # Objective.describe() of each optimised objective
-    budgets: list[dict]             # {"metric", "op", "value"}
+    budgets: list[Budget]           # given as Budgets or their to_dict() records
     reference: dict[str, float]     # hypervolume reference point per objective
     evaluated: list[Candidate]      # every distinct subnet evaluated, in order
     front: list[int]                # indices into `evaluated`, sorted by the first objective
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.budgets = as_budgets(self.budgets)
+
     # --- construction ----------------------------------------------------------------------
     @classmethod
-    def from_archive(cls, space: SearchSpace, objectives: list[dict], budgets: list[dict],
+    def from_archive(cls, space: SearchSpace, objectives: list[dict], budgets: list,
                      reference: dict[str, float], evaluated: list[Candidate], meta: dict[str, Any]) -> ParetoFront:
+        budgets = as_budgets(budgets)
         names = [o["name"] for o in objectives]
         values = np.array([[c.metrics[n] for n in names] for c in evaluated]).reshape(len(evaluated), len(names))
         feasible = np.array([_feasible(c.metrics, budgets) for c in evaluated], dtype=bool)
@@ -199,6 +217,12 @@ class ParetoFront:
     def hypervolume(self) -> float:
         return hypervolume(self.values(), self.objectives, self.reference)
 
+    def info(self, name: str) -> MetricInfo | None:
+        """The typed facts (unit, batch size, predictor identity) of objective `name`, or None
+        where the front does not optimise it."""
+        o = next((o for o in self.objectives if o["name"] == name), None)
+        return None if o is None else MetricInfo.from_dict(o)
+
     def _metric_of(self, key: str) -> str:
         units = {o["name"]: o["unit"].split()[0].lower() if o["unit"] else "" for o in self.objectives}
         known = set(self.evaluated[0].metrics) if self.evaluated else set(self.names)
@@ -218,13 +242,12 @@ class ParetoFront:
         by = by or next((o["name"] for o in self.objectives if o["direction"] == "max"), self.names[0])
         if by not in directions:
             raise ConfigError(f"best(by={by!r}): allowed: {self.names}")
-        limits = [{"metric": self._metric_of(k), "value": float(v)} for k, v in budgets.items()]
-        for lim in limits:
-            lim["op"] = ">=" if directions.get(lim["metric"]) == "max" else "<="
+        limits = [Budget(m, ">=" if directions.get(m) == "max" else "<=", float(v))
+                  for m, v in ((self._metric_of(k), v) for k, v in budgets.items())]
         ok = [c for c in self.candidates if _feasible(c.metrics, limits)]
         if not ok:
-            text = ", ".join(f"{lim['metric']} {lim['op']} {lim['value']:g}" for lim in limits)
-            closest = min(self.candidates, key=lambda c: _violation(c.metrics, limits))
+            text = ", ".join(str(lim) for lim in limits)
+            closest = min(self.candidates, key=lambda c: total_violation(c.metrics, limits))
             raise ConfigError(f"no subnet on the front meets {text}; closest: {_short(closest)}")
         sign = -1.0 if directions[by] == "max" else 1.0
         return min(ok, key=lambda c: sign * c.metrics[by])
@@ -244,7 +267,7 @@ class ParetoFront:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "space": self.space.to_dict(),
                 "space_fingerprint": self.space.fingerprint(), "objectives": self.objectives,
-                "budgets": self.budgets, "reference": self.reference, "hypervolume": self.hypervolume,
+                "budgets": [b.to_dict() for b in self.budgets], "reference": self.reference, "hypervolume": self.hypervolume,
                 "front": self.front, "evaluated": [c.to_dict() for c in self.evaluated], "meta": self.meta}
 
     def save(self, path: str | os.PathLike, plot: str | os.PathLike | None = None) -> None:
@@ -261,7 +284,11 @@ class ParetoFront:
         data = read_document(path, "Pareto front file", FORMAT, VERSION, ArtifactError, version_key="version")
         validate(data, _FrontDoc, path, "Pareto front file", ArtifactError)
         _check_front_doc(data, path)
+        for o in data["objectives"]:
+            _upgrade_legacy_unit(o)
         try:
+            for o in data["objectives"]:
+                MetricInfo.from_dict(o)  # a unit with a batch inside, a bad batch size
             stored = SearchSpace.from_dict(data["space"])
             if space is not None and stored.fingerprint() != space.fingerprint():
                 raise ArtifactError(f"front file {path} was searched on another search space "
@@ -285,7 +312,8 @@ class ParetoFront:
                                      f"hypervolume {self.hypervolume:.4f}")
         table.add_column("#", justify="right")
         for o in self.objectives:
-            table.add_column(f"{o['name']}" + (f" ({o['unit']})" if o["unit"] and o["unit"] != "MACs" else "")
+            unit = MetricInfo.from_dict(o).display
+            table.add_column(f"{o['name']}" + (f" ({unit})" if unit and unit != "MACs" else "")
                              + (" *" if o["source"] == "predicted" else ""), justify="right")
         table.add_column("hash")
         table.add_column("config")
@@ -341,7 +369,8 @@ def first_sign(o: dict) -> float:
 def axis_label(o: dict) -> str:
     if o["name"] == "accuracy":
         return "accuracy (shared weights, validation)" if o["source"] == "measured" else "accuracy (predicted)"
-    unit = {"MACs": "millions of MACs", "params": "millions of parameters"}.get(o["unit"], o["unit"])
+    unit = {"MACs": "millions of MACs", "params": "millions of parameters"}.get(o["unit"],
+                                                                                 MetricInfo.from_dict(o).display)
     return f"{o['name']} ({unit})" + (", predicted" if o["source"] == "predicted" else "")
 
 
@@ -353,17 +382,18 @@ def format_metric(o: dict, v: float) -> str:
     return f"{v:.3f}"
 
 
-def _feasible(metrics: dict[str, float], budgets: list[dict]) -> bool:
-    return _violation(metrics, budgets) <= 0.0
+def _upgrade_legacy_unit(o: dict) -> None:
+    """Fronts written before typed fields kept the batch only inside the unit ("ms @ batch 8").
+    Read once here, for those files only, into the typed `batch_size`; nothing else parses units."""
+    import re
+
+    m = re.fullmatch(r"(\S+) @ batch (\d+)", o.get("unit", ""))
+    if m and o.get("batch_size") is None:
+        o["unit"], o["batch_size"] = m.group(1), int(m.group(2))
 
 
-def _violation(metrics: dict[str, float], budgets: list[dict]) -> float:
-    total = 0.0
-    for b in budgets:
-        v = metrics[b["metric"]]
-        gap = v - b["value"] if b["op"] == "<=" else b["value"] - v
-        total += max(gap, 0.0) / max(abs(b["value"]), 1e-12)
-    return total
+def _feasible(metrics: dict[str, float], budgets: list[Budget]) -> bool:
+    return total_violation(metrics, budgets) <= 0.0
 
 
 def _short(c: Candidate) -> str:
@@ -375,6 +405,4 @@ def _short(c: Candidate) -> str:
 
 
 def _summary(config: SubnetConfig) -> str:
-    d = config.to_dict()
-    keep = ("resolution", "width_mult", "depths", "depth", "embed_dim")
-    return ", ".join(f"{k}={v}" for k, v in d.items() if k in keep)
+    return config.summary()

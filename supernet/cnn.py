@@ -42,6 +42,7 @@ class CNNConfig(SubnetConfig):
     _types: ClassVar[dict[str, Callable[..., Any]]] = {
         "resolution": as_int, "width_mult": as_float, "depths": ints, "kernel_sizes": nested_ints,
         "expand_ratios": nested_ints}
+    summary_fields: ClassVar[tuple[str, ...]] = ("resolution", "width_mult", "depths")
 
 
 @dataclass(frozen=True)

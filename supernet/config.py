@@ -76,6 +76,8 @@ class SubnetConfig:
     family: ClassVar[str] = ""
     # field -> normaliser(field, value, exact): checks the type and returns the canonical value
     _types: ClassVar[dict[str, Callable[..., Any]]] = {}
+    # fields `summary` shows; None: the scalar ones
+    summary_fields: ClassVar[tuple[str, ...] | None] = None
 
     def __post_init__(self):
         for name, normalise in self._types.items():
@@ -86,6 +88,13 @@ class SubnetConfig:
         for f in dataclasses.fields(self):
             out[f.name] = _to_jsonable(getattr(self, f.name))
         return out
+
+    def summary(self) -> str:
+        """A short line naming the config's main choices (`summary_fields`: the family's own
+        choice, or its scalar fields), e.g. for a front's table."""
+        d = self.to_dict()
+        names = self.summary_fields or [f.name for f in dataclasses.fields(self) if not isinstance(d[f.name], list)]
+        return ", ".join(f"{k}={d[k]}" for k in names)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
