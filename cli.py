@@ -35,7 +35,7 @@ Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of every ran
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="Data: digits, a folder of class sub-folders, FILE.npz, FILE.csv:label=COLUMN or "
-                   "package.module:function (see the README) \[default: the data the checkpoint was trained on].",
+                   "package.module:function (see the README) \\[default: the data the checkpoint was trained on].",
     show_default=False)]
 Family = Annotated[str, typer.Option(help=f"Supernet family: {' or '.join(family_names())}.")]
 
@@ -580,7 +580,7 @@ def export(
                                                                   "runs the most accurate one meeting a latency "
                                                                   "budget given at run time.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Measure the manifests' accuracy on this data's "
-                                                               "validation split (a spec as for train) \[default: "
+                                                               "validation split (a spec as for train) \\[default: "
                                                                "the front's accuracy].", show_default=False)] = None,
     seed: Seed = 0,
     as_json: AsJson = False,
