@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except NestnasError as exc:
-        _error(str(exc))
+        _error(_with_flags(exc))
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -801,6 +801,26 @@ def main(argv: list[str] | None = None) -> int:
             raise  # not about a path the user can fix: a bug, keep the traceback
         _error(_os_error_line(exc))
     return 1
+
+
+# Library errors name parameters ("pop_size 5 is too large"); here they are options. A message that
+# starts with a parameter name gets its flag; names with an underscore are mapped anywhere.
+PARAM_FLAGS = {"pop_size": "--pop-size", "evals": "--evals", "algorithm": "--algorithm", "budget": "--budget",
+               "holdout": "--holdout", "kind": "--kind", "objectives": "--objectives", "predictor": "--predictor",
+               "max_minutes": "--max-minutes", "passes": "--passes", "batch_size": "--batch-size",
+               "threads": "--threads", "inner_evals": "--inner-evals", "kappa": "--kappa"}
+
+
+def _with_flags(exc: NestnasError) -> str:
+    import re
+
+    message = str(exc)
+    if not isinstance(exc, ConfigError):  # about a file's contents, not an option
+        return message
+    first = re.match(r"[a-z_]+", message)
+    if first and first.group() in PARAM_FLAGS and message[first.end():first.end() + 1] in (" ", ":", "="):
+        message = PARAM_FLAGS[first.group()] + message[first.end():]
+    return re.sub(r"\b(?<!-)([a-z]+_[a-z_]+)\b", lambda m: PARAM_FLAGS.get(m.group(1), m.group(1)), message)
 
 
 def _escape_unencodable_output() -> None:

@@ -26,20 +26,18 @@ def default_tuning_database() -> Path:
     return user_dir().parent / "tuning" / name
 
 
-def _batch_of(unit: str) -> int | None:
-    m = re.search(r"batch (\d+)", unit or "")
-    return int(m.group(1)) if m else None
-
-
 def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, name: str | None = None):
     """A `compile.bundle.Subnet` for a front candidate: the extracted module and its manifest facts."""
     from nestnas.compile.bundle import Subnet
     from nestnas.predictors.macs import count_macs
 
+    from nestnas.search.objectives import MetricInfo
+
     config = net.space.validate(candidate.config)
     objectives = {o["name"]: o for o in (front.objectives if front is not None else [])}
-    lat_unit = objectives.get("latency", {}).get("unit", "")
-    batch = batch_size or _batch_of(lat_unit) or 1
+    latency = MetricInfo.from_dict(objectives["latency"]) if "latency" in objectives else MetricInfo()
+    # The batch the front's latencies hold for (typed, from the profile) unless asked otherwise.
+    batch = batch_size or latency.batch_size or 1
     macs, params = count_macs(net.space, config, **net.spec())
     info: dict[str, Any] = {"config": config.to_dict(), "hash": net.space.config_hash(config),
                             "family": net.space.family, "macs": int(macs), "params": int(params)}
@@ -48,10 +46,11 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
                             "source": objectives.get("accuracy", {}).get("source", "measured"),
                             "what": "shared-weight validation accuracy, batch norm recalibrated"}
     if "latency" in candidate.metrics:
-        info["predicted_latency"] = {"ms": candidate.metrics["latency"], "unit": lat_unit,
-                                     "batch": _batch_of(lat_unit),
-                                     "predictor": objectives.get("latency", {}).get("context", ""),
-                                     "source": objectives.get("latency", {}).get("source", "predicted")}
+        info["predicted_latency"] = {"ms": candidate.metrics["latency"], "unit": latency.unit or "ms",
+                                     "batch": latency.batch_size, "display": latency.display,
+                                     "predictor": latency.predictor.to_dict() if latency.predictor else None,
+                                     "context": objectives["latency"].get("context", ""),
+                                     "source": objectives["latency"].get("source", "predicted")}
     return Subnet(name or info["hash"], net.extract(config), tuple(net.input_shape(config, batch)), info)
 
 

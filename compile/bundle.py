@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -309,9 +309,20 @@ class _Accuracy(Strict):
     value: float
 
 
+class _PredictorRef(Strict):  # nestnas.search.objectives.PredictorId.to_dict()
+    kind: str
+    file: str = ""
+    sha256: str = ""
+    device: str = ""
+    backend: str = ""
+    threads: Optional[int] = None
+
+
 class _Predicted(Strict):
     ms: float
-    batch: Optional[int] = None
+    unit: str = "ms"
+    batch: Optional[Annotated[int, Field(gt=0)]] = None  # the batch the prediction holds for
+    predictor: Union[_PredictorRef, str, None] = None  # typed identity; older bundles: a context string
 
 
 class BundleManifest(Strict):

@@ -25,7 +25,7 @@ MIN_USABLE_SUBNETS = 7  # what `nestnas fit` needs: 5 subnets to fit and 2 held 
 
 def check_minutes(max_minutes: float | None) -> float | None:
     if max_minutes is not None and not (math.isfinite(max_minutes) and 0 < max_minutes <= MAX_MINUTES):
-        raise ConfigError(f"--max-minutes {max_minutes} is out of range; allowed: more than 0, at most {MAX_MINUTES:g}")
+        raise ConfigError(f"max_minutes {max_minutes} is out of range; allowed: more than 0, at most {MAX_MINUTES:g}")
     return max_minutes
 
 

@@ -54,8 +54,8 @@ def check_options(space: SearchSpace, n_samples: int, passes: int, batch_size: i
     """Every numeric option within what the space and a sane maximum allow (one line naming the
     allowed range), before anything is measured or written."""
     check_sample_count(space, n_samples)
-    for option, value, hi in (("--passes", passes, MAX_PASSES), ("--batch-size", batch_size, MAX_USER_BATCH),
-                              ("--threads", threads, MAX_THREADS)):
+    for option, value, hi in (("passes", passes, MAX_PASSES), ("batch_size", batch_size, MAX_USER_BATCH),
+                              ("threads", threads, MAX_THREADS)):
         if value is not None and not 1 <= value <= hi:
             bound = "at least 1" if value < 1 else f"at most {hi}"
             raise ConfigError(f"{option} must be {bound}, got {value}; allowed: 1 to {hi}")
@@ -252,10 +252,10 @@ def _resume(out, space, net, fingerprint, batch_size) -> DeviceProfile | None:
     for key in ("backend", "version", "threads", "target", "exporter"):
         if profile.fingerprint.get(key) != fingerprint.get(key):
             raise ProfileError(f"existing profile {path} was measured with {key}={profile.fingerprint.get(key)!r}, "
-                               f"this run uses {fingerprint.get(key)!r}; choose another --out")
+                               f"this run uses {fingerprint.get(key)!r}; save this run to another path")
     if profile.spec != net.spec() or (batch_size and batch_size != profile.batch_size):
         raise ProfileError(f"existing profile {path} was measured with another model spec or batch size; "
-                           "choose another --out")
+                           "save this run to another path")
     return profile
 
 

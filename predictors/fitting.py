@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from nestnas.predictors.store import fit_accuracy, fit_latency
 def split_hashes(keys, holdout: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, held-out) split of measurement keys, a pure function of the keys and seed."""
     if not 0.0 < holdout < 1.0:
-        raise ConfigError(f"--holdout must be between 0 and 1, got {holdout}")
+        raise ConfigError(f"holdout {holdout}: allowed: between 0 and 1 (exclusive)")
     keys = sorted(keys)
     n_hold = int(round(holdout * len(keys)))
     if n_hold < 2 or len(keys) - n_hold < 5:
@@ -83,3 +84,64 @@ def score_accuracy(table: AccuracyTable, train: list[str], held: list[str], seed
     X_held, y_held = table.to_xy(held)
     predictor = fit_accuracy(table, train, seed)
     return predictor, prediction_metrics(y_held, predictor.predict(X_held))
+
+
+# --- fit and select: the one policy every caller (CLI, quickstart, search presets) uses --------
+MIN_STABLE = 7  # 5 subnets to fit and 2 to test
+
+
+def fitting_hashes(profile: DeviceProfile, min_stable: int = MIN_STABLE) -> tuple[list[str], str | None]:
+    """(measurement keys to fit on, warning or None). The stable measurements; where fewer than
+    `min_stable` are stable (a busy host flags most medians, which are still the best estimates
+    there are), all of them, with a warning saying so."""
+    stable = sorted(k for k, m in profile.measurements.items() if m["stable"])
+    if len(stable) >= min_stable:
+        return stable, None
+    n = len(profile.measurements)
+    return sorted(profile.measurements), (f"only {len(stable)} of {n} subnet measurements of profile "
+                                          f"{profile.name!r} are stable (fewer than {min_stable}); fitting on all "
+                                          f"{n}")
+
+
+@dataclass(frozen=True)
+class LatencyFit:
+    """What `fit_and_select` chose: the `kind`, its `predictor` fitted on `train`, the held-out
+    `scores` of every available kind (empty without a hold-out), the cross-validation figures
+    behind an automatic choice and the warning of `fitting_hashes`."""
+
+    kind: str
+    predictor: Any
+    kinds: list[str]
+    train: list[str]
+    held: list[str]
+    scores: dict[str, dict[str, float]]
+    cv: dict[str, dict[str, float]]
+    warning: str | None
+
+
+def fit_and_select(profile: DeviceProfile, kind: str = "auto", holdout: float | None = 1 / 3,
+                   seed: int = 0) -> LatencyFit:
+    """Fit the latency predictors a profile supports and choose one: `kind` "auto" picks by
+    cross-validation on the fitting subnets only. With `holdout`, that share of the usable
+    subnets is kept out of fitting and every kind is scored on it; with None, all are fitted on."""
+    if kind not in ("auto", *LATENCY_KINDS):
+        raise ConfigError(f"kind {kind!r}: unknown latency predictor; allowed: {['auto', *LATENCY_KINDS]}")
+    kinds = available_kinds(profile)
+    if kind != "auto" and kind not in kinds:
+        raise ConfigError(f"kind {kind!r} needs every block measured, which profile {profile.name!r} lacks "
+                          f"(resume its profiling run); allowed here: {kinds}")
+    usable, warning = fitting_hashes(profile)
+    if holdout is None:
+        if len(usable) < MIN_STABLE:
+            raise ConfigError(f"profile {profile.name!r} has {len(usable)} measured subnets; at least {MIN_STABLE} "
+                              "are needed to fit a latency predictor")
+        train, held, scores, fitted = usable, [], {}, {}
+    else:
+        train, held = split_hashes(usable, holdout, seed)
+        scores = score_latency(profile, kinds, train, held, seed)
+        fitted = scores.pop("_predictors")
+    cv: dict[str, dict[str, float]] = {}
+    if kind == "auto":
+        kind, cv = choose_kind(profile, kinds, train, seed)
+    predictor = fitted.get(kind) or fit_latency(profile, kind, train, seed)
+    return LatencyFit(kind, predictor, kinds, train, held, scores, cv, warning)

@@ -5,6 +5,10 @@ a direction and a unit. `source` says where its values come from ("measured": ev
 real thing, e.g. shared-weight accuracy; "predicted": from a fitted predictor; "computed": exact
 analytic counts) and `context` names everything its values depend on besides the config, which
 keys the evaluation cache. `expensive` objectives are the ones LINAS learns a surrogate for.
+
+Facts that later stages act on travel as typed fields, never inside the display string: the unit
+("ms"), the batch size the values hold for, and where predicted or measured values come from
+(`PredictorId`). `MetricInfo` bundles them; `MetricInfo.display` ("ms @ batch 8") is derived.
 """
 
 from __future__ import annotations
@@ -25,6 +29,62 @@ DIRECTIONS = ("min", "max")
 SOURCES = ("measured", "predicted", "computed")
 
 
+@dataclass(frozen=True)
+class PredictorId:
+    """Where an objective's values come from: a predictor `kind` ("hybrid", "lut", "ensemble", ...,
+    or "measured" for a runtime timed live), the profile or predictor `file` it was fitted on or
+    loaded from and that file's `sha256`, and the `device` (profile name), `backend` and `threads`
+    it was measured with, where known."""
+
+    kind: str
+    file: str = ""
+    sha256: str = ""
+    device: str = ""
+    backend: str = ""
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "file": self.file, "sha256": self.sha256, "device": self.device,
+                "backend": self.backend, "threads": self.threads}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PredictorId:
+        known = {f: data[f] for f in ("kind", "file", "sha256", "device", "backend", "threads") if f in data}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """The typed facts of one metric: its `unit`, the `batch_size` its values hold for (None where
+    batch does not apply) and its `predictor` identity (None for exact counts and accuracies)."""
+
+    unit: str = ""
+    batch_size: int | None = None
+    predictor: PredictorId | None = None
+
+    def __post_init__(self) -> None:
+        if "@" in self.unit:
+            raise ConfigError(f"unit {self.unit!r}: give the bare unit (e.g. 'ms') and the batch as batch_size")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ConfigError(f"batch_size {self.batch_size!r}: allowed: a positive integer or None")
+
+    @property
+    def display(self) -> str:
+        """For people only (tables, plot axes); nothing parses it back."""
+        return f"{self.unit} @ batch {self.batch_size}" if self.unit and self.batch_size else self.unit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "batch_size": self.batch_size,
+                "predictor": self.predictor.to_dict() if self.predictor else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MetricInfo:
+        """From an `Objective.describe()` record (or a front file's objective)."""
+        pred = data.get("predictor")
+        return cls(data.get("unit", ""), data.get("batch_size"), PredictorId.from_dict(pred) if pred else None)
+
+
 @dataclass(eq=False)
 class Objective:
     name: str
@@ -35,6 +95,8 @@ class Objective:
     context: str = ""
     expensive: bool = False
     ideal: float = 0.0  # best conceivable value, for hypervolume normalisation (accuracy: 1.0)
+    batch_size: int | None = None  # the batch the values hold for (latency); exports build at it
+    predictor: PredictorId | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -43,6 +105,11 @@ class Objective:
             raise ConfigError(f"objective {self.name}: direction {self.direction!r}; allowed: {list(DIRECTIONS)}")
         if self.source not in SOURCES:
             raise ConfigError(f"objective {self.name}: source {self.source!r}; allowed: {list(SOURCES)}")
+        MetricInfo(self.unit, self.batch_size, self.predictor)  # checks unit and batch_size
+
+    @property
+    def info(self) -> MetricInfo:
+        return MetricInfo(self.unit, self.batch_size, self.predictor)
 
     @property
     def sign(self) -> float:
@@ -62,7 +129,8 @@ class Objective:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "direction": self.direction, "unit": self.unit, "source": self.source,
-                "context": self.context, "ideal": self.ideal}
+                "context": self.context, "ideal": self.ideal, "batch_size": self.batch_size,
+                "predictor": self.predictor.to_dict() if self.predictor else None}
 
 
 def _encoded(space: SearchSpace, configs: list[SubnetConfig]) -> np.ndarray:
@@ -97,11 +165,14 @@ def predicted_accuracy_objective(predictor, context: str = "") -> Objective:
                      "predicted", f"{space.fingerprint()}|{context}", ideal=1.0)
 
 
-def latency_objective(predictor, *, unit: str = "ms", context: str = "") -> Objective:
-    """Latency predicted by a fitted `LatencyPredictor` (units of its profile: ms per batch)."""
+def latency_objective(predictor, *, unit: str = "ms", batch_size: int | None = None, context: str = "",
+                      identity: PredictorId | None = None) -> Objective:
+    """Latency predicted by a fitted `LatencyPredictor` (units of its profile: ms per batch of
+    `batch_size`, the profile's batch size; exported bundles are built at that batch)."""
     space = predictor.space
+    identity = identity or PredictorId(getattr(predictor, "kind", ""))
     return Objective("latency", lambda cs: predictor.predict(_encoded(space, cs)), "min", unit, "predicted",
-                     f"{space.fingerprint()}|{context}")
+                     f"{space.fingerprint()}|{context}", batch_size=batch_size, predictor=identity)
 
 
 def measured_latency_objective(net, backend: str = "onnxruntime", batch_size: int = 1, *, threads: int | None = None,
@@ -117,8 +188,11 @@ def measured_latency_objective(net, backend: str = "onnxruntime", batch_size: in
         return [measure_module(be, runner, net.extract(c), net.input_shape(c, batch_size), seed)["median_ms"]
                 for c in configs]
 
-    ctx = f"{net.space.fingerprint()}|{sorted(be.fingerprint().items())}|batch={batch_size}"
-    return Objective("latency", fn, "min", f"ms @ batch {batch_size}", "measured", ctx, expensive=True)
+    fingerprint = be.fingerprint()
+    ctx = f"{net.space.fingerprint()}|{sorted(fingerprint.items())}|batch={batch_size}"
+    identity = PredictorId("measured", backend=backend, threads=fingerprint.get("threads"))
+    return Objective("latency", fn, "min", "ms", "measured", ctx, expensive=True, batch_size=batch_size,
+                     predictor=identity)
 
 
 def macs_objective(space: SearchSpace, **spec: int) -> Objective:
@@ -140,21 +214,53 @@ def params_objective(space: SearchSpace, **spec: int) -> Objective:
 _SUFFIX = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
+BUDGET_OPS = ("<=", ">=")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A constraint `metric op value`, e.g. latency <= 5 (ms) or accuracy >= 0.9."""
+    """A constraint `metric op value`, e.g. latency <= 5 (ms) or accuracy >= 0.9. The one budget
+    type of a search: the search, its Pareto front and `ParetoFront.best` all use it."""
 
     metric: str
     op: str
     value: float
     text: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        if self.op not in BUDGET_OPS:
+            raise ConfigError(f"budget on {self.metric}: op {self.op!r}; allowed: {list(BUDGET_OPS)}")
+
     def violation(self, values: np.ndarray) -> np.ndarray:
-        """pymoo convention: <= 0 where satisfied."""
+        """Signed gap, pymoo convention: <= 0 where satisfied."""
+        values = np.asarray(values, dtype=float)
         return values - self.value if self.op == "<=" else self.value - values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "op": self.op, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Budget:
+        return cls(data["metric"], data["op"], float(data["value"]))
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.value:g}"
+
+
+def as_budgets(budgets) -> list[Budget]:
+    """Budgets given as `Budget`s or their `to_dict()` records."""
+    return [b if isinstance(b, Budget) else Budget.from_dict(b) for b in budgets]
+
+
+def total_violation(metrics: dict[str, float], budgets) -> float:
+    """How far `metrics` are from meeting every budget: the sum of each budget's positive gap
+    relative to its bound (0 where all are met). The one measure of infeasibility used to rank
+    infeasible subnets and to decide feasibility, in the search and on its front."""
+    total = 0.0
+    for b in budgets:
+        gap = float(b.violation(np.array([metrics[b.metric]]))[0])
+        total += max(gap, 0.0) / max(abs(b.value), 1e-12)
+    return total
 
 
 def parse_budget(text: str, directions: dict[str, str]) -> Budget:
@@ -162,15 +268,15 @@ def parse_budget(text: str, directions: dict[str, str]) -> Budget:
     the metric improves (an upper bound on a minimised metric, a lower bound on a maximised one)."""
     m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|=)\s*([0-9.eE+-]+)([kKMG]?)\s*", text)
     if not m:
-        raise ConfigError(f"--budget {text!r}: expected METRIC=VALUE, METRIC<=VALUE or METRIC>=VALUE "
+        raise ConfigError(f"budget {text!r}: expected METRIC=VALUE, METRIC<=VALUE or METRIC>=VALUE "
                           "(e.g. latency=5, macs=20M, accuracy>=0.9)")
     name, op, number, suffix = m.groups()
     if name not in directions:
-        raise ConfigError(f"--budget {text!r}: unknown metric {name!r}; allowed: {sorted(directions)}")
+        raise ConfigError(f"budget {text!r}: unknown metric {name!r}; allowed: {sorted(directions)}")
     try:
         value = float(number) * _SUFFIX.get(suffix, 1.0)
     except ValueError:
-        raise ConfigError(f"--budget {text!r}: {number!r} is not a number") from None
+        raise ConfigError(f"budget {text!r}: {number!r} is not a number") from None
     if op == "=":
         op = "<=" if directions[name] == "min" else ">="
     return Budget(name, op, value, text)

@@ -149,7 +149,7 @@ def test_more_passes_extend_a_profile(tmp_path):
         assert len(m["passes"]) == 3 and m["passes"][0]["median_ms"] == first[key]["median_ms"]
         assert m["median_ms"] == np.median([r["median_ms"] for r in m["passes"]])
         assert m["repeats"] == sum(r["repeats"] for r in m["passes"])
-    with pytest.raises(ConfigError, match="--passes must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="passes must be at least 1, got 0"):
         profile_device(TINY_TR, "onnxruntime", 8, 0, passes=0)
 
 

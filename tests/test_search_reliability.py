@@ -374,7 +374,7 @@ def test_output_paths_are_checked_before_the_search(tmp_path, checkpoint, capsys
 # --- 6. huge sizes -------------------------------------------------------------------------------
 @pytest.mark.parametrize("option, value, bound", [("pop_size", 10**12, "100000"), ("evals", 10**12, "1000000")])
 def test_huge_sizes_are_refused_with_the_allowed_range(option, value, bound):
-    with pytest.raises(ConfigError, match=rf"--{option.replace('_', '-')} {value} is too large; allowed: at most "
+    with pytest.raises(ConfigError, match=rf"{option} {value} is too large; allowed: at most "
                                           rf"{bound} \(a larger run would not fit in memory\)"):
         search(CNN, cheap_objectives(), **{"evals": 10**12 if option == "pop_size" else value,
                                            "pop_size": value if option == "pop_size" else 40})
@@ -385,7 +385,7 @@ def test_sizes_beyond_a_small_space_are_refused():
                                    mlp_ratio_choices=(2.0,))
     assert tiny.size() == 2
     obj = Objective("depth", lambda cs: [c.depth for c in cs], "min", "", "computed", "d")
-    with pytest.raises(ConfigError, match="--pop-size 4 is too large; allowed: at most 2 .the space has 2 distinct"):
+    with pytest.raises(ConfigError, match="pop_size 4 is too large; allowed: at most 2 .the space has 2 distinct"):
         search(tiny, [obj], evals=8, pop_size=4)
 
 
