@@ -4,7 +4,9 @@ from nestnas.search.cache import CacheWarning, EvalCache
 from nestnas.search.front import Candidate, ParetoFront
 from nestnas.search.objectives import (
     Budget,
+    MetricInfo,
     Objective,
+    PredictorId,
     accuracy_objective,
     latency_objective,
     macs_objective,
@@ -21,8 +23,10 @@ __all__ = [
     "CacheWarning",
     "Candidate",
     "EvalCache",
+    "MetricInfo",
     "Objective",
     "ParetoFront",
+    "PredictorId",
     "SearchError",
     "accuracy_objective",
     "latency_objective",

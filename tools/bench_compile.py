@@ -81,7 +81,7 @@ def measure_fidelity(family: str, net, configs, subnets, lat, work: Path, seed: 
     profile's (`speed_factor`)."""
     folders, out = {}, {sub.name: {} for sub in subnets}
     for backend, fmt in (("onnxruntime", "onnx"), ("tvm", "tvm")):
-        batch = int(lat[backend].unit.rsplit(" ", 1)[-1])
+        batch = lat[backend].batch_size
         for c, sub in zip(configs, subnets):
             folder = work / f"fidelity-{backend}" / sub.name
             export_bundles([Subnet(sub.name, sub.module, tuple(net.input_shape(c, batch)), {})], [folder],

@@ -76,12 +76,12 @@ def inner_loop_seconds(space, objectives, archive_front, seed: int) -> float:
 
     from nestnas.predictors.latency import AccuracyPredictor
     from nestnas.search.algorithms import integer_operators
-    from nestnas.search.run import _SurrogateProblem
+    from nestnas.search.linas import SurrogateProblem
 
     X = np.array([space.encode(c.config) for c in archive_front.evaluated])
     y = np.array([c.metrics["accuracy"] for c in archive_front.evaluated])
     surrogate = AccuracyPredictor(space, seed=seed).fit(X, y)
-    problem = _SurrogateProblem(space, objectives, [], objectives, {"accuracy": surrogate}, 1.0)
+    problem = SurrogateProblem(space, objectives, [], objectives, {"accuracy": surrogate}, 1.0)
     times = []
     for r in range(3):
         t0 = time.perf_counter()
