@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import onnx
 import torch
@@ -29,7 +29,9 @@ OUTPUT_NAME = "logits"
 # and runs on every ONNX Runtime >= 1.14 and TVM's Relax ONNX frontend.
 DEFAULT_OPSET = 18
 
-ExportFn = Callable[[nn.Module, torch.Tensor, int], onnx.ModelProto]
+# (module, example or tuple of examples, opset, input names, output names) -> model
+ExportFn = Callable[[nn.Module, "torch.Tensor | tuple[torch.Tensor, ...]", int, Sequence[str], Sequence[str]],
+                    onnx.ModelProto]
 EXPORTERS: dict[str, ExportFn] = {}
 
 
@@ -44,9 +46,10 @@ def register_exporter(name: str) -> Callable[[ExportFn], ExportFn]:
 
 
 @register_exporter("dynamo")
-def _export_dynamo(module: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+def _export_dynamo(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], opset: int,
+                   input_names: Sequence[str], output_names: Sequence[str]) -> onnx.ModelProto:
     program = torch.onnx.export(
-        module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        module, _args(example), input_names=list(input_names), output_names=list(output_names),
         opset_version=opset, dynamo=True, external_data=False, verbose=False,
     )
     return gelu_in_fusable_order(program.model_proto)
@@ -101,25 +104,28 @@ def _is_scalar(init: onnx.TensorProto) -> bool:
 
 
 @register_exporter("torchscript")
-def _export_torchscript(module: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+def _export_torchscript(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], opset: int,
+                        input_names: Sequence[str], output_names: Sequence[str]) -> onnx.ModelProto:
     buffer = io.BytesIO()
     torch.onnx.export(
-        module, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        module, _args(example), buffer, input_names=list(input_names), output_names=list(output_names),
         opset_version=opset, dynamo=False, do_constant_folding=True,
     )
     return onnx.load_from_string(buffer.getvalue())
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, exporter: str = "dynamo",
-                opset: int = DEFAULT_OPSET) -> Path:
-    """Export `module` (eval mode) traced at `example`'s shape to `path`, atomically.
+def export_onnx(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: str | os.PathLike,
+                exporter: str = "dynamo", opset: int = DEFAULT_OPSET, *, input_names: Sequence[str] = (INPUT_NAME,),
+                output_names: Sequence[str] = (OUTPUT_NAME,)) -> Path:
+    """Export `module` (eval mode) traced at `example`'s shape to `path`, atomically. A module of
+    several inputs takes a tuple of examples and names them all (`input_names`, `output_names`).
 
     The file passes ``onnx.checker.check_model(full_check=True)`` before it is renamed into
     place, so a failed export or check never leaves a file at `path`.
     """
     _check_args(module, example, exporter)
     path = Path(path)
-    proto = _run_exporter(module, example, exporter, opset)
+    proto = _run_exporter(module, example, exporter, opset, input_names, output_names)
     proto.metadata_props.add(key="nestnas.exporter", value=exporter)
     with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
@@ -153,19 +159,25 @@ def onnx_opset(path: str | os.PathLike) -> int:
     return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
 
 
-def _check_args(module: nn.Module, example: torch.Tensor, exporter: str) -> None:
+def _args(example: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return example if isinstance(example, tuple) else (example,)
+
+
+def _check_args(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], exporter: str) -> None:
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown ONNX exporter {exporter!r}; allowed: {sorted(EXPORTERS)}")
-    if not isinstance(example, torch.Tensor):
-        raise ConfigError(f"example input must be a torch.Tensor, got {type(example).__name__}")
+    bad = next((e for e in _args(example) if not isinstance(e, torch.Tensor)), None)
+    if bad is not None or isinstance(example, tuple) and not example:
+        raise ConfigError(f"example input must be a torch.Tensor, got {type(bad).__name__}")
     if module.training:
         raise ConfigError(f"{type(module).__name__} is in training mode; call .eval() before exporting")
 
 
-def _run_exporter(module: nn.Module, example: torch.Tensor, exporter: str, opset: int) -> onnx.ModelProto:
+def _run_exporter(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], exporter: str, opset: int,
+                  input_names: Sequence[str], output_names: Sequence[str]) -> onnx.ModelProto:
     try:
         with _quiet_exporter(), torch.no_grad():
-            return EXPORTERS[exporter](module, example, opset)
+            return EXPORTERS[exporter](module, example, opset, input_names, output_names)
     except Exception as exc:
         raise ArtifactError(
             f"ONNX export ({exporter}) of {type(module).__name__} failed: {_first_line(exc)}"

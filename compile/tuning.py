@@ -77,16 +77,19 @@ class TuneOptions:
         return self.trials > 0
 
 
-def relax_module(onnx_path: str | os.PathLike, shape: tuple[int, ...], input_name: str) -> Any:
-    """The Relax module of an ONNX file (weights bound as constants)."""
+def relax_module(onnx_path: str | os.PathLike, shape: tuple[int, ...], input_name: str,
+                 inputs: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Any:
+    """The Relax module of an ONNX file (weights bound as constants); a graph of several inputs
+    gives `inputs` ({name: (shape, dtype)}) instead of its one float32 `input_name`."""
     import onnx
 
     require_tvm()
     from tvm.relax.frontend.onnx import from_onnx
 
+    inputs = inputs if inputs is not None else {input_name: (shape, "float32")}
     with native_warnings_dropped():
-        return from_onnx(onnx.load(os.fspath(onnx_path)), shape_dict={input_name: list(shape)},
-                         dtype_dict={input_name: "float32"}, keep_params_in_input=False)
+        return from_onnx(onnx.load(os.fspath(onnx_path)), shape_dict={n: list(s) for n, (s, _) in inputs.items()},
+                         dtype_dict={n: d for n, (_, d) in inputs.items()}, keep_params_in_input=False)
 
 
 def prepare(mod: Any, target: Any) -> Any:

@@ -1,0 +1,336 @@
+"""A rewritten dynamic model as a program: run eagerly on examples (which records every subgraph
+to compile and every branch taken), saved as static subgraphs plus the host runtime and the host
+function, and loaded back (see `nestnas.compile.dynamic`).
+
+A saved program is a folder: one ONNX file (and TVM library) per recorded subgraph, ``host.py``
+(a byte-for-byte copy of `nestnas.compile.dynamic_host`), ``program.py`` (the host function) and
+a checksummed, optionally signed ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from nestnas.compile import dynamic_host
+from nestnas.compile.dynamic_analysis import RewriteError
+from nestnas.compile.dynamic_host import BACKENDS, FORMAT, HOST_FILE, MANIFEST, PROGRAM_FILE, VERSION
+from nestnas.compile.dynamic_rewrite import Segment
+from nestnas.compile.signing import ArtifactName, Sha256, Signature, Strict
+from nestnas.errors import ArtifactError, ConfigError, NestnasError
+from nestnas.fileio import check_output, write_bytes, write_error
+
+RUNTIME_SOURCE = Path(dynamic_host.__file__)
+
+
+class CoverageWarning(UserWarning):
+    """Some branches were never taken by the example inputs, so their subgraphs are missing."""
+
+
+def as_tensor(v: Any) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+
+
+@dataclass
+class _Record:
+    key: str
+    segment: str
+    params: dict[str, Any]
+    example: tuple[torch.Tensor, ...]
+
+
+class _SegmentModule(nn.Module):
+    def __init__(self, model: nn.Module, fn: Callable, params: dict[str, Any]):
+        super().__init__()
+        self.model, self.fn, self.params = model, fn, params
+
+    def forward(self, *inputs):
+        return self.fn(self.model, *inputs, **self.params)
+
+
+class DynamicProgram:
+    """A dynamic model split into static subgraphs and a host function (see `rewrite`).
+
+    `namespace` holds the compiled segment functions (``_seg_<id>``, run by torch while recording);
+    the host function runs through the same runtime helpers as a saved program."""
+
+    def __init__(self, model: nn.Module, segments: dict[str, Segment], host: str, branches: dict[int, str],
+                 namespace: dict[str, Any]):
+        self.model, self.segments, self.host_source, self.branches = model, segments, host, branches
+        self.namespace = namespace
+        self.records: dict[str, _Record] = {}
+        self.taken: dict[int, set[bool]] = {b: set() for b in branches}
+        self.forward = dynamic_host.program_forward(host, "<nestnas host>", branch_hook=self._branch)
+
+    # eager execution through the host function: records subgraphs and branch coverage
+    def _eager_run(self, segment: str, inputs: tuple, params: dict[str, Any]) -> tuple:
+        inputs = tuple(as_tensor(v) for v in inputs)
+        key = dynamic_host.key(segment, inputs, params)
+        if key not in self.records:
+            self.records[key] = _Record(key, segment, dict(params), tuple(v.detach().clone() for v in inputs))
+        with torch.no_grad():
+            return self.namespace[f"_seg_{segment}"](self.model, *inputs, **params)
+
+    def _branch(self, bid: int, taken: Any) -> bool:
+        taken = bool(taken)
+        self.taken[bid].add(taken)
+        return taken
+
+    def eager(self, *args, **kwargs):
+        """Run the rewritten program with torch (recording what must be compiled)."""
+        with torch.no_grad():
+            return self.forward(self._eager_run, *args, **kwargs)
+
+    def untaken(self) -> list[str]:
+        out = []
+        for bid, seen in self.taken.items():
+            for side in (True, False):
+                if side not in seen:
+                    out.append(f"{self.branches[bid]} never {'taken' if side else 'skipped'}")
+        return out
+
+    def coverage(self) -> float:
+        sides = sum(len(s) for s in self.taken.values())
+        return sides / (2 * len(self.taken)) if self.taken else 1.0
+
+    def save(self, out_dir: str | os.PathLike, backends: Sequence[str] = BACKENDS, threads: int = 1,
+             progress: Callable[[str, int, int], None] | None = None) -> Path:
+        """Export every recorded subgraph (ONNX; TVM library), write the host runtime, the host
+        function and a checksummed manifest, and check every subgraph on every backend against
+        torch, through the runtime; the folder appears only when complete."""
+        from nestnas.compile.bundle import staged_folder
+
+        for b in backends:
+            if b not in BACKENDS:
+                raise ConfigError(f"unknown backend {b!r}; allowed: {list(BACKENDS)}")
+        if not self.records:
+            raise ConfigError("nothing recorded: run the program on example inputs first (rewrite does)")
+        final = Path(out_dir)
+        check_output(final, "out_dir", kind="dir")
+        if final.is_dir() and any(final.iterdir()):
+            raise ConfigError(f"out_dir {final}: exists and is not empty")
+        try:
+            with staged_folder(final) as tmp:
+                table, wants = {}, {}
+                for i, rec in enumerate(sorted(self.records.values(), key=lambda r: r.key)):
+                    table[rec.key], want = self._export(rec, tmp, f"g{i:03d}", backends, threads)
+                    wants[rec.key] = (tuple(t.numpy() for t in rec.example), want)
+                    if progress:
+                        progress("subgraphs", i + 1, len(self.records))
+                shutil.copyfile(RUNTIME_SOURCE, tmp / HOST_FILE)
+                write_bytes(tmp / PROGRAM_FILE, self.host_source.encode())
+                manifest = {"format": FORMAT, "version": VERSION, "model": type(self.model).__name__,
+                            "backends": list(backends), "threads": threads, "subgraphs": table,
+                            "segments": {s.id: s.source for s in self.segments.values()},
+                            "branch_coverage": self.coverage(), "artifacts": _checksums(tmp)}
+                _write_manifest(tmp / MANIFEST, manifest)
+                for backend in backends:
+                    _check(tmp, backend, threads, wants)
+        except OSError as exc:
+            if isinstance(exc, NestnasError):
+                raise
+            raise write_error(final, exc) from None
+        return final
+
+    def replace_host(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Write this program's host function over a saved one whose subgraphs it reuses (the same
+        model with other host constants, e.g. measured latencies)."""
+        folder = Path(folder)
+        manifest = _read_manifest(folder)
+        missing = sorted(set(self.records) - set(manifest["subgraphs"]))
+        if missing:
+            raise ConfigError(f"{folder} lacks subgraphs this program needs: {missing}")
+        from nestnas.compile.signing import signed
+
+        data = self.host_source.encode()
+        manifest["artifacts"][PROGRAM_FILE] = dynamic_host._sha256(data)
+        manifest.update(extra or {})
+        # The manifest last: a crash between the two leaves a checksum mismatch, never a silent mix.
+        write_bytes(folder / PROGRAM_FILE, data)
+        write_bytes(folder / MANIFEST, json.dumps(signed(manifest), indent=1).encode())
+
+    def _export(self, rec: _Record, folder: Path, stem: str, backends: Sequence[str], threads: int
+                ) -> tuple[dict[str, Any], tuple[np.ndarray, ...]]:
+        """One subgraph's files and manifest entry, and torch's outputs on its example."""
+        import onnx
+
+        from nestnas.compile.onnx_export import export_onnx
+
+        seg = self.segments[rec.segment]
+        module = _SegmentModule(self.model, self.namespace[f"_seg_{rec.segment}"], rec.params).eval()
+        names = [f"in{j}" for j in range(len(rec.example))]
+        with torch.no_grad():
+            want = tuple(t.numpy() for t in module(*rec.example))
+        onnx_path = folder / f"{stem}.onnx"
+        try:
+            export_onnx(module, tuple(rec.example), onnx_path, exporter="torchscript", input_names=names,
+                        output_names=[f"out{j}" for j in range(len(seg.outputs))])
+        except ArtifactError as exc:
+            raise RewriteError(f"segment {rec.segment} (line {seg.lineno} of forward) failed to export to "
+                               f"ONNX: {exc}") from None
+        # The exporter drops an input the graph does not compute with (one read only for .device).
+        graph = onnx.load(os.fspath(onnx_path), load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        kept = [v.name for v in graph.input if v.name not in weights]
+        feeds = [names.index(n) for n in kept]
+        entry = {"segment": rec.segment, "params": dict(rec.params), "onnx": onnx_path.name, "inputs": kept,
+                 "feeds": feeds, "outputs": seg.outputs, "dtypes": [str(rec.example[i].numpy().dtype) for i in feeds],
+                 "shapes": [list(rec.example[i].shape) for i in feeds]}
+        if "tvm" in backends:
+            entry["tvm"] = f"{stem}.so"
+            _build_tvm(onnx_path, folder / entry["tvm"], entry, threads)
+        return entry, want
+
+
+def _build_tvm(onnx_path: Path, lib_path: Path, entry: dict[str, Any], threads: int) -> None:
+    from nestnas.compile.tuning import relax_module
+    from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
+
+    tvm = require_tvm()
+    inputs = {n: (tuple(s), d) for n, s, d in zip(entry["inputs"], entry["shapes"], entry["dtypes"])}
+    mod = relax_module(onnx_path, (), "", inputs=inputs)
+    with native_warnings_dropped():
+        tvm.compile(mod, target=host_target(threads)).export_library(os.fspath(lib_path))
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    from nestnas.fileio import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def _check(folder: Path, backend: str, threads: int, wants: dict[str, tuple[tuple, tuple[np.ndarray, ...]]]) -> None:
+    """Every subgraph of a staged program, run through the host runtime on its recorded example,
+    equals torch within the bundles' tolerance (relative beyond outputs of magnitude 1)."""
+    from nestnas.compile.bundle import tolerance
+
+    model = dynamic_host.Model(backend, threads, folder, session_options=_session_options(backend, threads))
+    for key, (inputs, want) in wants.items():
+        got = model.run.calls[key](inputs)
+        for w, g in zip(want, got):
+            diff = float(np.abs(w.astype(np.float64) - np.asarray(g, np.float64)).max()) if w.size else 0.0
+            if np.shape(g) != w.shape or not diff <= tolerance(w):
+                raise ArtifactError(f"subgraph {key}: {backend} differs from torch (max |diff| {diff:.1e}, "
+                                    f"tolerance {tolerance(w):.1e}; shape {np.shape(g)}, torch {w.shape})")
+
+
+def _session_options(backend: str, threads: int | None) -> Any:
+    """The ONNX Runtime options every nestnas session uses (see `OrtBackend`); None for TVM."""
+    if backend != "onnxruntime":
+        return None
+    import onnxruntime as ort
+
+    from nestnas.compile.backends import get_backend
+
+    return get_backend("onnxruntime", threads=threads)._session_options(ort)
+
+
+class _Subgraph(Strict):
+    onnx: ArtifactName
+    tvm: Optional[ArtifactName] = None
+    inputs: list[str]
+    feeds: list[Annotated[int, Field(ge=0)]]
+    outputs: list[str]
+    dtypes: list[str]
+
+    @model_validator(mode="after")
+    def _one_dtype_per_input(self) -> "_Subgraph":
+        if not len(self.inputs) == len(self.feeds) == len(self.dtypes):
+            raise ValueError("inputs, feeds and dtypes must have one entry per graph input")
+        return self
+
+
+class DynamicManifest(Strict):
+    """What `load_dynamic` and the host runtime read from a dynamic bundle's manifest."""
+
+    format: Literal["nestnas-dynamic"]
+    version: Literal[2]
+    backends: list[Literal["onnxruntime", "tvm"]] = Field(min_length=1)
+    threads: Optional[Annotated[int, Field(gt=0)]] = None
+    subgraphs: dict[str, _Subgraph]
+    artifacts: dict[ArtifactName, Sha256]
+    signature: Optional[Signature] = None
+
+    @model_validator(mode="after")
+    def _loaded_files_are_artifacts(self) -> "DynamicManifest":
+        for name in (HOST_FILE, PROGRAM_FILE):
+            if name not in self.artifacts:
+                raise ValueError(f"artifacts does not list {name}")
+        for key, entry in self.subgraphs.items():
+            for backend, name, suffix in (("onnxruntime", entry.onnx, ".onnx"), ("tvm", entry.tvm, ".so")):
+                if backend not in self.backends:
+                    continue
+                if name is None or not name.endswith(suffix) or name not in self.artifacts:
+                    raise ValueError(f"subgraph {key}: its {backend} file {name!r} is not a listed {suffix} artifact")
+        return self
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write a dynamic bundle's manifest, signed when a bundle key is configured."""
+    from nestnas.compile.signing import signed
+
+    write_bytes(path, json.dumps(signed(manifest), indent=1).encode())
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    from nestnas.fileio import read_document, validate
+
+    path = folder / MANIFEST
+    if not folder.is_dir() or not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not a dynamic bundle")
+    data = read_document(path, "dynamic bundle manifest", FORMAT, VERSION, ArtifactError, version_key="version")
+    validate(data, DynamicManifest, path, "dynamic bundle manifest", ArtifactError)
+    return data
+
+
+def load_dynamic(folder: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None,
+                 trust: bool = False):
+    """The host runtime of a saved program, loaded on `backend`: the manifest's shape and signature
+    (`trust`: accept an unsigned bundle where a bundle key is configured) are checked, the folder
+    must hold exactly the listed artifacts, and the runtime, the host function and the subgraphs
+    are loaded from a private copy of the bytes whose checksums were checked."""
+    from nestnas.compile.signing import check_folder, check_signature, read_verified
+
+    folder = Path(folder)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}; allowed: {list(BACKENDS)}")
+    manifest = _read_manifest(folder)
+    what = f"dynamic bundle {folder}"
+    check_signature(manifest, what, trust)
+    artifacts = manifest["artifacts"]
+    # Importing host.py as its docstring shows leaves Python's bytecode cache; nothing loads it here.
+    check_folder(folder, artifacts, what, allowed=(MANIFEST, "__pycache__"))
+    if backend not in manifest["backends"]:
+        raise ArtifactError(f"{folder} holds no {backend} subgraphs (it holds {manifest['backends']})")
+    private = Path(tempfile.mkdtemp(prefix="nestnas-dynamic-"))
+    try:
+        # Every file is checked, the code first; the runtime reads only this private copy.
+        for name in sorted(artifacts, key=lambda n: n not in (HOST_FILE, PROGRAM_FILE)):
+            (private / name).write_bytes(read_verified(folder, name, artifacts, what))
+        (private / MANIFEST).write_text(json.dumps(manifest))
+        module = types.ModuleType(f"nestnas_host_{abs(hash(str(folder)))}")
+        module.__file__ = str(folder / HOST_FILE)
+        try:
+            exec(compile((private / HOST_FILE).read_bytes(), str(folder / HOST_FILE), "exec"),  # noqa: S102
+                 module.__dict__)  # verified above
+            threads = threads or manifest.get("threads") or 1
+            return module.Model(backend, threads, private, session_options=_session_options(backend, threads))
+        except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for a bad subgraph
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ArtifactError(f"{what}: cannot load it on {backend} ({why})") from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # the sessions and libraries hold their own copies
+
+
+__all__ = ["CoverageWarning", "DynamicManifest", "DynamicProgram", "load_dynamic"]

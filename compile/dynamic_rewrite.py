@@ -1,0 +1,368 @@
+"""Rewriting a dynamic model's `forward`: every maximal run of tensor statements becomes a static
+segment (a branch-free function of the tensors it reads, specialised on the host values it
+uses), and the rest becomes the host function that calls them (see `nestnas.compile.dynamic`)."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import copy
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from nestnas.compile.dynamic_analysis import (HOST, MODULE, TENSOR, Kinds, RewriteError, Source, is_call,
+                                              is_self, names_read, root, stored_names)
+
+STRIP_CALLS = {"float", "bool"}
+# What the host code may use beside builtins: the runtime's helpers (dynamic_host.program_forward).
+HOST_NAMES = {"__run", "__bool", "__int", "__branch", "np", "math", "warnings"}
+
+
+@dataclass
+class Segment:
+    id: str
+    stmts: list[ast.stmt]
+    inputs: list[str] = field(default_factory=list)    # tensors read
+    params: list[str] = field(default_factory=list)    # host values the subgraph is specialised on
+    outputs: list[str] = field(default_factory=list)   # tensors written and used later
+    int_params: set[str] = field(default_factory=set)  # tensors used as a ModuleList index (host int)
+    source: str = ""
+    lineno: int = 0
+
+
+class _StripScalars(ast.NodeTransformer):
+    """`t.item()`, `float(t)` and `bool(t)` keep tensors inside a subgraph (the host converts)."""
+
+    def __init__(self, kinds: Kinds):
+        self.kinds = kinds
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "item" and not node.args:
+            return node.func.value
+        if isinstance(node.func, ast.Name) and node.func.id in STRIP_CALLS | {"int"} and len(node.args) == 1 \
+                and self.kinds.expr(node.args[0]) == TENSOR:
+            return node.args[0]
+        return node
+
+
+class _InlineAliases(ast.NodeTransformer):
+    def __init__(self, aliases: dict[str, ast.expr]):
+        self.aliases = aliases
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if isinstance(node.ctx, ast.Load) and node.id in self.aliases:
+            return copy.deepcopy(self.aliases[node.id])
+        return node
+
+
+class _HostExpr(ast.NodeTransformer):
+    """Host expressions run on numpy: `t.size(d)` -> `t.shape[d]`, `t.dim()` -> `t.ndim`, and
+    constant attributes of the model are written in as literals."""
+
+    def __init__(self, model: nn.Module, src: Source):
+        self.model, self.src = model, src
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "size":
+            shape = ast.Attribute(node.func.value, "shape", ast.Load())
+            return ast.Subscript(shape, node.args[0], ast.Load()) if node.args else shape
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "dim" and not node.args:
+            return ast.Attribute(node.func.value, "ndim", ast.Load())
+        return node
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        if is_self(node.value):
+            value = getattr(self.model, node.attr)
+            if not _literal(value):
+                raise RewriteError(f"{self.src.where(node)}: the host code needs self.{node.attr} "
+                                   f"({type(value).__name__}), which cannot be written into a module without torch")
+            return ast.parse(repr(value), mode="eval").body
+        self.generic_visit(node)
+        return node
+
+
+def _literal(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(_literal(k) and _literal(v) for k, v in value.items())
+    return False
+
+
+class Rewriter:
+    def __init__(self, model: nn.Module, src: Source, fn: ast.FunctionDef, kinds: Kinds):
+        self.model, self.src, self.fn, self.kinds = model, src, fn, kinds
+        self.segments: dict[str, Segment] = {}
+        self.branches: dict[int, str] = {}   # branch id -> where
+        self.counter = 0
+        self.read_anywhere: dict[str, int] = {}
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                self.read_anywhere[n.id] = self.read_anywhere.get(n.id, 0) + 1
+
+    def fresh(self, prefix: str) -> str:
+        self.counter += 1
+        return f"__{prefix}{self.counter}"
+
+    def is_tensor_stmt(self, stmt: ast.stmt) -> bool:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            names = [n for t in targets for n in stored_names(t)]
+            if names and all(self.kinds.kind.get(n) == MODULE for n in names):
+                return False
+            if any(self.kinds.kind.get(n) == TENSOR for n in names):
+                return True
+            if any(not isinstance(t, ast.Name) and self.kinds.expr(t) == TENSOR for t in targets):
+                return True
+            return stmt.value is not None and self.kinds.expr(stmt.value) == TENSOR
+        if isinstance(stmt, ast.Expr):
+            return self.kinds.expr(stmt.value) == TENSOR
+        return False
+
+    def block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
+        out: list[ast.stmt] = []
+        pending: list[ast.stmt] = []
+
+        def flush() -> None:
+            if pending:
+                out.extend(self.segment(list(pending)))
+                pending.clear()
+
+        for stmt in stmts:
+            if self.is_tensor_stmt(stmt):
+                if self.indexes_with(stmt, pending):
+                    flush()  # the index must reach the host as an int before the module is chosen
+                pending.append(stmt)
+                continue
+            if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and all(
+                    self.kinds.kind.get(n) == MODULE for t in (stmt.targets if isinstance(stmt, ast.Assign)
+                                                              else [stmt.target]) for n in stored_names(t)):
+                continue  # module alias: inlined where used
+            if isinstance(stmt, ast.If):
+                test, pre = self.condition(stmt.test, stmt)
+                pending.extend(pre)
+                flush()
+                bid = self.branch(stmt)
+                new = ast.If(test=self.host_call("__branch", [ast.Constant(bid), test]),
+                             body=self.block(stmt.body) or [ast.Pass()], orelse=self.block(stmt.orelse))
+                out.append(ast.copy_location(new, stmt))
+                continue
+            if isinstance(stmt, ast.While):
+                if stmt.orelse:
+                    raise RewriteError(f"{self.src.where(stmt)}: while ... else is not supported")
+                test, pre = self.condition(stmt.test, stmt)
+                pending.extend(pre)
+                flush()
+                body = list(stmt.body)
+                if pre:
+                    if any(isinstance(n, ast.Continue) for n in ast.walk(ast.Module(body, []))):
+                        raise RewriteError(f"{self.src.where(stmt)}: `continue` in a while loop on a tensor "
+                                           "condition is not supported")
+                    body = body + copy.deepcopy(pre)
+                bid = self.branch(stmt)
+                new = ast.While(test=self.host_call("__branch", [ast.Constant(bid), test]),
+                                body=self.block(body), orelse=[])
+                out.append(ast.copy_location(new, stmt))
+                continue
+            if isinstance(stmt, ast.For):
+                flush()
+                out.append(self.loop(stmt))
+                continue
+            if isinstance(stmt, ast.Return):
+                if stmt.value is not None and self.kinds.expr(stmt.value) == TENSOR:
+                    values = stmt.value.elts if isinstance(stmt.value, ast.Tuple) else [stmt.value]
+                    names = []
+                    for v in values:
+                        if isinstance(v, ast.Name) or self.kinds.expr(v) != TENSOR:
+                            names.append(v)
+                            continue
+                        tmp = self.fresh("r")
+                        self.kinds.kind[tmp] = TENSOR
+                        pending.append(ast.copy_location(ast.Assign([ast.Name(tmp, ast.Store())], v), stmt))
+                        names.append(ast.Name(tmp, ast.Load()))
+                    flush()
+                    value = ast.Tuple(names, ast.Load()) if isinstance(stmt.value, ast.Tuple) else names[0]
+                    out.append(ast.copy_location(ast.Return(self.host_expr(value)), stmt))
+                    continue
+                flush()
+                out.append(ast.copy_location(ast.Return(self.host_expr(stmt.value) if stmt.value else None), stmt))
+                continue
+            if isinstance(stmt, (ast.Break, ast.Continue, ast.Pass)):
+                flush()
+                out.append(stmt)
+                continue
+            if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr)):
+                flush()
+                out.append(self.host_stmt(stmt))
+                continue
+            if isinstance(stmt, ast.Assert):
+                flush()
+                continue  # checks of the eager model; shapes are fixed per subgraph
+            raise RewriteError(f"{self.src.where(stmt)}: {type(stmt).__name__} statements are not supported "
+                               "in a forward to be split into static subgraphs")
+        flush()
+        return out
+
+    def indexes_with(self, stmt: ast.stmt, pending: list[ast.stmt]) -> bool:
+        """Whether `stmt` indexes a ModuleList with a tensor that `pending` computes."""
+        written = {n for p in pending for t in ast.walk(p) if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store)
+                   for n in [t.id]}
+        inlined = _InlineAliases(self.kinds.aliases).visit(copy.deepcopy(stmt))
+        for n in ast.walk(inlined):
+            if isinstance(n, ast.Subscript) and self.kinds.expr(n.value) == MODULE:
+                if set(names_read(n.slice)) & written:
+                    return True
+        return False
+
+    def branch(self, stmt: ast.stmt) -> int:
+        bid = len(self.branches)
+        self.branches[bid] = self.src.where(stmt)
+        return bid
+
+    def host_call(self, name: str, args: list[ast.expr]) -> ast.Call:
+        return ast.Call(ast.Name(name, ast.Load()), args, [])
+
+    def condition(self, test: ast.expr, stmt: ast.stmt) -> tuple[ast.expr, list[ast.stmt]]:
+        """The host test, and the tensor statement computing it when it depends on tensors."""
+        if self.kinds.expr(test) != TENSOR:
+            return self.host_expr(test), []
+        name = self.fresh("c")
+        self.kinds.kind[name] = TENSOR
+        assign = ast.copy_location(ast.Assign([ast.Name(name, ast.Store())], test), stmt)
+        return self.host_call("__bool", [ast.Name(name, ast.Load())]), [assign]
+
+    def loop(self, stmt: ast.For) -> ast.stmt:
+        it, target = stmt.iter, stmt.target
+        body = list(stmt.body)
+        if stmt.orelse:
+            raise RewriteError(f"{self.src.where(stmt)}: for ... else is not supported")
+        seq, index_name, item = None, None, None
+        if self.kinds.expr(it) == MODULE:
+            seq, item = it, target
+        elif is_call(it, "enumerate") and it.args and self.kinds.expr(it.args[0]) == MODULE:
+            seq = it.args[0]
+            if not (isinstance(target, ast.Tuple) and len(target.elts) == 2):
+                raise RewriteError(f"{self.src.where(stmt)}: unpack enumerate(...) into two names")
+            index_name, item = target.elts[0], target.elts[1]
+        if seq is None:  # a host loop (range, a host sequence): kept as it is
+            new = ast.For(target=target, iter=self.host_expr(it), body=self.block(body), orelse=[])
+            return ast.copy_location(new, stmt)
+        if not isinstance(item, ast.Name):
+            raise RewriteError(f"{self.src.where(stmt)}: loop over modules into a single name")
+        idx = index_name.id if isinstance(index_name, ast.Name) else self.fresh("i")
+        self.kinds.kind[idx] = HOST
+        self.kinds.aliases[item.id] = ast.Subscript(copy.deepcopy(seq), ast.Name(idx, ast.Load()), ast.Load())
+        self.kinds.kind[item.id] = MODULE
+        length = len(self.resolve_module(seq, stmt))
+        new = ast.For(target=ast.Name(idx, ast.Store()),
+                      iter=ast.Call(ast.Name("range", ast.Load()), [ast.Constant(length)], []),
+                      body=self.block(body), orelse=[])
+        return ast.copy_location(new, stmt)
+
+    def resolve_module(self, node: ast.expr, stmt: ast.stmt) -> nn.Module:
+        if isinstance(node, ast.Attribute) and is_self(node.value):
+            return getattr(self.model, node.attr)
+        if isinstance(node, ast.Name) and node.id in self.kinds.aliases:
+            return self.resolve_module(self.kinds.aliases[node.id], stmt)
+        raise RewriteError(f"{self.src.where(stmt)}: cannot tell which modules this loop runs over")
+
+    def host_expr(self, node: ast.expr) -> ast.expr:
+        return _HostExpr(self.model, self.src).visit(copy.deepcopy(node))
+
+    def host_stmt(self, stmt: ast.stmt) -> ast.stmt:
+        for n in ast.walk(stmt):
+            if isinstance(n, ast.Name) and self.kinds.kind.get(n.id) == MODULE:
+                raise RewriteError(f"{self.src.where(stmt)}: the host code cannot use the module {n.id}")
+        return _HostExpr(self.model, self.src).visit(copy.deepcopy(stmt))
+
+    def segment(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
+        sid = f"s{len(self.segments)}"
+        seg = Segment(sid, stmts, lineno=getattr(stmts[0], "lineno", 0))
+        body = [_StripScalars(self.kinds).visit(_InlineAliases(self.kinds.aliases).visit(copy.deepcopy(s)))
+                for s in stmts]
+        module = ast.Module(body, [])
+        assigned: list[str] = []
+        free: list[str] = []
+        for s in body:
+            reads = names_read(s.value) if isinstance(s, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr)) \
+                and s.value is not None else names_read(s)
+            if isinstance(s, ast.AugAssign):
+                reads += names_read(s.target)
+            for name in reads:
+                if name not in assigned and name not in free:
+                    free.append(name)
+            for t in (s.targets if isinstance(s, ast.Assign) else [getattr(s, "target", None)]):
+                if t is None:
+                    continue
+                names = stored_names(t)
+                if isinstance(t, ast.Subscript) and isinstance(root(t), ast.Name):
+                    base = root(t).id  # a partial update reads and writes the whole tensor
+                    names.append(base)
+                    if base not in assigned and base not in free:
+                        free.append(base)
+                assigned += [n for n in names if n not in assigned]
+        index_vars = set()
+        for n in ast.walk(module):
+            if isinstance(n, ast.Subscript) and self.kinds.expr(n.value) == MODULE:
+                index_vars |= set(names_read(n.slice))
+        for name in free:
+            if name == "self" or name not in self.kinds.kind:
+                continue  # globals (torch, F, ...) resolve in the model's module
+            if self.kinds.kind[name] == MODULE:
+                raise RewriteError(f"{self.src.where(stmts[0])}: module {name} could not be resolved")
+            if name in index_vars:
+                seg.params.append(name)
+                if self.kinds.kind[name] == TENSOR:
+                    seg.int_params.add(name)
+            elif self.kinds.kind[name] == TENSOR:
+                seg.inputs.append(name)
+            else:
+                seg.params.append(name)
+        for name in assigned:
+            if self.kinds.kind.get(name) != TENSOR:
+                continue
+            inside = sum(1 for st in stmts for n in ast.walk(st) if isinstance(n, ast.Name) and n.id == name
+                         and isinstance(n.ctx, ast.Load))
+            if name.startswith("__") or name in free or self.read_anywhere.get(name, 0) > inside:
+                seg.outputs.append(name)
+        if not seg.outputs:
+            raise RewriteError(f"{self.src.where(stmts[0])}: these statements compute nothing used later "
+                               "(in-place updates of tensors are not supported; assign the result)")
+        args = ", ".join(["self", *seg.inputs] + (["*", *seg.params] if seg.params else []))
+        ret = "return (" + "".join(f"_as_tensor({o}), " for o in seg.outputs) + ")"
+        seg.source = f"def _seg_{sid}({args}):\n" + textwrap.indent(ast.unparse(module) + "\n" + ret, "    ") + "\n"
+        self.segments[sid] = seg
+        call = ast.parse(
+            f"({', '.join(seg.outputs)},) = __run({sid!r}, ({''.join(i + ', ' for i in seg.inputs)}), "
+            "{" + ", ".join(f"{p!r}: " + (f"__int({p})" if p in seg.int_params else p) for p in seg.params) + "})"
+        ).body[0]
+        return [ast.copy_location(call, stmts[0])]
+
+
+
+def host_source(fn: ast.FunctionDef, body: list[ast.stmt], model: nn.Module, src: Source) -> str:
+    args = copy.deepcopy(fn.args)
+    args.args = [ast.arg("__run")] + args.args[1:]
+    for d in args.defaults + [d for d in args.kw_defaults if d is not None]:
+        try:
+            ast.literal_eval(d)
+        except ValueError:
+            raise RewriteError(f"{src.where(fn)}: default values of forward's arguments must be literals "
+                               "to be written into the host module") from None
+    new = ast.FunctionDef(name="forward", args=args, body=body or [ast.Pass()], decorator_list=[], returns=None)
+    ast.fix_missing_locations(new)
+    local = {a.arg for a in args.args + args.kwonlyargs} | {n for s in body for n in stored_names(s)}
+    for n in ast.walk(new):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in local | HOST_NAMES \
+                and not hasattr(builtins, n.id):
+            raise RewriteError(f"{src.where(n)}: the host code uses {n.id!r}, which the host module does not "
+                               f"have (it has only {sorted(HOST_NAMES)} and builtins)")
+    return ast.unparse(new) + "\n"
+
