@@ -1,5 +1,7 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader, Subset
 
 from nestnas.errors import CheckpointError, ConfigError
@@ -33,7 +35,8 @@ def test_digits_split_is_stratified_and_fixed():
     again, _ = digits_datasets("cnn", seed=0)
     assert torch.equal(again.tensors[0], train.tensors[0])
     tr, _ = digits_datasets("transformer")
-    assert tr.tensors[0].shape[1:] == (8, 8) and tr.tensors[0].min() >= -1 and tr.tensors[0].max() <= 1
+    assert tr.tensors[0].shape[1:] == (8, 8) and (tr.tensors[0].min(), tr.tensors[0].max()) == (-1, 1)  # 0..16
+    assert torch.equal(tr.tensors[0].reshape(train.tensors[0].shape), train.tensors[0])  # same split, other shape
     with pytest.raises(ConfigError, match="unknown supernet family"):
         digits_datasets("rnn")
 
@@ -84,16 +87,140 @@ def test_sandwich_training_improves_both_ends_of_the_space():
     assert after[0] > max(0.75, before[0] + 0.5) and after[1] > max(0.3, before[1] + 0.2)
 
 
-@pytest.mark.parametrize("options", [dict(sorted_ladder=True, sandwich=2), dict(grad_accum=2, distill=False),
-                                     dict(sandwich=0)])
+class _StepRecorder:
+    """Observes a training run without changing it: the (config, input) of every forward of the
+    supernet with gradients on, and the weights and gradients at every optimiser step."""
+
+    def __init__(self, net):
+        self.net, self.forwards, self.steps = net, [], []
+        self._handles = [net.register_forward_pre_hook(self._forward, with_kwargs=True),
+                         register_optimizer_step_pre_hook(self._step)]
+
+    def _forward(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            config = args[1] if len(args) > 1 else kwargs["config"]
+            self.forwards.append((config, args[0].detach().clone()))
+
+    def _step(self, optimizer, args, kwargs):
+        params = dict(self.net.named_parameters())
+        self.steps.append(({n: p.detach().clone() for n, p in params.items()},
+                           {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in params.items()},
+                           len(self.forwards)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+
+def _grads(net, weights, groups, distill, scale):
+    """Gradient of the sandwich loss, written out here: each group is the (config, input) list of
+    one micro-batch with its labels; the first subnet learns the labels, the rest its soft
+    predictions (or the labels without distillation)."""
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(weights[n])
+    net.train()
+    net.zero_grad(set_to_none=True)
+    for forwards, y in groups:
+        (c0, x0), rest = forwards[0], forwards[1:]
+        teacher = net(x0, c0)
+        loss = F.cross_entropy(teacher, y)
+        for c, x in rest:
+            out = net(x, c)
+            loss = loss + (F.kl_div(F.log_softmax(out, 1), F.softmax(teacher.detach(), 1), reduction="batchmean")
+                           if distill else F.cross_entropy(out, y))
+        (loss * scale).backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(sandwich=0), dict(sorted_ladder=True, sandwich=2),
+                                     dict(grad_accum=2, distill=False)])
 def test_training_variants_step_as_configured(options):
-    net = make_cnn()
-    loader = tiny_loader(n=96)  # 3 batches
-    seen = []
-    result = train_supernet(net, loader, epochs=1, seed=0, progress=False, val_loader=tiny_loader(n=32),
-                            callbacks=[lambda e, m: seen.append(m)], **options)
-    assert len(seen) == 1 and {"loss", "val_acc_largest", "val_acc_smallest"} <= set(seen[0])
-    assert result.history == seen
+    """Each step trains exactly the subnets the options name, on the loss they name: the
+    gradient the optimiser steps with equals the sandwich loss's gradient recomputed here over
+    the subnets the step ran, and those subnets are largest, smallest and `sandwich` more
+    (random, or interior rungs of the sorted ladder)."""
+    sandwich, accum = options.get("sandwich", 2), options.get("grad_accum", 1)
+    train, _ = digits_datasets("cnn")
+    data = Subset(train, range(32))
+    loader = DataLoader(data, batch_size=8)  # 4 batches, in order: the labels of batch i are known
+    labels = [train.tensors[1][i * 8:(i + 1) * 8] for i in range(4)]
+    net, twin = make_cnn(), make_cnn()
+    space = net.space
+    with _StepRecorder(net) as rec:
+        result = train_supernet(net, loader, epochs=1, seed=0, progress=False,
+                                val_loader=tiny_loader(n=32) if not options else None, **options)
+
+    per_batch = 2 + sandwich
+    assert len(rec.forwards) == 4 * per_batch and len(rec.steps) == 4 // accum
+    groups = [rec.forwards[i:i + per_batch] for i in range(0, len(rec.forwards), per_batch)]
+    ladder = space.ladder(8)
+    for group in groups:
+        configs = [c for c, _ in group]
+        assert configs[:2] == [space.largest(), space.smallest()]
+        extra = configs[2:]
+        if options.get("sorted_ladder"):
+            at = [ladder.index(c) for c in extra]
+            assert sorted(set(at)) == at and all(0 < i < len(ladder) - 1 for i in at), at
+        else:
+            assert all(space.validate(c) == c for c in extra)
+    if not options.get("sorted_ladder") and sandwich:
+        assert len({str(c) for g in groups for c, _ in g[2:]}) > 2  # random subnets, redrawn per batch
+
+    distill = options.get("distill", True)
+    start = 0
+    for weights, grads, n_forwards in rec.steps:
+        window = [(g, labels[i]) for i, g in enumerate(groups) if start <= i * per_batch < n_forwards]
+        assert len(window) == accum
+        start = n_forwards
+        expected = _grads(twin, weights, window, distill, 1.0 / accum)
+        for name in grads:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+        if sandwich == 0 and n_forwards == rec.steps[0][2]:
+            # weights the smallest subnet does not use are trained by the largest alone
+            teacher = _grads(twin, weights, [(g[:1], y) for g, y in window], distill, 1.0 / accum)
+            student = _grads(twin, weights, [(g[1:], y) for g, y in window], False, 1.0 / accum)
+            only_largest = {n: student[n] == 0 for n in grads}
+            assert sum(int((teacher[n][m] != 0).sum()) for n, m in only_largest.items()) > 200
+            for n, m in only_largest.items():
+                torch.testing.assert_close(grads[n][m], teacher[n][m], rtol=1e-4, atol=1e-6, msg=n)
+
+    assert [m["epoch"] for m in result.history] == [1]
+    if options:
+        return
+    # the epoch's validation figures are those of the trained weights
+    calib = DataLoader(data, batch_size=8)
+    assert result.history[0]["val_acc_largest"] == subnet_accuracy(net, space.largest(), tiny_loader(n=32), calib)
+    assert result.history[0]["val_acc_smallest"] == subnet_accuracy(net, space.smallest(), tiny_loader(n=32), calib)
+
+
+def test_grad_accum_equals_one_step_on_the_joined_batch():
+    """grad_accum=2 over two batches of 16 is one step on their batch of 32 (layer norm only,
+    so the batch split changes nothing else); two plain steps of 16 are not."""
+    space = SearchSpace.transformer(depth_choices=(1, 2))
+    train, _ = digits_datasets("transformer")
+    data = Subset(train, range(32))
+
+    def trained(batch_size, grad_accum):
+        torch.manual_seed(0)
+        net = ElasticTransformer(space)
+        with _StepRecorder(net) as rec:
+            train_supernet(net, DataLoader(data, batch_size=batch_size), epochs=1, sandwich=0, grad_accum=grad_accum,
+                           seed=0, progress=False)
+        return net.state_dict(), rec.steps
+
+    joined, joined_steps = trained(32, 1)
+    accumulated, accumulated_steps = trained(16, 2)
+    plain, plain_steps = trained(16, 1)
+    assert len(joined_steps) == len(accumulated_steps) == 1 and len(plain_steps) == 2
+    for name, g in joined_steps[0][1].items():
+        torch.testing.assert_close(accumulated_steps[0][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, w in joined.items():
+        torch.testing.assert_close(accumulated[name], w, rtol=0, atol=1e-5, msg=name)
+    assert max((plain[n] - w).abs().max().item() for n, w in joined.items()) > 1e-3
 
 
 def test_training_options_are_checked():
