@@ -117,10 +117,10 @@ class DynamicProgram:
         if not self.records:
             raise ConfigError("nothing recorded: run the program on example inputs first (rewrite does)")
         final = Path(out_dir)
-        check_output(final, "out_dir", kind="dir")
-        if final.is_dir() and any(final.iterdir()):
-            raise ConfigError(f"out_dir {final}: exists and is not empty")
         try:
+            check_output(final, "out_dir", kind="dir")
+            if final.is_dir() and any(final.iterdir()):
+                raise ConfigError(f"out_dir {final}: exists and is not empty")
             with staged_folder(final) as tmp:
                 table, wants = {}, {}
                 for i, rec in enumerate(sorted(self.records.values(), key=lambda r: r.key)):
@@ -137,7 +137,7 @@ class DynamicProgram:
                 _write_manifest(tmp / MANIFEST, manifest)
                 for backend in backends:
                     _check(tmp, backend, threads, wants)
-        except OSError as exc:
+        except OSError as exc:  # a write in the staged folder, or a name the system refuses
             if isinstance(exc, NestnasError):
                 raise
             raise write_error(final, exc) from None
