@@ -5,7 +5,9 @@ to any other file, reached by generic code through the registry alone."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -33,6 +35,8 @@ from nestnas.supernet.families import family_names, register_supernet, unregiste
 from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
 
 FAMILY = "test-mlp"
+REPO = Path(__file__).resolve().parents[1]
+GENERIC = ("hw_profiles", "predictors", "search", "compile", "exporting.py", "cli.py", "quickstart.py")
 
 
 @dataclass(frozen=True)
@@ -259,3 +263,14 @@ def test_train_profile_fit_search_export(trained, wine, tmp_path):
         want = trained.extract(best.config)(x).numpy()
     got = nestnas.load(out)(x.numpy())
     assert np.abs(got - want).max() <= tolerance(want)
+
+
+def test_generic_code_names_no_family():
+    """Stages reach families through the registry only: no built-in family's classes or names."""
+    named = re.compile(r"ElasticCNN|ElasticTransformer|CNNSpace|TransformerSpace|CNNConfig|TransformerConfig"
+                       r"|[\"'](cnn|transformer)[\"']")
+    files = [f for g in GENERIC for f in ([REPO / g] if g.endswith(".py") else sorted((REPO / g).rglob("*.py")))]
+    assert len(files) > 20
+    hits = [f"{f.relative_to(REPO)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+            if named.search(line)]
+    assert not hits, hits
