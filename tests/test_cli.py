@@ -120,7 +120,7 @@ def test_bad_option_values_give_one_line(tmp_path):
     assert_user_error(nestnas("frobnicate"), "frobnicate")
 
 
-def test_quickstart_runs_every_stage(tmp_path, monkeypatch):
+def test_quickstart_runs_every_stage(tmp_path, monkeypatch, has_tvm):
     monkeypatch.setenv("NESTNAS_HOME", str(tmp_path / "home"))  # the tuning database goes there
     proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--search-evals", "32",
                    "--tune-trials", "2", "--tune-seconds", "5", "--out", tmp_path / "qs", "--json")
@@ -146,6 +146,10 @@ def test_quickstart_runs_every_stage(tmp_path, monkeypatch):
     for backend, row in summary["bundle_measured"].items():
         assert row["max_abs_diff"] <= 1e-4 and row["median_ms"] > 0, backend
     tuning = summary["tuning"]
+    if not has_tvm:  # the bundle is ONNX alone then
+        assert set(summary["bundle_measured"]) == {"onnxruntime"} and tuning is None
+        return
+    assert set(summary["bundle_measured"]) == {"onnxruntime", "tvm"}
     assert tuning["trials_per_task"] == 2 and tuning["tuned"] >= 1
     assert tuning["tuned"] + tuning["skipped_for_time"] + tuning["reused_from_database"] == tuning["unique_tasks"]
     assert Path(tuning["database"]).is_relative_to(tmp_path / "home")
@@ -196,8 +200,12 @@ def test_fit_prints_heldout_figures_and_saves_a_loadable_predictor(profile_file,
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert set(summary["heldout"]) == {"lut", "ensemble", "hybrid"} and summary["saved_kind"] in summary["heldout"]
+    from nestnas.hw_profiles import DeviceProfile
+    from nestnas.predictors.fitting import fitting_hashes
+
+    usable, _ = fitting_hashes(DeviceProfile.load(profile_file))  # the stable ones (all 21 on a quiet host)
     for m in summary["heldout"].values():
-        assert m["n"] == 7 and {"rmse", "mape", "kendall_tau", "within_10pct"} <= set(m)
+        assert m["n"] == round(len(usable) / 3) and {"rmse", "mape", "kendall_tau", "within_10pct"} <= set(m)
     from nestnas.predictors import load_predictor
 
     predictor, record = load_predictor(out)
