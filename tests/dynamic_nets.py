@@ -85,7 +85,7 @@ class SkipNet(nn.Module):
 
     def calibrate(self, inputs):
         with torch.no_grad():
-            for i, block in enumerate(self.blocks):
+            for i in range(len(self.blocks)):
                 logits = []
                 for x in inputs:  # gate i sees the blocks before it run
                     h = self.stem(x)

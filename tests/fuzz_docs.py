@@ -212,7 +212,7 @@ def run_cli(argv: Sequence[Any], folder: Path, outputs: Iterable[str | Path] = (
         os.chdir(folder)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = main(argv)
-    except (Exception, FuzzTimeout, SystemExit) as exc:  # anything escaping main is a traceback
+    except (Exception, FuzzTimeout, SystemExit) as exc:  # noqa: BLE001 - anything escaping main is a traceback
         tb = "".join(traceback.format_exception(exc))
     finally:
         signal.alarm(0)

@@ -175,7 +175,8 @@ def test_output_under_a_file_or_under_proc(tmp_path, capsys, monkeypatch, no_tra
 
 def test_fit_out_given_a_folder(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
-    one_line(capsys, ["fit", "--profile", SHIPPED, "--out", tmp_path], f"--out {tmp_path} is a folder; give a file name")
+    one_line(capsys, ["fit", "--profile", SHIPPED, "--out", tmp_path],
+             f"--out {tmp_path} is a folder; give a file name")
     assert tree(tmp_path) == {"keep.txt": b"mine"}
 
 

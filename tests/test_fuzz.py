@@ -63,7 +63,8 @@ def world(tmp_path_factory):
         steps = [
             ["fit", "--profile", w.profile, "--kind", "lut", "--out", w.pred],
             ["search", *_search_args(w), "--out", w.front],
-            ["export", "--front", w.front, "--formats", "onnx", "--batch-size", "1", "--threads", "1", "--out", w.bundle],
+            ["export", "--front", w.front, "--formats", "onnx", "--batch-size", "1", "--threads", "1",
+             "--out", w.bundle],
             ["fit", "--checkpoint", w.ckpt, "--samples", "7", "--out", w.acc],
         ]
         for argv in steps:
@@ -411,7 +412,8 @@ def _config_values() -> list[str]:
 def _specs() -> dict[str, tuple[list[str], dict[str, list[str]]]]:
     return {
         "train": (["--family", "transformer", "--epochs", "1", "--out", "<ckpt-copy>"], {
-            "--out": [v for v in OUTPUTS if not v.startswith(("<under-missing>", "<out>"))], "--family": ["rnn", "", "CNN", "cnn,transformer"],
+            "--out": [v for v in OUTPUTS if not v.startswith(("<under-missing>", "<out>"))],
+            "--family": ["rnn", "", "CNN", "cnn,transformer"],
             "--epochs": ["-1", "0", "abc", "", "1.5"], "--sandwich": ["-1", "abc", "", str(10**12)],
             "--grad-accum": ["-1", "0", "abc", str(10**12)], "--batch-size": ["-1", "0", "abc", str(10**12)],
             "--lr": ["-1", "0", "nan", "inf", "abc"], "--seed": ["-1", "9" * 30, "abc"]}),
@@ -445,7 +447,8 @@ def _specs() -> dict[str, tuple[list[str], dict[str, list[str]]]]:
         "show": (["<front>"], {"": INPUTS}),
         "export": (["--front", "<front>", "--formats", "onnx", "--batch-size", "1", "--threads", "1",
                     "--out", "<out>/b"], {
-            "--front": INPUTS, "--out": [v for v in OUTPUTS if not v.startswith(("<under-missing>", "<out>"))] + ["<text>"],
+            "--front": INPUTS,
+            "--out": [v for v in OUTPUTS if not v.startswith(("<under-missing>", "<out>"))] + ["<text>"],
             "--checkpoint": [v for v in INPUTS if v != "<ckpt>"], "--pick": ["", "-1", "99", "a", "knee,all", ","],
             "--formats": ["", ",", "onnx,magic", "ONNX"], "--batch-size": ["-1", "0", "abc", str(10**12)],
             "--threads": ["-1", "0", "abc", "9" * 30], "--tune-trials": ["-1", "abc"]}),

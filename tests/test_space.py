@@ -1,6 +1,6 @@
 import itertools
-import re
 import json
+import re
 import subprocess
 import sys
 

@@ -187,13 +187,15 @@ def run_family(family: str, n: int, trials: int, search_evals: int, seed: int, c
         model = load_bundle(work / "untuned" / sub.name, "onnxruntime")
         assert np.abs(model(x.numpy()) - sub.module(x).detach().numpy()).max() <= 1e-4
         rows.append({"family": family, "subnet": sub.name, "onnxruntime_ms": ort_ms, "tvm_untuned_ms": tvm_untuned_ms,
-                     "tvm_tuned_ms": tvm_tuned_ms, "tvm_schedules": tuned["manifests"][i]["tuning"]["schedules"], "eager_extracted_ms": eager_ext, "eager_supernet_ms": eager_super,
+                     "tvm_tuned_ms": tvm_tuned_ms, "tvm_schedules": tuned["manifests"][i]["tuning"]["schedules"],
+                     "eager_extracted_ms": eager_ext, "eager_supernet_ms": eager_super,
                      "speedup_ort_vs_supernet": eager_super / ort_ms, "tvm_tuned_vs_ort": tvm_tuned_ms / ort_ms,
                      "tvm_tuned_vs_untuned": tvm_untuned_ms / tvm_tuned_ms,
                      "fidelity": fidelity})
-    return {"rows": rows, "speed": {b: c.to_dict() for b, c in speed.items()}, "tuning": {**shared, "alone_seconds": alone_s, "alone_tasks": alone_tasks,
-                                     "shared_vs_alone_seconds": shared["seconds"] / alone_s if alone else None,
-                                     "shared_vs_alone_tasks": shared["unique_tasks"] / alone_tasks if alone else None}}
+    return {"rows": rows, "speed": {b: c.to_dict() for b, c in speed.items()},
+            "tuning": {**shared, "alone_seconds": alone_s, "alone_tasks": alone_tasks,
+                       "shared_vs_alone_seconds": shared["seconds"] / alone_s if alone else None,
+                       "shared_vs_alone_tasks": shared["unique_tasks"] / alone_tasks if alone else None}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="left" if col in ("family", "subnet") else "right")
     for r in rows:
         table.add_row(r["family"], r["subnet"], f"{r['onnxruntime_ms']:.4f}", f"{r['tvm_untuned_ms']:.4f}",
-                      f"{r['tvm_tuned_ms']:.4f}" + ("" if r["tvm_schedules"]["used"] == "tuned" else " (default)"), f"{r['eager_extracted_ms']:.4f}", f"{r['eager_supernet_ms']:.4f}",
+                      f"{r['tvm_tuned_ms']:.4f}" + ("" if r["tvm_schedules"]["used"] == "tuned" else " (default)"),
+                      f"{r['eager_extracted_ms']:.4f}", f"{r['eager_supernet_ms']:.4f}",
                       f"{r['speedup_ort_vs_supernet']:.1f}x", f"{r['tvm_tuned_vs_ort']:.2f}",
                       *(f"{r['fidelity'][b]['ratio']:.3f} ({r['fidelity'][b]['calibrated_ratio']:.3f}) "
                         f"b{r['fidelity'][b]['batch']}" for b in ("onnxruntime", "tvm")))

@@ -32,13 +32,13 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import dynamic_nets as dn  # noqa: E402
-
 from nestnas.compile.bundle import Subnet, export_bundles  # noqa: E402
 from nestnas.compile.dynamic import load_dynamic, rewrite  # noqa: E402
 from nestnas.compile.switch import export_switchable  # noqa: E402
 from nestnas.fileio import write_json  # noqa: E402
 from nestnas.hw_profiles.profile import host_fingerprint  # noqa: E402
+
+import dynamic_nets as dn  # noqa: E402
 
 
 class Timed:
