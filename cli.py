@@ -345,24 +345,15 @@ def fit(
         raise ConfigError("give exactly one of --profile (latency) or --checkpoint (accuracy)")
     if profile is not None:
         from nestnas.hw_profiles.profile import DeviceProfile
-        from nestnas.predictors.latency import LATENCY_KINDS
 
-        if kind not in ("auto", *LATENCY_KINDS):
-            raise ConfigError(f"--kind: unknown latency predictor {kind!r}; allowed: {['auto', *LATENCY_KINDS]}")
         prof = DeviceProfile.load(profile)
         _warn_incomplete(prof, profile)
-        kinds = fitting.available_kinds(prof)
-        if kind != "auto" and kind not in kinds:
-            raise ConfigError(f"--kind {kind} needs every block measured, which profile {profile} lacks "
-                              "(resume it with `nestnas profile`); "
-                              f"allowed here: {kinds}")
-        train, held = fitting.split_hashes(prof.measurements, holdout, seed)
-        scores = fitting.score_latency(prof, kinds, train, held, seed)
-        scores.pop("_predictors")
-        if kind == "auto":
-            kind, _ = fitting.choose_kind(prof, kinds, train, seed)
-        save_predictor(out, "latency", profile, kind, seed, train, scores[kind])
-        rows, unit = scores, "ms"
+        chosen = fitting.fit_and_select(prof, kind, holdout, seed)
+        if chosen.warning:
+            err_console.print(f"warning: {chosen.warning}", markup=False, soft_wrap=True)
+        kind = chosen.kind
+        save_predictor(out, "latency", profile, kind, seed, chosen.train, chosen.scores[kind])
+        rows, unit = chosen.scores, "ms"
     else:
         rows, unit, kind = _fit_accuracy(checkpoint, out, samples, holdout, seed, as_json, data), "", "accuracy"
     summary = {"predictor": str(out), "saved_kind": kind, "heldout": rows}

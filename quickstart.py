@@ -29,14 +29,11 @@ from nestnas.supernet.space import SearchSpace
 from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
 
 
-MIN_STABLE = 7  # a held-out third needs 5 subnets to fit and 2 to test
-
-
 def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, console: Console,
                     progress: bool) -> dict[str, Any]:
     """Stages 2 and 3: profile this CPU on ONNX Runtime, fit the latency predictors, score them."""
     from nestnas.hw_profiles.profiler import profile_device
-    from nestnas.predictors.fitting import available_kinds, choose_kind, score_latency, split_hashes
+    from nestnas.predictors.fitting import fit_and_select
     from nestnas.predictors.store import save_predictor
 
     console.rule("[bold]2. profile[/] this CPU on ONNX Runtime (space-filling subnets, and every block)")
@@ -52,20 +49,13 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
                   f"profile: {path}")
 
     console.rule("[bold]3. fit[/] latency predictors, scored on held-out subnets never used in fitting")
-    stable = [k for k, m in profile.measurements.items() if m["stable"]]
-    if len(stable) < MIN_STABLE:  # a busy host flags most medians; they are still the best estimates there are
-        console.print(f"warning: the host was busy: {len(profile.measurements) - len(stable)} of "
-                      f"{len(profile.measurements)} subnet measurements are unstable; fitting on all of them",
-                      markup=False)
-        stable = list(profile.measurements)
-    train, held = split_hashes(stable, 1 / 3, seed)
-    kinds = available_kinds(profile)
-    scores = score_latency(profile, kinds, train, held, seed)
-    scores.pop("_predictors")
+    chosen = fit_and_select(profile, "auto", 1 / 3, seed)
+    if chosen.warning:  # a busy host flags most medians; they are still the best estimates there are
+        console.print(f"warning: the host was busy: {chosen.warning}", markup=False)
+    train, held, scores, kind = chosen.train, chosen.held, chosen.scores, chosen.kind
     table = Table(title=f"latency predictors: {len(train)} subnets to fit, {len(held)} held out")
     for col in ("predictor", "RMSE ms", "MAPE %", "Kendall tau", "within +-10%"):
         table.add_column(col, justify="left" if col == "predictor" else "right")
-    kind, _ = choose_kind(profile, kinds, train, seed)
     for name, m in scores.items():
         table.add_row(name + (" (chosen)" if name == kind else ""), f"{m['rmse']:.3f}", f"{m['mape']:.1f}", f"{m['kendall_tau']:.3f}",
                       f"{100 * m['within_10pct']:.0f}%")

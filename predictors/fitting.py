@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from nestnas.errors import ConfigError
+from nestnas.hw_profiles.budget import MIN_USABLE_SUBNETS
 from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.predictors.accuracy_data import AccuracyTable
 from nestnas.predictors.latency import LATENCY_KINDS
@@ -87,7 +88,7 @@ def score_accuracy(table: AccuracyTable, train: list[str], held: list[str], seed
 
 
 # --- fit and select: the one policy every caller (CLI, quickstart, search presets) uses --------
-MIN_STABLE = 7  # 5 subnets to fit and 2 to test
+MIN_STABLE = MIN_USABLE_SUBNETS  # 5 subnets to fit and 2 to test
 
 
 def fitting_hashes(profile: DeviceProfile, min_stable: int = MIN_STABLE) -> tuple[list[str], str | None]:
