@@ -30,7 +30,6 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
     """A `compile.bundle.Subnet` for a front candidate: the extracted module and its manifest facts."""
     from nestnas.compile.bundle import Subnet
     from nestnas.predictors.macs import count_macs
-
     from nestnas.search.objectives import MetricInfo
 
     config = net.space.validate(candidate.config)
@@ -61,11 +60,13 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
            measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export one front candidate, a list of them, or a static `nn.Module` (with `input_shape`)
     as bundles under `out_dir` (a single subject: `out_dir` is the bundle; several: one folder
-    each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` records objective
-    units and predictor in the manifests. `formats` defaults to those installed (ONNX, and TVM
-    with the tvm extra); manifests are signed when a bundle key is configured. TVM tuning
-    (`tune_trials` per unique workload on average, 0 = off; `tune_strategy` "evolutionary" or the faster, weaker "replay-trace"; `tune_transfer`: a
-    workload whose relative is tuned starts from its adapted schedules instead of a search round)
+    each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` builds them at its
+    latency objective's typed batch size and records unit and predictor identity in the manifests.
+    `formats` defaults to those installed (ONNX, and TVM with the tvm extra); manifests are signed
+    when a bundle key is configured. TVM tuning
+    (`tune_trials` per unique workload on average, 0 = off; `tune_strategy` "evolutionary" or the
+    faster, weaker "replay-trace"; `tune_transfer`: a workload whose relative is tuned starts from
+    its adapted schedules instead of a search round)
     shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
     from nestnas.compile.bundle import Subnet, check_formats, export_bundles, installed_formats
     from nestnas.compile.tuning import TuneOptions

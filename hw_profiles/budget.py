@@ -1,7 +1,11 @@
-"""A profiling run's time budget, its ETA and its closing report.
+"""A profiling run's time limit (`--max-minutes`), its ETA and its closing report.
+
+Not a search budget: `nestnas.search.objectives.Budget` bounds a metric of a subnet (latency <= 5)
+and decides which subnets are feasible; this limits the wall-clock time one profiling run may
+spend measuring, and decides when the run stops.
 
 On a busy host every measurement can spend its whole retry cap, so a run of ~800 measurements
-that takes a minute on a quiet machine can take hours. `RunBudget` stops a run after the
+that takes a minute on a quiet machine can take hours. `ProfilingTimeLimit` stops a run after the
 measurement during which its budget ran out, accepts first attempts once half the budget is
 gone (retries are what a busy host wastes time on), estimates the remaining time from this
 run's own seconds per measurement (retries included, per kind: subnets and blocks differ) and
@@ -37,8 +41,8 @@ def load_average() -> float | None:
         return None
 
 
-class RunBudget:
-    """Time accounting of one profiling run; `max_minutes=None` is no budget."""
+class ProfilingTimeLimit:
+    """Time accounting of one profiling run; `max_minutes=None` is no time limit."""
 
     def __init__(self, max_minutes: float | None, max_attempts: int, remaining: dict[str, int] | None = None):
         self.max_minutes = check_minutes(max_minutes)

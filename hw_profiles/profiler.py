@@ -24,7 +24,7 @@ import torch
 from nestnas.compile import get_backend, get_runner
 from nestnas.errors import ConfigError, ProfileError
 from nestnas.hw_profiles.blocks import all_parts, build_part
-from nestnas.hw_profiles.budget import RunBudget, check_minutes
+from nestnas.hw_profiles.budget import ProfilingTimeLimit, check_minutes
 from nestnas.hw_profiles.profile import DeviceProfile, host_fingerprint
 from nestnas.hw_profiles.sampling import check_sample_count, space_filling_sample
 from nestnas.supernet.base import Supernet, build_supernet
@@ -154,14 +154,14 @@ def profile_device(
     saves an incomplete profile (``meta["complete"] = False``) that a rerun continues. Unstable
     records to heal are measured again only after everything missing, so a run short of time
     adds coverage first and never leaves the profile with fewer measurements than before.
-    ``meta["last_run"]`` reports the run (`RunBudget.report`). `progress(text, done, total)` is
+    ``meta["last_run"]`` reports the run (`ProfilingTimeLimit.report`). `progress(text, done, total)` is
     called after every measurement, `text` naming the kind, the pace with retries, the estimated
     finish and the budget's end."""
     passes = default_passes(backend) if passes is None else passes
     check_options(space, n_samples, passes, batch_size, threads, max_minutes)
     be = get_backend(backend, threads=threads, exporter=exporter)
     runner = get_runner(backend)
-    budget = RunBudget(max_minutes, runner.max_attempts)
+    budget = ProfilingTimeLimit(max_minutes, runner.max_attempts)
     configs = space_filling_sample(space, n_samples, seed)  # before anything is written
     torch.manual_seed(seed)
     net = build_supernet(space, **(spec or {})).eval()

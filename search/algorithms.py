@@ -59,11 +59,12 @@ def get_algorithm(name: str) -> Algorithm:
 
 
 def integer_operators(space: SearchSpace) -> dict:
-    from nestnas.search.problem import CanonicalDuplicates
     from pymoo.operators.crossover.sbx import SBX
     from pymoo.operators.mutation.pm import PM
     from pymoo.operators.repair.rounding import RoundingRepair
     from pymoo.operators.sampling.rnd import IntegerRandomSampling
+
+    from nestnas.search.problem import CanonicalDuplicates
 
     # SBX/PM on a relaxed integer grid, rounded back: the usual pymoo recipe for integer encodings.
     return {"sampling": IntegerRandomSampling(),
@@ -73,8 +74,9 @@ def integer_operators(space: SearchSpace) -> dict:
 
 
 def _evolve(run, factory: Callable, evals: int, pop_size: int, seed: int) -> None:
-    from nestnas.search.problem import SubnetProblem
     from pymoo.termination.max_eval import MaximumFunctionCallTermination
+
+    from nestnas.search.problem import SubnetProblem
 
     problem = SubnetProblem(run.ev, run.objectives, run.budgets)
     algo = factory(run.space, pop_size, len(run.objectives))

@@ -18,8 +18,9 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from nestnas.errors import ConfigError
 from typing_extensions import Self
+
+from nestnas.errors import ConfigError
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS evals (context TEXT NOT NULL, hash TEXT NOT NULL, value REAL NOT NULL, " \
          "PRIMARY KEY (context, hash)) WITHOUT ROWID"

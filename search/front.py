@@ -10,7 +10,6 @@ the reference in any objective add nothing.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from nestnas.errors import ArtifactError, ConfigError
 from nestnas.fileio import atomic_path, read_document, validate, write_standard_json
 from nestnas.search.objectives import BUDGET_OPS, Budget, MetricInfo, as_budgets, total_violation
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
-from pydantic import BaseModel, ConfigDict, Field
 
 # Version 1 throughout: an objective's typed `batch_size` and `predictor` are optional fields, so
 # fronts written before them still load, and older readers keep them as unknown extras.
@@ -267,7 +267,8 @@ class ParetoFront:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "space": self.space.to_dict(),
                 "space_fingerprint": self.space.fingerprint(), "objectives": self.objectives,
-                "budgets": [b.to_dict() for b in self.budgets], "reference": self.reference, "hypervolume": self.hypervolume,
+                "budgets": [b.to_dict() for b in self.budgets], "reference": self.reference,
+                "hypervolume": self.hypervolume,
                 "front": self.front, "evaluated": [c.to_dict() for c in self.evaluated], "meta": self.meta}
 
     def save(self, path: str | os.PathLike, plot: str | os.PathLike | None = None) -> None:
@@ -320,7 +321,8 @@ class ParetoFront:
         knee = self.knee().hash if self.front else None
         for i, c in enumerate(self.candidates):
             table.add_row(str(i) + (" knee" if c.hash == knee else ""),
-                          *[format_metric(o, c.metrics[o["name"]]) for o in self.objectives], c.hash, _summary(c.config))
+                          *[format_metric(o, c.metrics[o["name"]]) for o in self.objectives], c.hash,
+                          _summary(c.config))
         return table
 
     def plot(self, path: str | os.PathLike) -> None:

@@ -11,10 +11,11 @@ in the run's `batches`, so a resumed run replays it instead of refitting.
 from __future__ import annotations
 
 import numpy as np
+from pymoo.core.problem import Problem
+
 from nestnas.search.algorithms import integer_operators, register_algorithm
 from nestnas.search.objectives import Objective
 from nestnas.search.problem import preserved_rng
-from pymoo.core.problem import Problem
 
 INNER_POP = 100
 # Tree models only: a surrogate fitted on a few dozen subnets must not extrapolate (a linear or
@@ -52,13 +53,14 @@ def linas(run, *, evals: int, pop_size: int, seed: int, inner_evals: int = 5000,
 
 
 def _candidates(run, n: int, seed: int, inner_evals: int, kappa: float):
-    from nestnas.predictors.latency import AccuracyPredictor
-    from nestnas.search.front import non_dominated
     from pymoo.algorithms.moo.nsga2 import NSGA2, RankAndCrowding
     from pymoo.core.evaluator import Evaluator as PymooEvaluator
     from pymoo.core.population import Population
     from pymoo.optimize import minimize
     from pymoo.termination.max_eval import MaximumFunctionCallTermination
+
+    from nestnas.predictors.latency import AccuracyPredictor
+    from nestnas.search.front import non_dominated
 
     space = run.space
     rows = list(run.ev.archive.values())

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from nestnas.errors import ConfigError
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace

@@ -8,12 +8,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from pymoo.core.duplicate import DuplicateElimination
+from pymoo.core.problem import Problem
+
 from nestnas.search.cache import EvalCache
 from nestnas.search.objectives import Budget, Objective
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
-from pymoo.core.duplicate import DuplicateElimination
-from pymoo.core.problem import Problem
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from nestnas.errors import ConfigError, NestnasError
 from nestnas.fileio import read_document, validate, write_standard_json
 from nestnas.search.algorithms import ALGORITHMS, get_algorithm
@@ -26,7 +28,6 @@ from nestnas.search.front import Candidate, ParetoFront, hypervolume
 from nestnas.search.objectives import Budget, Objective, parse_budget, total_violation
 from nestnas.search.problem import Evaluator
 from nestnas.supernet.space import SearchSpace
-from pydantic import BaseModel, ConfigDict, Field
 
 STATE_FORMAT, STATE_VERSION = "nestnas-search-state", 1
 SEARCH_ALGORITHMS = tuple(ALGORITHMS)  # the built-in ones; `ALGORITHMS` also holds any registered later

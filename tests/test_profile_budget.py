@@ -17,7 +17,7 @@ from nestnas.compile import get_backend, get_runner
 from nestnas.errors import ConfigError
 from nestnas.hw_profiles import DeviceProfile, profile_device, space_filling_sample
 from nestnas.hw_profiles.blocks import all_parts
-from nestnas.hw_profiles.budget import BUSY_UNSTABLE_SHARE, RunBudget
+from nestnas.hw_profiles.budget import BUSY_UNSTABLE_SHARE, ProfilingTimeLimit
 from nestnas.supernet import ElasticTransformer, SearchSpace
 
 TINY_TR = SearchSpace.transformer(depth_choices=(1, 2), embed_choices=(16, 32), head_choices=(1, 2),
@@ -105,13 +105,13 @@ def test_a_busy_host_keeps_the_budget_and_the_profile_resumes(tmp_path):
 
 
 def test_retries_stop_when_half_the_budget_is_gone():
-    budget = RunBudget(0.01, max_attempts=2)  # 0.6 s
+    budget = ProfilingTimeLimit(0.01, max_attempts=2)  # 0.6 s
     assert budget.attempts_cap() == 2 and not budget.spent()
     time.sleep(0.35)
     assert budget.attempts_cap() == 1 and not budget.spent()
     time.sleep(0.3)
     assert budget.spent() and budget.stopped
-    assert RunBudget(None, 2).attempts_cap() == 2
+    assert ProfilingTimeLimit(None, 2).attempts_cap() == 2
 
     # the runner takes the lower cap for one call: an unstable first attempt comes back flagged
     x = torch.randn(2, 8)
