@@ -3,8 +3,17 @@
 `package.module:function`) or torch datasets/loaders become a `Data` with the per-sample shape,
 the number of classes and a fingerprint; see `nestnas.supernet.data` for the grammar."""
 
-from nestnas.supernet.data import (EXPECTED, KINDS, Data, DataSpec, data_for_checkpoint, digits_datasets,
-                                   digits_loaders, load_data, parse_spec)
+from nestnas.supernet.data import (
+                                   EXPECTED,
+                                   KINDS,
+                                   Data,
+                                   DataSpec,
+                                   data_for_checkpoint,
+                                   digits_datasets,
+                                   digits_loaders,
+                                   load_data,
+                                   parse_spec,
+)
 
 __all__ = ["EXPECTED", "KINDS", "Data", "DataSpec", "data_for_checkpoint", "digits_datasets", "digits_loaders",
            "load_data", "parse_spec"]

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from rich.table import Table
+
 from nestnas.predictors.macs import count_module
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
-from rich.table import Table
 
 
 def describe_subnet(net: Supernet, config: SubnetConfig, val_loader, calib_loader, seed: int = 0) -> dict[str, Any]:

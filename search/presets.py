@@ -1,5 +1,6 @@
 """Objectives built from files: a supernet checkpoint (accuracy on the validation split of its
-data, `nestnas.data`) and a device profile or saved predictor (latency). Shared by the CLI, quickstart and benchmarks."""
+data, `nestnas.data`) and a device profile or saved predictor (latency). Shared by the CLI,
+quickstart and benchmarks."""
 
 from __future__ import annotations
 
@@ -71,9 +72,9 @@ def objectives_from_files(names: Sequence[str], checkpoint: str | Path, *, profi
     names = list(names)
     unknown = [n for n in [*names, *budget_metrics] if n not in METRICS]
     if unknown:
-        raise ConfigError(f"--objectives: unknown objective {unknown[0]!r}; allowed: {list(METRICS)}")
+        raise ConfigError(f"objectives: unknown objective {unknown[0]!r}; allowed: {list(METRICS)}")
     if len(set(names)) != len(names) or len(names) < 2:
-        raise ConfigError(f"--objectives: give two or more distinct objectives, got {names}")
+        raise ConfigError(f"objectives: give two or more distinct objectives, got {names}")
     net = load_supernet(checkpoint)
     space = net.space
     wanted = list(dict.fromkeys([*names, *budget_metrics]))
@@ -88,7 +89,7 @@ def objectives_from_files(names: Sequence[str], checkpoint: str | Path, *, profi
             built[name] = accuracy_objective(net, val_loader, train_loader, seed=seed, context=context)
         elif name == "latency":
             if (profile is None) == (predictor is None):
-                raise ConfigError("the latency objective needs exactly one of --profile or --predictor")
+                raise ConfigError("the latency objective needs exactly one of profile or predictor")
             built[name] = (profile_latency(profile, seed, space) if profile is not None
                            else predictor_latency(predictor, space))
         elif name == "macs":

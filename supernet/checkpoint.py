@@ -65,12 +65,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
+    except Exception as exc:  # noqa: BLE001 -- torch raises many types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nestnas supernet checkpoint")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has version {payload.get('version')!r}; this nestnas reads version {VERSION}")
+        raise CheckpointError(f"checkpoint {path} has version {payload.get('version')!r}; this nestnas reads "
+                              f"version {VERSION}")
     validate(payload, CheckpointSchema, path, "checkpoint", CheckpointError)
     return payload
 
@@ -88,5 +89,6 @@ def load_supernet(path: str | os.PathLike) -> Supernet:
         net = build_supernet(space, **payload["spec"])
         net.load_state_dict(payload["model"])
     except (ConfigError, KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not describe a valid supernet: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not describe a valid supernet: "
+                              f"{str(exc).splitlines()[0]}") from None
     return net.eval()

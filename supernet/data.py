@@ -226,7 +226,7 @@ def load_data(data: Any = "digits", space=None, *, seed: int = 0, val_fraction: 
     gives the family's image size for image folders; `seed` the split."""
     if isinstance(data, (str, os.PathLike)):
         spec = parse_spec(data)
-        if val_fraction is not None and "val" not in spec.options:
+        if val_fraction is not None and "val" in _OPTIONS[spec.kind] and "val" not in spec.options:
             spec = DataSpec(spec.kind, spec.source, {**spec.options, "val": repr(val_fraction)}, spec.text)
         return _LOADERS[spec.kind](spec, space, seed)
     if isinstance(data, DataLoader):
@@ -353,7 +353,7 @@ def _load_npz(spec: DataSpec, space, seed: int) -> Data:
                                 f"{sorted(names) or 'none'}")
     except DataError:
         raise
-    except Exception as exc:  # zip, pickle and format errors of a foreign or damaged file
+    except Exception as exc:  # noqa: BLE001 -- zip, pickle and format errors of a foreign or damaged file
         raise DataError(f"{where}: not a readable .npz of plain arrays ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return _from_arrays(_reshape(x_tr, spec), y_tr, _reshape(x_va, spec), y_va, spec, seed)
@@ -436,7 +436,7 @@ def _load_images(spec: DataSpec, space, seed: int) -> Data:
     x = np.stack([_pixels(img, rgb) for img in images])
     y = np.asarray([k for _, k in files], dtype=np.int64)
     digest = hashlib.sha256()
-    for path, k in files:  # the file list and sizes (the pixels' resize depends on the family)
+    for path, _ in files:  # the file list and sizes (the pixels' resize depends on the family)
         digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
     x_tr, y_tr, x_va, y_va = _split(x, y, _val_fraction(spec), seed, where)
     return _from_arrays(x_tr, y_tr, x_va, y_va, spec, seed, classes=tuple(d.name for d in class_dirs),
@@ -463,20 +463,21 @@ def _pixels(img, rgb: bool) -> np.ndarray:
 def _load_entry(spec: DataSpec, space, seed: int) -> Data:
     where = f"data {spec.text!r}"
     module_name, _, attr = spec.source.partition(":")
-    sys.path.insert(0, os.getcwd())  # a module beside the user's files, as `python -m` finds it
+    here = os.getcwd()
+    sys.path.insert(0, here)  # a module beside the user's files, as `python -m` finds it
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module may fail in any way while importing
+    except Exception as exc:  # noqa: BLE001 -- the user's module may fail in any way while importing
         raise DataError(f"{where}: cannot import {module_name} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     finally:
-        sys.path.remove(os.getcwd())
+        sys.path.remove(here)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise DataError(f"{where}: {module_name} has no function {attr}")
     try:
         result = fn()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- the user's function may fail in any way
         raise DataError(f"{where}: {spec.source}() raised {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(d, Dataset) for d in result)):
