@@ -343,6 +343,8 @@ def fit(
 
     if (profile is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --profile (latency) or --checkpoint (accuracy)")
+    if data is not None and checkpoint is None:
+        raise ConfigError("--data applies to an accuracy predictor (--checkpoint), not to a latency profile")
     if profile is not None:
         from nestnas.hw_profiles.profile import DeviceProfile
 
