@@ -475,8 +475,12 @@ def search(
         from nestnas.hw_profiles.profile import DeviceProfile
 
         _warn_incomplete(DeviceProfile.load(profile), profile)
-    net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
-                                             budget_metrics=[b.metric for b in budgets], seed=seed, data=data)
+    with warnings.catch_warnings(record=True) as fitted:  # e.g. a latency predictor fitted on unstable medians
+        warnings.simplefilter("always")
+        net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
+                                                 budget_metrics=[b.metric for b in budgets], seed=seed, data=data)
+    for w in fitted:
+        err_console.print(f"warning: {w.message}", markup=False)
     with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
             SearchProgress(not as_json, evals, err_console) as bar:
         warnings.simplefilter("always")
