@@ -117,9 +117,9 @@ def parse_spec(text: str | os.PathLike) -> DataSpec:
         kind = "npz"
     elif source.lower().endswith(".csv"):
         kind = "csv"
-    elif _ENTRY.fullmatch(source) and not Path(source).exists():
+    elif _ENTRY.fullmatch(source) and not _is(Path.exists, source):
         kind = "entry"
-    elif Path(source).is_dir():
+    elif _is(Path.is_dir, source):
         kind = "images"
     else:
         raise DataError(f"data spec {given!r} is not a known kind of data (no such folder, not .npz or .csv, "
@@ -132,6 +132,14 @@ def parse_spec(text: str | os.PathLike) -> DataSpec:
     _val_fraction(spec)  # checked before any reading
     _shape_option(spec)
     return spec
+
+
+def _is(test, source: str) -> bool:
+    """`test(Path(source))`, False for names no file can have (NUL bytes, too long)."""
+    try:
+        return test(Path(source))
+    except (OSError, ValueError):
+        return False
 
 
 def _val_fraction(spec: DataSpec) -> float:
@@ -334,7 +342,7 @@ def _load_digits(spec: DataSpec, space, seed: int) -> Data:
 def _load_npz(spec: DataSpec, space, seed: int) -> Data:
     where = f"data {spec.text!r}"
     path = Path(spec.source)
-    if not path.is_file():
+    if not _is(Path.is_file, spec.source):
         raise DataError(f"{where}: no such file {path}")
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -363,7 +371,7 @@ def _load_csv(spec: DataSpec, space, seed: int) -> Data:
     where = f"data {spec.text!r}"
     path = Path(spec.source)
     label = spec.options.get("label", "label")
-    if not path.is_file():
+    if not _is(Path.is_file, spec.source):
         raise DataError(f"{where}: no such file {path}")
     try:
         with open(path, newline="", encoding="utf-8") as f:
