@@ -17,11 +17,18 @@ from torch import nn
 
 from nestnas.errors import ConfigError
 from nestnas.supernet.config import SubnetConfig
-from nestnas.supernet.families import (DEFAULT_FAMILY, SUPERNETS, family_names, register_supernet, supernet_class,
-                                       unregister_supernet)
+from nestnas.supernet.families import (
+    DEFAULT_FAMILY,
+    SUPERNETS,
+    family_names,
+    register_supernet,
+    supernet_class,
+    unregister_supernet,
+)
 from nestnas.supernet.space import SearchSpace
 
-__all__ = ["DEFAULT_FAMILY", "SUPERNETS", "Part", "Supernet", "build_supernet", "part_key", "family_names", "register_supernet",
+__all__ = ["DEFAULT_FAMILY", "SUPERNETS", "Part", "Supernet", "build_supernet", "family_names", "part_key",
+           "register_supernet",
            "supernet_class", "unregister_supernet"]
 
 #: One measurable part of a subnet: (key, recipe). The key names everything the part's latency
@@ -123,7 +130,8 @@ class Supernet(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def count_macs_encoded(cls, space: SearchSpace, X: np.ndarray, spec: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    def count_macs_encoded(cls, space: SearchSpace, X: np.ndarray,
+                           spec: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
         """`count_macs` of every row of the checked index matrix `X`, as two int64 arrays. This
         default decodes row by row; a family with large searches overrides it with table lookups."""
         counts = [cls.count_macs(space, space.canonical(space.decode(row)), spec) for row in X]

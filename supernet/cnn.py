@@ -97,7 +97,8 @@ class CNNSpace(SearchSpace):
                 raise ConfigError(f"search space field 'stages[{i}]': stride must be 1 or 2 and channels positive")
         _check_choices("kernel_choices", self.kernel_choices)
         if any(k % 2 == 0 for k in self.kernel_choices):
-            raise ConfigError(f"search space field 'kernel_choices': kernel sizes must be odd, got {list(self.kernel_choices)}")
+            raise ConfigError("search space field 'kernel_choices': kernel sizes must be odd, "
+                              f"got {list(self.kernel_choices)}")
         _check_choices("expand_choices", self.expand_choices)
         _check_choices("width_choices", self.width_choices)
         _check_choices("resolution_choices", self.resolution_choices)
@@ -189,7 +190,7 @@ class CNNSpace(SearchSpace):
         self.validate(config)
         sizes = self.block_input_sizes(config.resolution)
         kernels, expands = [], []
-        for i, st in enumerate(self.stages):
+        for i in range(len(self.stages)):
             d = config.depths[i]
             kernels.append(tuple(
                 self.effective_kernel(k, sizes[i][b]) if b < d else self.kernel_choices[0]
@@ -205,7 +206,8 @@ class CNNSpace(SearchSpace):
             sizes = self.block_input_sizes(res)
             per_res = len(self.width_choices)
             for i, st in enumerate(self.stages):
-                per_block = [len({self.effective_kernel(k, s) for k in self.kernel_choices}) * n_expand for s in sizes[i]]
+                per_block = [len({self.effective_kernel(k, s) for k in self.kernel_choices}) * n_expand
+                             for s in sizes[i]]
                 per_res *= sum(math.prod(per_block[:d]) for d in st.depth_choices)
             total += per_res
         return total
@@ -216,8 +218,8 @@ class CNNSpace(SearchSpace):
         col = 2 + len(self.stages)  # after resolution, width and the depths: (kernel, expand) per slot
         for i, st in enumerate(self.stages):
             for b in range(st.max_depth):
-                table = np.array([[self.effective_kernel(k, self.block_input_sizes(r)[i][b]) for k in self.kernel_choices]
-                                  for r in self.resolution_choices], dtype=np.float64)
+                table = np.array([[self.effective_kernel(k, self.block_input_sizes(r)[i][b])
+                                   for k in self.kernel_choices] for r in self.resolution_choices], dtype=np.float64)
                 values[:, col] = table[X[:, 0], X[:, col]]
                 col += 2
         return values
@@ -355,8 +357,8 @@ class ElasticCNN(Supernet):
         that only ever see padding are dropped from the extracted layers."""
         config = self.space.canonical(self.resolve(config))
         p = plan(self.space, config)
-        stem = nn.Sequential(self.stem_conv.to_static(self.in_channels, p.stem, STEM_KERNEL), self.stem_bn.to_static(p.stem),
-                             nn.Hardswish())
+        stem = nn.Sequential(self.stem_conv.to_static(self.in_channels, p.stem, STEM_KERNEL),
+                             self.stem_bn.to_static(p.stem), nn.Hardswish())
         blocks = [self.stages[bp.stage][bp.index].to_static(bp) for bp in p.blocks]
         c_last = p.blocks[-1].out_channels
         head = nn.Sequential(self.head_conv.to_static(c_last, p.head), self.head_bn.to_static(p.head), nn.Hardswish())

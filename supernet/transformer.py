@@ -251,7 +251,8 @@ class ElasticTransformer(Supernet):
         out = [(part_key("embed", t, spec["token_dim"], e), ("embed", e))]
         for i in range(config.depth):
             hidden = space.mlp_hidden(e, config.mlp_ratios[i])
-            out.append((part_key("layer", t, e, config.num_heads[i], hidden), ("layer", i, e, config.num_heads[i], hidden)))
+            heads = config.num_heads[i]
+            out.append((part_key("layer", t, e, heads, hidden), ("layer", i, e, heads, hidden)))
         out.append((part_key("head", t, e, spec["num_classes"]), ("head", e)))
         return out
 
@@ -264,7 +265,8 @@ class ElasticTransformer(Supernet):
             for heads in space.head_choices:
                 for ratio in space.mlp_ratio_choices:
                     hidden = space.mlp_hidden(e, ratio)
-                    found.setdefault(part_key("layer", self.num_tokens, e, heads, hidden), ("layer", 0, e, heads, hidden))
+                    found.setdefault(part_key("layer", self.num_tokens, e, heads, hidden),
+                                     ("layer", 0, e, heads, hidden))
         return found
 
     def build_part(self, recipe, batch):

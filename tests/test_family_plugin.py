@@ -27,7 +27,7 @@ from nestnas.predictors import AccuracyPredictor, LatencyPredictor
 from nestnas.predictors.features import config_features
 from nestnas.predictors.macs import count_macs, count_macs_encoded, count_module, onnx_macs
 from nestnas.search import latency_objective, macs_objective, predicted_accuracy_objective
-from nestnas.supernet import SearchSpace, Supernet, SubnetConfig, Variable, build_supernet, part_key
+from nestnas.supernet import SearchSpace, SubnetConfig, Supernet, Variable, build_supernet, part_key
 from nestnas.supernet.config import as_int, ints
 from nestnas.supernet.elastic import ElasticLinear
 from nestnas.supernet.evaluate import subnet_accuracy
@@ -93,7 +93,8 @@ class ElasticMLP(Supernet):
         self.space = space if space is not None else MLPSpace()
         self.num_classes, self.num_features = num_classes, num_features
         w = self.space.width_choices[-1]
-        self.layers = nn.ModuleList(ElasticLinear(num_features if i == 0 else w, w) for i in range(self.space.max_depth))
+        depth = self.space.max_depth
+        self.layers = nn.ModuleList(ElasticLinear(num_features if i == 0 else w, w) for i in range(depth))
         self.head = ElasticLinear(w, num_classes)
 
     def spec(self):
