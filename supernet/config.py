@@ -18,6 +18,7 @@ from nestnas.errors import ConfigError
 from nestnas.fileio import parse_json
 from nestnas.supernet.families import config_class, family_names
 
+
 def _name(field) -> str:
     # item names are built only for an error message: ("depths", 1) -> 'depths[1]'
     return field if isinstance(field, str) else f"{_name(field[0])}[{field[1]}]"
