@@ -262,6 +262,17 @@ def test_data_that_does_not_fit_the_checkpoint_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["five.npz", "flat.npz", "net.ckpt", "rgb.npz"]
 
 
+@pytest.mark.parametrize("key, value", [("fingerprint", "abc"), ("sample_shape", [0, 8, 8]), ("num_classes", 1),
+                                        ("spec", 3), ("seed", -1), ("colour", True)])
+def test_a_data_record_of_the_wrong_shape_is_one_line(key, value, tmp_path, capsys):
+    net = build_supernet(TINY, **load_data("digits").spec_for(TINY))
+    ckpt = tmp_path / "net.ckpt"
+    save_checkpoint(net, ckpt, data={**load_data("digits").record(), key: value})
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and f"field data.{key}" in lines[0] and str(ckpt) in lines[0], err
+
+
 def load_data_for(net, ckpt, spec):
     from nestnas.data import data_for_checkpoint
 
@@ -300,7 +311,7 @@ def nestnas(*args, cwd=None):
                           cwd=cwd, timeout=600)
 
 
-def test_cli_trains_on_npz_and_later_stages_reuse_the_checkpoints_data(tmp_path):
+def test_cli_trains_on_npz_and_later_stages_reuse_the_checkpoints_data(tmp_path, capsys):
     images, labels = digits_subset()
     x = scaled(images)
     path = tmp_path / "d.npz"
@@ -313,13 +324,28 @@ def test_cli_trains_on_npz_and_later_stages_reuse_the_checkpoints_data(tmp_path)
     record = checkpoint_data(ckpt)
     assert record["spec"] == str(path) and record["fingerprint"] == load_data(path).fingerprint
     front = tmp_path / "front.json"
-    proc = nestnas("search", "--checkpoint", ckpt, "--objectives", "accuracy,macs", "--evals", "8", "--pop-size", "4",
-                   "--out", front, "--cache", tmp_path / "c.sqlite", "--json")  # no --data: the checkpoint's
-    assert proc.returncode == 0, proc.stderr
+    code, out, err = run_cli(capsys, "search", "--checkpoint", ckpt, "--objectives", "accuracy,macs", "--evals", "8",
+                             "--pop-size", "4", "--out", front, "--cache", tmp_path / "c.sqlite", "--json")
+    assert code == 0, err  # no --data: the checkpoint's
     for c in json.loads(front.read_text())["evaluated"]:  # shares of the 37 validation samples
         acc = c["metrics"]["accuracy"]
         assert acc * 37 == pytest.approx(round(acc * 37), abs=1e-6), acc
-    proc = nestnas("eval", "--checkpoint", ckpt, "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert all(r["accuracy"] * 37 == pytest.approx(round(r["accuracy"] * 37), abs=1e-6)
-               for r in json.loads(proc.stdout).values())
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--json")
+    assert code == 0, err
+    for r in json.loads(out).values():
+        assert r["accuracy"] * 37 == pytest.approx(round(r["accuracy"] * 37), abs=1e-6), r
+
+    bundle = tmp_path / "bundle"
+    keep = labels < 5
+    np.savez(tmp_path / "five.npz", x=x[keep], y=labels[keep])
+    code, out, err = run_cli(capsys, "export", "--front", front, "--data", tmp_path / "five.npz", "--formats", "onnx",
+                             "--out", bundle)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "and 5 classes" in lines[0] and not bundle.exists(), err
+    other = tmp_path / "other.npz"  # the same shape and classes, 41 other validation samples
+    np.savez(other, x_train=x[:109], y_train=labels[:109], x_val=x[109:], y_val=labels[109:])
+    code, out, err = run_cli(capsys, "export", "--front", front, "--data", other, "--formats", "onnx", "--batch-size",
+                             "1", "--threads", "1", "--out", bundle, "--json")
+    assert code == 0, err
+    acc = json.loads(out)["manifests"][0]["accuracy"]["value"]
+    assert acc * 41 == pytest.approx(round(acc * 41), abs=1e-6), acc
