@@ -66,7 +66,7 @@ def program_forward(source, filename=PROGRAM_FILE, branch_hook=branch):
     return namespace["forward"]
 
 
-def _sha256(data):
+def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
@@ -85,7 +85,7 @@ class Subgraphs:
     def read(self, name):
         """The bytes of artifact `name`, refused unless they match the manifest's checksum."""
         data = (self.folder / name).read_bytes()
-        if self.sums.get(name) != _sha256(data):
+        if self.sums.get(name) != sha256(data):
             raise RuntimeError(f"{name} does not match its checksum in manifest.json; refusing to load it")
         return data
 

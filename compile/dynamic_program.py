@@ -154,7 +154,7 @@ class DynamicProgram:
         from nestnas.compile.signing import signed
 
         data = self.host_source.encode()
-        manifest["artifacts"][PROGRAM_FILE] = dynamic_host._sha256(data)
+        manifest["artifacts"][PROGRAM_FILE] = dynamic_host.sha256(data)
         manifest.update(extra or {})
         # The manifest last: a crash between the two leaves a checksum mismatch, never a silent mix.
         write_bytes(folder / PROGRAM_FILE, data)

@@ -13,8 +13,19 @@ from typing import Any
 
 from torch import nn
 
-from nestnas.compile.dynamic_analysis import (HOST, MODULE, TENSOR, Kinds, RewriteError, Source, is_call,
-                                              is_self, names_read, root, stored_names)
+from nestnas.compile.dynamic_analysis import (
+    HOST,
+    MODULE,
+    TENSOR,
+    Kinds,
+    RewriteError,
+    Source,
+    is_call,
+    is_self,
+    names_read,
+    root,
+    stored_names,
+)
 
 STRIP_CALLS = {"float", "bool"}
 # What the host code may use beside builtins: the runtime's helpers (dynamic_host.program_forward).
@@ -288,26 +299,7 @@ class Rewriter:
         body = [_StripScalars(self.kinds).visit(_InlineAliases(self.kinds.aliases).visit(copy.deepcopy(s)))
                 for s in stmts]
         module = ast.Module(body, [])
-        assigned: list[str] = []
-        free: list[str] = []
-        for s in body:
-            reads = names_read(s.value) if isinstance(s, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr)) \
-                and s.value is not None else names_read(s)
-            if isinstance(s, ast.AugAssign):
-                reads += names_read(s.target)
-            for name in reads:
-                if name not in assigned and name not in free:
-                    free.append(name)
-            for t in (s.targets if isinstance(s, ast.Assign) else [getattr(s, "target", None)]):
-                if t is None:
-                    continue
-                names = stored_names(t)
-                if isinstance(t, ast.Subscript) and isinstance(root(t), ast.Name):
-                    base = root(t).id  # a partial update reads and writes the whole tensor
-                    names.append(base)
-                    if base not in assigned and base not in free:
-                        free.append(base)
-                assigned += [n for n in names if n not in assigned]
+        free, assigned = _free_and_assigned(body)
         index_vars = set()
         for n in ast.walk(module):
             if isinstance(n, ast.Subscript) and self.kinds.expr(n.value) == MODULE:
@@ -345,6 +337,31 @@ class Rewriter:
         ).body[0]
         return [ast.copy_location(call, stmts[0])]
 
+
+
+def _free_and_assigned(body: list[ast.stmt]) -> tuple[list[str], list[str]]:
+    """The names `body` reads before writing them (its inputs), and the names it writes, in order."""
+    assigned: list[str] = []
+    free: list[str] = []
+    for s in body:
+        reads = names_read(s.value) if isinstance(s, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr)) \
+            and s.value is not None else names_read(s)
+        if isinstance(s, ast.AugAssign):
+            reads += names_read(s.target)
+        for name in reads:
+            if name not in assigned and name not in free:
+                free.append(name)
+        for t in (s.targets if isinstance(s, ast.Assign) else [getattr(s, "target", None)]):
+            if t is None:
+                continue
+            names = stored_names(t)
+            if isinstance(t, ast.Subscript) and isinstance(root(t), ast.Name):
+                base = root(t).id  # a partial update reads and writes the whole tensor
+                names.append(base)
+                if base not in assigned and base not in free:
+                    free.append(base)
+            assigned += [n for n in names if n not in assigned]
+    return free, assigned
 
 
 def host_source(fn: ast.FunctionDef, body: list[ast.stmt], model: nn.Module, src: Source) -> str:

@@ -38,6 +38,19 @@ def trained_like(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
+class Gate(nn.Module):
+    """The smallest dynamic network: a host argument picks one of two paths (fast tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, fast: float):
+        if fast > 0.5:
+            return self.a(x)
+        return self.b(self.a(x))
+
+
 class EarlyExit(nn.Module):
     """Exit after the first stage when the top softmax probability passes a threshold."""
 

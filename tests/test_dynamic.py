@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-import dynamic_nets as dn
 from nestnas.compile.dynamic import CoverageWarning, RewriteError, load_dynamic, rewrite
 from nestnas.errors import ArtifactError, ConfigError
+
+import dynamic_nets as dn
 
 NETS = dn.suite()
 

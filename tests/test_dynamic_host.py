@@ -19,16 +19,7 @@ from nestnas.compile import dynamic_host
 from nestnas.compile.dynamic import load_dynamic, rewrite
 from nestnas.errors import ArtifactError, ConfigError, OutputError
 
-
-class Gate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
-
-    def forward(self, x, fast: float):
-        if fast > 0.5:
-            return self.a(x)
-        return self.b(self.a(x))
+import dynamic_nets as dn
 
 
 class DeviceOnly(nn.Module):
@@ -49,7 +40,7 @@ class DeviceOnly(nn.Module):
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory):
     torch.manual_seed(0)
-    net, x = Gate().eval(), torch.randn(1, 4)
+    net, x = dn.Gate().eval(), torch.randn(1, 4)
     program = rewrite(net, [(x, 1.0), (x, 0.0)])
     return net, x, program, program.save(tmp_path_factory.mktemp("gate") / "b", backends=("onnxruntime",))
 
