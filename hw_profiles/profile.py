@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from nestnas.compile.runners import Measurement
 from nestnas.errors import ConfigError, ProfileError
 from nestnas.fileio import read_document, validate, write_json
 from nestnas.supernet.config import SubnetConfig
@@ -81,6 +83,63 @@ class ProfileSchema(BaseModel):
     blocks: dict[str, BlockSchema] = {}
 
 
+_MEASUREMENT_FIELDS = tuple(f.name for f in fields(Measurement))
+# Fields a record written before them lacks (see PassSchema): what Measurement.from_dict needs.
+_DEFAULTS = {"rel_ci": None, "attempts": 1, "calls_per_sample": 1}
+
+
+@dataclass(frozen=True, eq=False)
+class ProfileRecord(Mapping):
+    """One profiled subnet or block: the summary `measurement` over its passes, each pass's own
+    `Measurement`, and for a subnet its canonical `config` and `timestamp`. Stored on disk as
+    the flat JSON record it always was (`to_dict` / `from_dict`, unknown fields kept in `extra`);
+    read-only key access (``record["median_ms"]``) reads that record."""
+
+    measurement: Measurement
+    passes: tuple[Measurement, ...] | None = None  # None: written before passes were kept
+    config: dict[str, Any] | None = None           # subnets only
+    timestamp: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return self.measurement.median_ms
+
+    @property
+    def stable(self) -> bool:
+        return self.measurement.stable
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.config is None else {"config": self.config}
+        out.update(self.measurement.to_dict())
+        if self.passes is not None:
+            out["passes"] = [p.to_dict() for p in self.passes]
+        if self.timestamp is not None:
+            out["timestamp"] = self.timestamp
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProfileRecord:
+        if isinstance(data, ProfileRecord):
+            return data
+        def measurement(d: Mapping[str, Any]) -> Measurement:
+            return Measurement.from_dict({**_DEFAULTS, **{k: d[k] for k in _MEASUREMENT_FIELDS if k in d}})
+        passes = data.get("passes")
+        known = {*_MEASUREMENT_FIELDS, "passes", "config", "timestamp"}
+        return cls(measurement(data), None if passes is None else tuple(measurement(p) for p in passes),
+                   data.get("config"), data.get("timestamp"), {k: v for k, v in data.items() if k not in known})
+
+    # --- read-only mapping over the stored record (code and tests that read records as dicts) ---
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,20 +157,24 @@ def host_fingerprint() -> dict[str, Any]:
 
 @dataclass
 class DeviceProfile:
-    """Measurements of one device + backend. `measurements` maps a canonical config hash to
-    ``{"config": ..., "median_ms", "p10_ms", "p90_ms", "cv", "repeats", "stable", "timestamp",
-    "passes"}`` (the summary over passes, and each pass's own measurement; see `merge_passes`);
-    `blocks` maps a block key (see `nestnas.hw_profiles.blocks`) to the same statistics."""
+    """Measurements of one device + backend. `measurements` maps a canonical config hash to a
+    `ProfileRecord` (config, summary `Measurement` over passes, each pass's own, timestamp; see
+    `merge_passes`); `blocks` maps a block key (see `nestnas.hw_profiles.blocks`) to the same
+    without a config. Records given as dicts (their `to_dict()` form) are converted."""
 
     name: str
     fingerprint: dict[str, Any]
     space: dict[str, Any]
     spec: dict[str, Any]
     batch_size: int
-    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)
-    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    measurements: dict[str, ProfileRecord] = field(default_factory=dict)
+    blocks: dict[str, ProfileRecord] = field(default_factory=dict)
     created: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.measurements = {k: ProfileRecord.from_dict(r) for k, r in self.measurements.items()}
+        self.blocks = {k: ProfileRecord.from_dict(r) for k, r in self.blocks.items()}
 
     @property
     def backend(self) -> str:
@@ -138,30 +201,33 @@ class DeviceProfile:
             )
 
     def configs(self) -> list[SubnetConfig]:
-        return [SubnetConfig.from_dict(m["config"]) for m in self.measurements.values()]
+        return [SubnetConfig.from_dict(m.config) for m in self.measurements.values()]
 
     def to_xy(self, hashes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Encoded configs and median latencies (ms), in insertion order or for `hashes`."""
         space = self.search_space()
         keys = list(self.measurements) if hashes is None else hashes
         rows = [self.measurements[k] for k in keys]
-        X = np.array([space.encode(SubnetConfig.from_dict(m["config"])) for m in rows], dtype=np.int64)
-        y = np.array([m["median_ms"] for m in rows], dtype=np.float64)
+        X = np.array([space.encode(SubnetConfig.from_dict(m.config)) for m in rows], dtype=np.int64)
+        y = np.array([m.median_ms for m in rows], dtype=np.float64)
         return X.reshape(len(rows), space.n_var), y
 
-    def add(self, config: SubnetConfig, stats: dict[str, Any]) -> str:
+    def add(self, config: SubnetConfig, stats: Mapping[str, Any]) -> str:
+        """Record `stats` (a `merge_passes` record or a `Measurement.to_dict()`) for `config`."""
         space = self.search_space()
         key = space.config_hash(config)
-        self.measurements[key] = {"config": space.canonical(config).to_dict(), **stats,
-                                  "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.measurements[key] = ProfileRecord.from_dict({
+            **stats, "config": space.canonical(config).to_dict(),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         return key
 
     # --- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "name": self.name, "created": self.created,
                 "fingerprint": self.fingerprint, "space": self.space, "spec": self.spec,
-                "batch_size": self.batch_size, "meta": self.meta, "measurements": self.measurements,
-                "blocks": self.blocks}
+                "batch_size": self.batch_size, "meta": self.meta,
+                "measurements": {k: r.to_dict() for k, r in self.measurements.items()},
+                "blocks": {k: r.to_dict() for k, r in self.blocks.items()}}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
@@ -179,7 +245,7 @@ class DeviceProfile:
             raise ProfileError(f"device profile {path}: field space: {str(exc).splitlines()[0]}") from None
         for key, m in profile.measurements.items():
             try:
-                config = space.validate(SubnetConfig.from_dict(m["config"]))
+                config = space.validate(SubnetConfig.from_dict(m.config))
             except ConfigError as exc:
                 raise ProfileError(f"device profile {path}: field measurements.{key}.config: {exc}") from None
             if space.config_hash(config) != key:

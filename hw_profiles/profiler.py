@@ -25,7 +25,7 @@ from nestnas.compile import get_backend, get_runner
 from nestnas.errors import ConfigError, ProfileError
 from nestnas.hw_profiles.blocks import all_parts, build_part
 from nestnas.hw_profiles.budget import ProfilingTimeLimit, check_minutes
-from nestnas.hw_profiles.profile import DeviceProfile, host_fingerprint
+from nestnas.hw_profiles.profile import DeviceProfile, ProfileRecord, host_fingerprint
 from nestnas.hw_profiles.sampling import check_sample_count, space_filling_sample
 from nestnas.supernet.base import Supernet, build_supernet
 from nestnas.supernet.space import SearchSpace
@@ -185,7 +185,7 @@ def profile_device(
     part_items = list(all_parts(net).items()) if blocks else []
     tables = {"subnets": (profile.measurements, subnet_items), "blocks": (profile.blocks, part_items)}
     # Unstable records are measured again from their first pass, after everything missing.
-    heal = {kind: {k for k, _ in items if k in table and not table[k]["stable"]} if remeasure_unstable else set()
+    heal = {kind: {k for k, _ in items if k in table and not table[k].stable} if remeasure_unstable else set()
             for kind, (table, items) in tables.items()}
     skip = heal  # the first sweeps leave records to heal alone
     restart: dict[str, set[str]] = {kind: set() for kind in tables}  # kept on disk until measured anew
@@ -213,7 +213,7 @@ def profile_device(
             if kind == "subnets":
                 profile.add(item, record)
             else:
-                table[key] = record
+                table[key] = ProfileRecord.from_dict(record)
             seconds = time.perf_counter() - t0
             profile.meta[meta_key] = profile.meta.get(meta_key, 0.0) + seconds
             budget.record(kind, stats, seconds, cap)
@@ -261,4 +261,4 @@ def _resume(out, space, net, fingerprint, batch_size) -> DeviceProfile | None:
 
 def block_table(profile: DeviceProfile) -> dict[str, float]:
     """Part key -> median ms, for `LatencyPredictor(kind="lut" | "hybrid")`."""
-    return {k: float(v["median_ms"]) for k, v in profile.blocks.items() if np.isfinite(v["median_ms"])}
+    return {k: float(v.median_ms) for k, v in profile.blocks.items() if np.isfinite(v.median_ms)}

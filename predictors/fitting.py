@@ -95,7 +95,7 @@ def fitting_hashes(profile: DeviceProfile, min_stable: int = MIN_STABLE) -> tupl
     """(measurement keys to fit on, warning or None). The stable measurements; where fewer than
     `min_stable` are stable (a busy host flags most medians, which are still the best estimates
     there are), all of them, with a warning saying so."""
-    stable = sorted(k for k, m in profile.measurements.items() if m["stable"])
+    stable = sorted(k for k, m in profile.measurements.items() if m.stable)
     if len(stable) >= min_stable:
         return stable, None
     n = len(profile.measurements)

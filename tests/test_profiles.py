@@ -1,4 +1,3 @@
-import copy
 import json
 import signal
 import subprocess
@@ -143,7 +142,9 @@ def test_more_passes_extend_a_profile(tmp_path):
     legacy = sorted(data["measurements"])[0]
     data["measurements"][legacy].pop("passes")
     path.write_text(json.dumps(data))
-    three = profile_device(TINY_TR, "onnxruntime", 8, 0, out=path, threads=1, blocks=False, passes=3)
+    # Not healing: on a busy host the first pass is often unstable, and healing would measure it anew.
+    three = profile_device(TINY_TR, "onnxruntime", 8, 0, out=path, threads=1, blocks=False, passes=3,
+                           remeasure_unstable=False)
     assert three.meta["passes"] == 3 and set(three.measurements) == set(first)
     for key, m in three.measurements.items():
         assert len(m["passes"]) == 3 and m["passes"][0]["median_ms"] == first[key]["median_ms"]
@@ -172,9 +173,8 @@ def test_speed_factor_sees_a_device_that_became_slower(tiny_profile):
     all_ms = sorted(m["median_ms"] for m in profile.measurements.values())
     assert medians[0] < np.median(all_ms) < medians[-1]  # anchors spread over the latency range
     # as if the profile had been measured on a device twice as fast as this one is now
-    faster = copy.deepcopy(profile)
-    for m in faster.measurements.values():
-        m["median_ms"] /= 2
+    faster = DeviceProfile(**{**profile.__dict__, "measurements": {
+        k: {**m, "median_ms": m.measurement.median_ms / 2} for k, m in profile.measurements.items()}})
     slower = speed_factor(faster, n_anchors=4)
     assert slower.factor == pytest.approx(2 * same.factor, rel=0.35)
     with pytest.raises(ConfigError, match="fewer than 999 anchors"):

@@ -100,3 +100,26 @@ def test_a_profile_gives_its_batch_and_identity_to_the_latency_objective(tmp_pat
     assert objective.info == MetricInfo("ms", 8, PredictorId("ensemble", str(path), sha256_file(path), "edge-box",
                                                              "onnxruntime", 2))
     assert objective.describe()["batch_size"] == 8
+
+
+def test_profile_records_are_typed_measurements_and_shipped_files_round_trip_exactly():
+    from pathlib import Path
+
+    from nestnas.hw_profiles.profile import ProfileRecord
+
+    shipped = sorted((Path(__file__).parents[1] / "hw_profiles" / "data").glob("*.json"))
+    assert shipped
+    for path in shipped:
+        raw = json.loads(path.read_text())
+        profile = DeviceProfile.load(path)
+        record = next(iter(profile.measurements.values()))
+        assert isinstance(record, ProfileRecord) and isinstance(record.measurement, Measurement)
+        assert all(isinstance(p, Measurement) for p in record.passes or ())
+        assert isinstance(next(iter(profile.blocks.values())).measurement, Measurement)
+        assert profile.to_dict()["measurements"] == raw["measurements"]
+        assert profile.to_dict()["blocks"] == raw["blocks"]
+    # A pass measured too briefly for a CI keeps None on disk, inf in the typed record.
+    brief = {**Measurement(1.0, 0.9, 1.1, 0.1, 3, float("inf"), False, 2).to_dict(), "future_field": 7}
+    rec = ProfileRecord.from_dict({**brief, "passes": [brief]})
+    assert rec.measurement.rel_ci == float("inf") and rec.to_dict()["rel_ci"] is None
+    assert rec.to_dict() == {**brief, "passes": [{k: v for k, v in brief.items() if k != "future_field"}]}

@@ -59,14 +59,13 @@ def split(profile: DeviceProfile, seed: int) -> tuple[list[str], list[str], int]
 def first_pass_scores(profile: DeviceProfile, kind: str, train: list[str], held: list[str], seed: int):
     """`kind` fitted and scored on the first pass's measurements alone (subnets and blocks): what
     a one-sweep profile of the same run would have given. None for a one-pass profile."""
-    import copy
-
     if profile.meta.get("passes", 1) < 2:
         return None
-    first = copy.deepcopy(profile)
-    for table in (first.measurements, first.blocks):
-        for record in table.values():
-            record["median_ms"] = record["passes"][0]["median_ms"]
+    def first_pass(table):
+        return {k: {**r, "median_ms": r.passes[0].median_ms} for k, r in table.items()}
+
+    first = DeviceProfile(**{**profile.__dict__, "measurements": first_pass(profile.measurements),
+                             "blocks": first_pass(profile.blocks)})
     return score_latency(first, [kind], train, held, seed)[kind]
 
 
