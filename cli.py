@@ -264,8 +264,8 @@ def profile(
                                 threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
                                 passes=passes, exporter=exporter, progress=bar, max_minutes=max_minutes)
     run = result.meta["last_run"]
-    medians = sorted(m["median_ms"] for m in result.measurements.values())
-    flagged = sum(not m["stable"] for m in result.measurements.values())
+    medians = sorted(m.median_ms for m in result.measurements.values())
+    flagged = sum(not m.stable for m in result.measurements.values())
     summary = {"profile": str(out), "backend": backend, "family": family, "subnets": len(result.measurements),
                "blocks": len(result.blocks), "batch_size": result.batch_size, "flagged_unstable": flagged,
                "min_ms": medians[0] if medians else None, "max_ms": medians[-1] if medians else None,

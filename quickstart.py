@@ -43,7 +43,7 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
         # One pass keeps the quickstart under five minutes; `nestnas profile` makes two.
         profile = profile_device(net.space, "onnxruntime", samples, seed, out=path, name="local", spec=net.spec(),
                                  passes=1, progress=bar)
-    medians = sorted(m["median_ms"] for m in profile.measurements.values())
+    medians = sorted(m.median_ms for m in profile.measurements.values())
     console.print(f"{len(profile.measurements)} subnets and {len(profile.blocks)} blocks at batch "
                   f"{profile.batch_size} in {time.perf_counter() - t0:.0f} s: {medians[0]:.2f} to {medians[-1]:.2f} ms; "
                   f"profile: {path}")
