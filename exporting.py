@@ -48,8 +48,8 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
         info["predicted_latency"] = {"ms": candidate.metrics["latency"], "unit": latency.unit or "ms",
                                      "batch": latency.batch_size, "display": latency.display,
                                      "predictor": latency.predictor.to_dict() if latency.predictor else None,
-                                     "context": objectives["latency"].get("context", ""),
-                                     "source": objectives["latency"].get("source", "predicted")}
+                                     "context": objectives.get("latency", {}).get("context", ""),
+                                     "source": objectives.get("latency", {}).get("source", "predicted")}
     return Subnet(name or info["hash"], net.extract(config), tuple(net.input_shape(config, batch)), info)
 
 
