@@ -87,7 +87,8 @@ def train(
     family: Family = DEFAULT_FAMILY,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs \\[default: the family's recipe].",
                                                   show_default=False)] = None,
-    sandwich: Annotated[int, typer.Option(min=0, help="Subnets trained per step besides the largest and smallest.")] = 2,
+    sandwich: Annotated[int, typer.Option(min=0,
+                                          help="Subnets trained per step besides the largest and smallest.")] = 2,
     distill: Annotated[bool, typer.Option(help="Train subnets on the largest subnet's soft predictions.")] = True,
     sorted_ladder: Annotated[bool, typer.Option(help="Draw subnets from a sorted ladder of nested subnets "
                                                      "(SortedNet) instead of at random.")] = False,
@@ -183,7 +184,8 @@ def quickstart(
     from nestnas.quickstart import run_quickstart
     from nestnas.supernet.train import DEFAULT_EPOCHS
 
-    summary = run_quickstart(out, epochs=epochs or DEFAULT_EPOCHS[DEFAULT_FAMILY], seed=seed, profile_samples=profile_samples,
+    summary = run_quickstart(out, epochs=epochs or DEFAULT_EPOCHS[DEFAULT_FAMILY], seed=seed,
+                             profile_samples=profile_samples,
                              search_evals=search_evals, tune_trials=tune_trials, tune_seconds=tune_seconds,
                              console=Console(stderr=True) if as_json else console,
                              progress=not as_json)
@@ -587,11 +589,10 @@ def export(
     manifest and latencies measured on this device. With --switchable, one bundle switches
     among the subnets by a latency budget at run time."""
     check_outputs({"--out": out, "--tune-db": tune_db}, kind="dir")
+    from nestnas.compile.bundle import check_formats, installed_formats
     from nestnas.exporting import export as run_export
     from nestnas.search import ParetoFront
     from nestnas.supernet.checkpoint import load_supernet
-
-    from nestnas.compile.bundle import check_formats, installed_formats
 
     if formats is None:
         fmts, note = installed_formats()
@@ -685,7 +686,8 @@ def _bundle_table(manifests: list[dict], folders: list[str]) -> None:
     for m, folder in zip(manifests, folders):
         measured = m.get("measured", {})
         pred = m.get("predicted_latency")
-        fmt = (lambda b: f"{measured[b]['median_ms']:.3f}" if b in measured else "-")
+        def fmt(b, measured=measured):
+            return f"{measured[b]['median_ms']:.3f}" if b in measured else "-"
         table.add_row(m.get("hash", m["name"]), str(m["input"]["shape"][0]),
                       f"{100 * m['accuracy']['value']:.2f}%" if "accuracy" in m else "-",
                       f"{m['macs'] / 1e6:.2f}M" if "macs" in m else "-",
@@ -742,7 +744,8 @@ def bench(
         return
     if speed:
         console.print(f"this device runs at {speed.factor:.3f}x the latency of profile {calibrate} "
-                      f"({len(speed.anchors)} of its subnets re-measured: {speed.spread[0]:.3f} to {speed.spread[1]:.3f})")
+                      f"({len(speed.anchors)} of its subnets re-measured: "
+                      f"{speed.spread[0]:.3f} to {speed.spread[1]:.3f})")
     from rich.table import Table
 
     table = Table(title=f"{bundle} (batch {batch}, signature {signature}): measured now against manifest and "
@@ -771,7 +774,8 @@ def keygen(
     """Write a new random bundle key (mode 0600). Where a key is configured ($NESTNAS_BUNDLE_KEY,
     $NESTNAS_BUNDLE_KEY_FILE, or this default file), `export` signs manifests and `bench`/`load`
     refuse bundles whose signature does not verify, and unsigned ones unless trusted."""
-    from nestnas.compile.signing import BundleKey, keygen as write_key
+    from nestnas.compile.signing import BundleKey
+    from nestnas.compile.signing import keygen as write_key
 
     path = write_key(out, force)
     key_id = BundleKey(bytes.fromhex(path.read_text().strip()), str(path)).key_id

@@ -21,9 +21,9 @@ from rich.table import Table
 from nestnas.fileio import check_output
 from nestnas.progress import SearchProgress, StageBar
 from nestnas.report import describe_subnet, subnet_table
+from nestnas.supernet.base import Supernet, build_supernet
 from nestnas.supernet.checkpoint import save_checkpoint
 from nestnas.supernet.data import load_data
-from nestnas.supernet.base import Supernet, build_supernet
 from nestnas.supernet.families import DEFAULT_FAMILY
 from nestnas.supernet.space import SearchSpace
 from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
@@ -45,7 +45,8 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
                                  passes=1, progress=bar)
     medians = sorted(m.median_ms for m in profile.measurements.values())
     console.print(f"{len(profile.measurements)} subnets and {len(profile.blocks)} blocks at batch "
-                  f"{profile.batch_size} in {time.perf_counter() - t0:.0f} s: {medians[0]:.2f} to {medians[-1]:.2f} ms; "
+                  f"{profile.batch_size} in {time.perf_counter() - t0:.0f} s: "
+                  f"{medians[0]:.2f} to {medians[-1]:.2f} ms; "
                   f"profile: {path}")
 
     console.rule("[bold]3. fit[/] latency predictors, scored on held-out subnets never used in fitting")
@@ -57,7 +58,8 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
     for col in ("predictor", "RMSE ms", "MAPE %", "Kendall tau", "within +-10%"):
         table.add_column(col, justify="left" if col == "predictor" else "right")
     for name, m in scores.items():
-        table.add_row(name + (" (chosen)" if name == kind else ""), f"{m['rmse']:.3f}", f"{m['mape']:.1f}", f"{m['kendall_tau']:.3f}",
+        table.add_row(name + (" (chosen)" if name == kind else ""), f"{m['rmse']:.3f}", f"{m['mape']:.1f}",
+                      f"{m['kendall_tau']:.3f}",
                       f"{100 * m['within_10pct']:.0f}%")
     console.print(table)
     pred_path = out_dir / "latency-predictor.json"
@@ -151,7 +153,8 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
             "tuning": result.get("tuning")}
 
 
-def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS[DEFAULT_FAMILY], seed: int = 0,
+def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS[DEFAULT_FAMILY],
+                   seed: int = 0,
                    console: Console | None = None, progress: bool = True,
                    profile_samples: int = 48, search_evals: int = 96, tune_trials: int = 4,
                    tune_seconds: float | None = 10.0) -> dict[str, Any]:

@@ -5,10 +5,25 @@ it installed raises `nestnas.errors.BackendUnavailable` with the install hint.
 """
 
 from nestnas.compile.backends import (
-    BACKENDS, Backend, CompiledModel, OrtBackend, OrtModel, TvmBackend, TvmModel, get_backend, register_backend,
+    BACKENDS,
+    Backend,
+    CompiledModel,
+    OrtBackend,
+    OrtModel,
+    TvmBackend,
+    TvmModel,
+    get_backend,
+    register_backend,
 )
 from nestnas.compile.onnx_export import (
-    DEFAULT_OPSET, EXPORTERS, INPUT_NAME, OUTPUT_NAME, check_onnx, export_onnx, onnx_input_shape, onnx_opset,
+    DEFAULT_OPSET,
+    EXPORTERS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    check_onnx,
+    export_onnx,
+    onnx_input_shape,
+    onnx_opset,
     register_exporter,
 )
 from nestnas.compile.runners import RUNNERS, Measurement, Runner, get_runner, register_runner

@@ -34,9 +34,18 @@ from torch import nn
 from nestnas.compile.backends import OrtModel, TvmModel, get_backend
 from nestnas.compile.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from nestnas.compile.runners import get_runner
+from nestnas.compile.signing import (
+    ArtifactName,
+    Sha256,
+    Signature,
+    Strict,
+    check_folder,
+    check_signature,
+    configured_key,
+    read_verified,
+    signed,
+)
 from nestnas.compile.stats import interleaved_sweeps
-from nestnas.compile.signing import (ArtifactName, Sha256, Signature, Strict, check_folder, check_signature,
-                                    configured_key, read_verified, signed)
 from nestnas.compile.tuning import TuneOptions, TuningDatabase, extract_tasks, prepare, relax_module
 from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
 from nestnas.errors import ArtifactError, BackendUnavailable, ConfigError

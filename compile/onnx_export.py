@@ -81,7 +81,8 @@ def gelu_in_fusable_order(proto: onnx.ModelProto) -> onnx.ModelProto:
             half = op(half_name, "Mul")
             if half is None or users.get(half_name) != 1:
                 continue
-            c05, one_plus = (half.input[0], half.input[1]) if half.input[0] in scalars else (half.input[1], half.input[0])
+            a, b = half.input[0], half.input[1]
+            c05, one_plus = (a, b) if a in scalars else (b, a)
             add = op(one_plus, "Add")
             if c05 not in scalars or float(scalars[c05]) != 0.5 or add is None:
                 continue

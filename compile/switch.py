@@ -101,7 +101,7 @@ def export_switchable(net: nn.Module, configs: Sequence, out_dir: str | os.PathL
         for backend in backends:
             model = load_dynamic(folder, backend, threads)
             xs = x.numpy()
-            measured[backend] = [_median_ms(lambda i=i: model(xs, float(i + 1))) for i in range(k)]
+            measured[backend] = [_median_ms(lambda i=i, model=model, xs=xs: model(xs, float(i + 1))) for i in range(k)]
         primary = next(iter(measured))
         switch.latencies = tuple(measured[primary])
         with warnings.catch_warnings():

@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from nestnas.compile.tvm_util import (load_tensor_intrinsics, native_output_to, native_warnings_dropped,
-                                      require_tvm)
+from nestnas.compile.tvm_util import load_tensor_intrinsics, native_output_to, native_warnings_dropped, require_tvm
 from nestnas.errors import BackendUnavailable, ConfigError
 
 STRATEGIES = ("replay-trace", "evolutionary")
@@ -133,7 +132,7 @@ class TuningDatabase:
         mod = task.dispatched[0]
         return bool(self.db.has_workload(mod)) and len(self.db.get_top_k(self.db.commit_workload(mod), 1)) > 0
 
-    def tune(self, tasks_per_module: list[list[Any]], options: TuneOptions,
+    def tune(self, tasks_per_module: list[list[Any]], options: TuneOptions,  # noqa: C901
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
         """Tune the unique workloads among `tasks_per_module` not yet in the database.
 
@@ -303,7 +302,8 @@ class _Session:
         relatives = [(d, m) for k, (d, m) in self.families.get(family, {}).items() if k != key and len(d) == len(dims)]
         relatives.sort(key=lambda r: sum(abs(math.log1p(a) - math.log1p(b)) for a, b in zip(r[0], dims)))
         db = self.database.db
-        traces = [rec.trace for _, rel in relatives[:2] for rec in db.get_top_k(db.commit_workload(rel), TRANSPLANT_TOP)]
+        traces = [rec.trace for _, rel in relatives[:2]
+                  for rec in db.get_top_k(db.commit_workload(rel), TRANSPLANT_TOP)]
         if not traces:
             return 0
         with native_output_to(self.database.path / "logs" / "console.log"):

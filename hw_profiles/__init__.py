@@ -6,4 +6,5 @@ from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.hw_profiles.profiler import block_table, profile_device
 from nestnas.hw_profiles.sampling import space_filling_sample
 
-__all__ = ["DeviceProfile", "SpeedCalibration", "block_table", "list_profiles", "profile_device", "space_filling_sample", "speed_factor", "user_dir"]
+__all__ = ["DeviceProfile", "SpeedCalibration", "block_table", "list_profiles", "profile_device",
+           "space_filling_sample", "speed_factor", "user_dir"]

@@ -127,7 +127,8 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
         keys = config_part_keys(self.space, X, self._spec())
         missing = sorted({k for row in keys for k in row if k not in self.block_table})
         if missing:
-            raise ConfigError(f"the block table lacks {len(missing)} part(s), e.g. {missing[0]!r}; re-profile with blocks")
+            raise ConfigError(f"the block table lacks {len(missing)} part(s), e.g. {missing[0]!r}; "
+                              "re-profile with blocks")
         kinds = sorted({k.split(":", 1)[0] for k in self.block_table})
         return np.array([[sum(self.block_table[k] for k in row if k.split(":", 1)[0] == kind) for kind in kinds]
                          + [len(row), 1.0] for row in keys])

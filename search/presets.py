@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import Sequence
 
 from nestnas.errors import ConfigError
-from nestnas.search.objectives import (Objective, PredictorId, accuracy_objective, latency_objective,
-                                       macs_objective, params_objective)
+from nestnas.search.objectives import (
+    Objective,
+    PredictorId,
+    accuracy_objective,
+    latency_objective,
+    macs_objective,
+    params_objective,
+)
 
 METRICS = ("accuracy", "latency", "macs", "params")
 

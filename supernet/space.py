@@ -132,7 +132,8 @@ class SearchSpace:
         self._check_shape(config)
         for var, value in zip(self.variables(), self._flatten(config)):
             if value not in var.options:
-                raise ConfigError(f"config field {var.name!r}: value {value!r} not allowed; allowed: {list(var.options)}")
+                raise ConfigError(f"config field {var.name!r}: value {value!r} not allowed; "
+                                  f"allowed: {list(var.options)}")
         return config
 
     def parse(self, data: dict | str) -> SubnetConfig:

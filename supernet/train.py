@@ -29,8 +29,8 @@ from nestnas.progress import StageBar
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
 from nestnas.supernet.config import SubnetConfig
-from nestnas.supernet.families import family_names, supernet_class
 from nestnas.supernet.evaluate import subnet_accuracy
+from nestnas.supernet.families import family_names, supernet_class
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -74,7 +74,8 @@ class TrainOptions:
         if self.sandwich < 0:
             raise ConfigError(f"training option 'sandwich' must be 0 or more, got {self.sandwich}")
         if self.sorted_ladder and self.ladder_rungs < max(3, self.sandwich + 2):
-            raise ConfigError(f"training option 'ladder_rungs' must be at least max(3, sandwich + 2), got {self.ladder_rungs}")
+            raise ConfigError("training option 'ladder_rungs' must be at least max(3, sandwich + 2), "
+                              f"got {self.ladder_rungs}")
         if self.lr <= 0:
             raise ConfigError(f"training option 'lr' must be positive, got {self.lr}")
 

@@ -18,7 +18,6 @@ def _ruff() -> list[str] | None:
     return [sys.executable, "-m", "ruff"]
 
 
-@pytest.mark.xfail(strict=False, reason="sources under rewrite; removed once `ruff check --fix .` has run on them")
 def test_ruff_check_is_clean():
     ruff = _ruff()
     if ruff is None:

@@ -10,8 +10,8 @@ import torch
 
 from nestnas.errors import ArtifactError, ConfigError, ProfileError
 from nestnas.hw_profiles import DeviceProfile, block_table, profile_device, space_filling_sample, speed_factor
-from nestnas.hw_profiles.profiler import merge_passes
 from nestnas.hw_profiles.blocks import all_parts, build_part, config_part_keys, parts
+from nestnas.hw_profiles.profiler import merge_passes
 from nestnas.predictors import AccuracyPredictor, LatencyPredictor, count_macs_encoded, load_predictor
 from nestnas.predictors.fitting import split_hashes
 from nestnas.predictors.metrics import prediction_metrics
@@ -53,7 +53,8 @@ def test_space_filling_sample_covers_both_ends():
     spec = {"num_classes": 10, "in_channels": 1}
     macs, _ = count_macs_encoded(space, X, **spec)
     umacs, _ = count_macs_encoded(space, uniform, **spec)
-    lo, hi = count_macs_encoded(space, np.stack([space.encode(space.smallest()), space.encode(space.largest())]), **spec)[0]
+    ends = np.stack([space.encode(space.smallest()), space.encode(space.largest())])
+    lo, hi = count_macs_encoded(space, ends, **spec)[0]
     span = lambda m: (np.log(m) - np.log(lo)) / (np.log(hi) - np.log(lo))  # noqa: E731
     # a fifth of the samples in each of the bottom and top fifths of log-MACs; uniform sampling has far fewer
     assert np.mean(span(macs) < 0.2) >= 0.08 and np.mean(span(macs) > 0.8) >= 0.08
@@ -114,9 +115,11 @@ def test_profile_resumes_without_measuring_twice(tiny_profile, tmp_path):
 
 def test_killed_profile_run_resumes(tmp_path):
     path = tmp_path / "killed.json"
-    code = ("import sys; from nestnas.hw_profiles import profile_device; from nestnas.supernet import SearchSpace;"
+    code = ("import sys; from nestnas.hw_profiles import profile_device; "
+            "from nestnas.supernet import SearchSpace;"
             "profile_device(SearchSpace.transformer(depth_choices=(1, 2), embed_choices=(16, 32), head_choices=(1, 2),"
-            "mlp_ratio_choices=(2.0, 4.0), head_dim=8), 'onnxruntime', 40, 0, out=sys.argv[1], threads=1, blocks=False)")
+            "mlp_ratio_choices=(2.0, 4.0), head_dim=8), 'onnxruntime', 40, 0, out=sys.argv[1], threads=1, "
+            "blocks=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)])
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -187,7 +190,8 @@ def test_merged_passes_keep_the_worst_spread():
             {"median_ms": 1.2, "p10_ms": 1.1, "p90_ms": 1.4, "cv": 0.02, "rel_ci": None, "repeats": 5, "stable": False,
              "attempts": 2, "calls_per_sample": 2}]
     m = merge_passes(runs)
-    assert m["median_ms"] == pytest.approx(1.1) and m["p10_ms"] == pytest.approx(1.0) and m["p90_ms"] == pytest.approx(1.3)
+    assert m["median_ms"] == pytest.approx(1.1)
+    assert m["p10_ms"] == pytest.approx(1.0) and m["p90_ms"] == pytest.approx(1.3)
     assert m["cv"] == 0.05 and m["rel_ci"] is None and m["repeats"] == 25 and not m["stable"] and m["attempts"] == 2
     assert m["passes"] == runs and merge_passes(runs[:1])["median_ms"] == 1.0
 
@@ -231,8 +235,9 @@ def test_latency_predictors_follow_the_estimator_contract(tiny_profile, kind):
     # on them only a positive rank correlation is asked; ranking skill is asked on noise-free
     # targets built from the measured block table (a known, non-additive cost).
     assert prediction_metrics(yh, mean)["kendall_tau"] > 0.0
-    clean = lambda rows: np.array([sum(table[k] for k in keys) * (1 + 0.05 * len(keys))
-                                   for keys in config_part_keys(TINY_CNN, rows, profile.spec)])
+    def clean(rows):
+        return np.array([sum(table[k] for k in keys) * (1 + 0.05 * len(keys))
+                         for keys in config_part_keys(TINY_CNN, rows, profile.spec)])
     fitted = LatencyPredictor(TINY_CNN, kind=kind, spec=profile.spec, block_table=table).fit(X, clean(X))
     assert prediction_metrics(clean(Xh), fitted.predict(Xh))["kendall_tau"] > 0.7
     again = LatencyPredictor(TINY_CNN, kind=kind, spec=profile.spec, block_table=table).fit(X, y)

@@ -16,8 +16,19 @@ import pytest
 import torch
 
 from nestnas.errors import ArtifactError, ConfigError
-from nestnas.search import (Budget, CacheWarning, EvalCache, Objective, ParetoFront, SearchError, accuracy_objective,
-                            macs_objective, params_objective, parse_budget, search)
+from nestnas.search import (
+    Budget,
+    CacheWarning,
+    EvalCache,
+    Objective,
+    ParetoFront,
+    SearchError,
+    accuracy_objective,
+    macs_objective,
+    params_objective,
+    parse_budget,
+    search,
+)
 from nestnas.search.front import non_dominated, normalise
 from nestnas.search.presets import profile_latency
 from nestnas.search.problem import Evaluator
