@@ -85,6 +85,9 @@ def _evolve(run, factory: Callable, evals: int, pop_size: int, seed: int) -> Non
     while len(run.ev) < evals and stalled < STALL_GENERATIONS:
         before = len(run.ev)
         pop = algo.ask()
+        if pop is None or len(pop) == 0:  # mating found no subnet not seen yet (a small space)
+            stalled += 1
+            continue
         algo.evaluator.eval(problem, pop)
         algo.tell(infills=pop)
         generation += 1

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nestnas.errors import ConfigError
-from nestnas.search import SEARCH_ALGORITHMS, search
+from nestnas.search import SEARCH_ALGORITHMS, macs_objective, search
 from nestnas.search.algorithms import ALGORITHMS, get_algorithm, register_algorithm
 from nestnas.search.objectives import Objective
 from nestnas.supernet.space import SearchSpace
@@ -44,3 +44,16 @@ def test_a_registered_algorithm_runs_and_saves_its_state(tmp_path):
     assert len(front.evaluated) == TINY_TR.size() == 40
     assert {(c.config.embed_dim, c.config.depth) for c in front} == {(32, 1)}
     assert (tmp_path / "s.json").is_file()
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "agemoea", "unsga3"])
+def test_evolution_on_a_space_smaller_than_its_mating_needs(algorithm):
+    """On a 40-subnet space pymoo's mating can return no new subnet (ask() gives None); that is a
+    stalled generation, not a TypeError from inside pymoo."""
+    macs = macs_objective(TINY_TR, num_classes=10)
+    objectives = [Objective("latency", lambda cs: macs.evaluate(cs) / 1e4, "min", "ms", "predicted", "m"), macs]
+    front = search(TINY_TR, objectives, algorithm=algorithm, evals=8, pop_size=4, seed=0)
+    hashes = [TINY_TR.config_hash(c.config) for c in front.evaluated]
+    assert 4 <= len(hashes) <= 8 and len(set(hashes)) == len(hashes)
+    again = search(TINY_TR, objectives, algorithm=algorithm, evals=8, pop_size=4, seed=0)
+    assert [TINY_TR.config_hash(c.config) for c in again.evaluated] == hashes  # seeded: same run
