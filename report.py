@@ -18,8 +18,8 @@ def describe_subnet(net: Supernet, config: SubnetConfig, val_loader, calib_loade
     """Accuracy (batch norm recalibrated), MACs and params of one subnet, plus its identity."""
     acc = subnet_accuracy(net, config, val_loader, calib_loader, seed=seed)
     macs, params = count_module(net.extract(config), torch.zeros(net.input_shape(config)))
-    return {"hash": net.space.config_hash(config), "config": config.to_dict(), "accuracy": acc, "macs": macs,
-            "params": params}
+    return {"hash": net.space.config_hash(config), "config": config.to_dict(), "summary": config.summary(),
+            "accuracy": acc, "macs": macs, "params": params}
 
 
 def subnet_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
@@ -28,9 +28,6 @@ def subnet_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
                          ("MACs", "right"), ("config", "left")):
         table.add_column(col, justify=justify)
     for name, r in rows:
-        c = r["config"]
-        summary = ", ".join(f"{k}={v}" for k, v in c.items() if k in ("resolution", "width_mult", "depths", "depth",
-                                                                       "embed_dim"))
         table.add_row(name, r["hash"], f"{100 * r['accuracy']:.2f}%", f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}M",
-                      summary)
+                      r["summary"])
     return table

@@ -19,17 +19,48 @@ DEFAULT_FAMILY = "cnn"
 
 # Built-in families: name -> module that registers it on import.
 _BUILTIN = {"cnn": "nestnas.supernet.cnn", "transformer": "nestnas.supernet.transformer"}
+#: Environment variable naming modules (comma-separated) that register families of the user's:
+#: the command line imports them before it looks a family up.
+PLUGINS_ENV = "NESTNAS_FAMILIES"
+#: Entry-point group through which an installed package can register families the same way.
+ENTRY_POINT_GROUP = "nestnas.families"
+_plugins_loaded = False
 
+
+def load_plugins() -> None:
+    """Import the family modules named by `NESTNAS_FAMILIES` and the `nestnas.families` entry
+    points, once. A module that fails to import is reported on stderr in one line and skipped,
+    so one broken plugin does not take the command line down."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import os
+    import sys
+    from importlib.metadata import entry_points
+
+    modules = [("$" + PLUGINS_ENV, m.strip()) for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    modules += [(f"entry point {ep.name!r}", ep.value.split(":")[0]) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    for source, module in modules:
+        try:
+            import_module(module)
+        except Exception as exc:  # noqa: BLE001  (a plugin's own bug must not crash nestnas)
+            first = (str(exc).splitlines() or [""])[0]
+            print(f"warning: {source}: family module {module!r} does not import ({type(exc).__name__}: {first})",
+                  file=sys.stderr)
 
 
 class _Registry(dict):
-    """name -> class; a built-in family not imported yet is imported on first lookup."""
+    """name -> class; a built-in family not imported yet is imported on first lookup, and the
+    user's plugin modules are imported before a name is declared unknown."""
 
     def __missing__(self, family):
         if isinstance(family, str) and family in _BUILTIN:
             import_module(_BUILTIN[family])
-            if family in self:
-                return dict.__getitem__(self, family)
+        elif isinstance(family, str):
+            load_plugins()
+        if family in self:
+            return dict.__getitem__(self, family)
         raise KeyError(family)
 
 
@@ -62,7 +93,9 @@ def unregister_supernet(family: str) -> None:
 
 
 def family_names() -> list[str]:
-    """Every family that can be looked up: the built-in ones and those registered since."""
+    """Every family that can be looked up: the built-in ones, the user's plugin modules' and
+    those registered since."""
+    load_plugins()
     return sorted({*_BUILTIN, *SUPERNETS})
 
 

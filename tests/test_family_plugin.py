@@ -275,3 +275,46 @@ def test_generic_code_names_no_family():
     hits = [f"{f.relative_to(REPO)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
             if named.search(line)]
     assert not hits, hits
+
+
+def test_the_command_line_loads_a_users_family_module(tmp_path):
+    """A module named by NESTNAS_FAMILIES registers its family before the CLI looks it up:
+    train and eval then run on it; a module that does not import costs one warning line."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "wine_family.py").write_text(
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('_wine_family_impl', {str(Path(__file__))!r})\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)\n"
+        "from nestnas.supernet.families import register_supernet\n"
+        "register_supernet(mod.FAMILY)(mod.ElasticMLP)\n")
+    x, y = load_wine(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    np.savez(tmp_path / "wine.npz", x=x, y=y.astype(np.int64))
+    env = {**__import__("os").environ, "NESTNAS_FAMILIES": "wine_family", "PYTHONPATH": str(tmp_path)}
+    cli = [sys.executable, "-m", "nestnas"]
+    ckpt = tmp_path / "mlp.ckpt"
+    train = subprocess.run([*cli, "train", "--family", FAMILY, "--data", str(tmp_path / "wine.npz"),
+                            "--epochs", "1", "--out", str(ckpt)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    evaluated = subprocess.run([*cli, "eval", "--checkpoint", str(ckpt), "--json"], env=env, cwd=tmp_path,
+                               capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr
+    rows = json.loads(evaluated.stdout)
+    space = SearchSpace.for_family(FAMILY)
+    assert set(rows) == {"largest", "smallest"}
+    for name, config in (("largest", space.largest()), ("smallest", space.smallest())):
+        assert rows[name]["config"] == config.to_dict() and rows[name]["summary"] == config.summary()
+        assert (rows[name]["macs"], rows[name]["params"]) == count_macs(space, config, num_classes=3, num_features=13)
+        assert rows[name]["accuracy"] * 36 == pytest.approx(round(rows[name]["accuracy"] * 36))  # of 36 val rows
+
+    env["NESTNAS_FAMILIES"] = "no_such_family_module"
+    broken = subprocess.run([*cli, "train", "--family", FAMILY, "--out", str(tmp_path / "x.ckpt")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert broken.returncode == 1 and not (tmp_path / "x.ckpt").exists()
+    lines = [ln for ln in broken.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in broken.stderr and len(lines) == 2, broken.stderr
+    assert "no_such_family_module" in lines[0] and "does not import" in lines[0]
+    assert "unknown supernet family" in lines[1] and FAMILY in lines[1]
