@@ -777,7 +777,10 @@ def keygen(
     from nestnas.compile.signing import BundleKey
     from nestnas.compile.signing import keygen as write_key
 
-    path = write_key(out, force)
+    try:
+        path = write_key(out, force)
+    except ConfigError as exc:  # the library names its parameters; here they are options
+        raise ConfigError(str(exc).replace("path ", "--out ", 1).replace("force=True", "--force")) from None
     key_id = BundleKey(bytes.fromhex(path.read_text().strip()), str(path)).key_id
     _report({"key_file": str(path), "key_id": key_id}, as_json, f"bundle key written to {path} (key id {key_id})")
 
@@ -809,7 +812,9 @@ def main(argv: list[str] | None = None) -> int:
 PARAM_FLAGS = {"pop_size": "--pop-size", "evals": "--evals", "algorithm": "--algorithm", "budget": "--budget",
                "holdout": "--holdout", "kind": "--kind", "objectives": "--objectives", "predictor": "--predictor",
                "max_minutes": "--max-minutes", "passes": "--passes", "batch_size": "--batch-size",
-               "threads": "--threads", "inner_evals": "--inner-evals", "kappa": "--kappa"}
+               "threads": "--threads", "inner_evals": "--inner-evals", "kappa": "--kappa", "formats": "--formats",
+               "out_dir": "--out", "backend": "--backend", "tune_trials": "--tune-trials",
+               "tune_seconds": "--tune-seconds", "n_samples": "--samples"}
 
 
 def _with_flags(exc: NestnasError) -> str:

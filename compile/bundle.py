@@ -82,8 +82,8 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
-        raise ConfigError(f"--formats: unknown format {bad[0]!r}; allowed: {list(FORMATS)}" if bad
-                          else f"--formats: give at least one of {list(FORMATS)}")
+        raise ConfigError(f"formats: unknown format {bad[0]!r}; allowed: {list(FORMATS)}" if bad
+                          else f"formats: give at least one of {list(FORMATS)}")
     if "tvm" in formats:
         try:
             require_tvm()
@@ -123,7 +123,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle gets the user's usual permissions
     except OSError as exc:
-        raise ConfigError(f"--out {final}: cannot write there ({exc.strerror})") from None
+        raise ConfigError(f"out_dir {final}: cannot write there ({exc.strerror})") from None
     try:
         yield tmp
         if final.exists():
@@ -406,7 +406,7 @@ def load_bundle(bundle: str | os.PathLike, backend: str = "onnxruntime", threads
     accept an unsigned bundle where a bundle key is configured). What is loaded are the checked bytes."""
     fmt = {"onnxruntime": "onnx", "tvm": "tvm"}.get(backend)
     if fmt is None:
-        raise ConfigError(f"--backend {backend!r}; allowed: ['onnxruntime', 'tvm']")
+        raise ConfigError(f"backend {backend!r}; allowed: ['onnxruntime', 'tvm']")
     bundle = Path(bundle)
     manifest = verify_checksums(bundle, trust)
     if fmt not in manifest["formats"]:

@@ -185,15 +185,15 @@ def keygen(path: str | os.PathLike | None = None, force: bool = False) -> Path:
     an existing file is replaced only with `force`."""
     path = Path(path) if path is not None else default_key_path()
     if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder; give the key file's path")
+        raise ConfigError(f"path {path} is a folder; give the key file's path")
     if path.exists() and not force:
-        raise ConfigError(f"--out {path} exists; pass --force to replace it (bundles signed with the old key "
+        raise ConfigError(f"path {path} exists; pass force=True to replace it (bundles signed with the old key "
                           "will no longer verify)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
     except OSError as exc:
-        raise ConfigError(f"--out {path}: cannot write there ({exc.strerror})") from None
+        raise ConfigError(f"path {path}: cannot write there ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(os.urandom(KEY_BYTES).hex() + "\n")
@@ -204,9 +204,9 @@ def keygen(path: str | os.PathLike | None = None, force: bool = False) -> Path:
         else:
             os.link(tmp, path)  # fails, rather than overwrites, if the file appeared meanwhile
     except FileExistsError:
-        raise ConfigError(f"--out {path} exists; pass --force to replace it") from None
+        raise ConfigError(f"path {path} exists; pass force=True to replace it") from None
     except OSError as exc:
-        raise ConfigError(f"--out {path}: cannot write there ({exc.strerror})") from None
+        raise ConfigError(f"path {path}: cannot write there ({exc.strerror})") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

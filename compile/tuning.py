@@ -63,9 +63,9 @@ class TuneOptions:
 
     def __post_init__(self) -> None:
         if self.trials < 0:
-            raise ConfigError(f"--tune-trials must be >= 0, got {self.trials}")
+            raise ConfigError(f"tune_trials must be >= 0, got {self.trials}")
         if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ConfigError(f"--tune-seconds must be positive, got {self.max_seconds}")
+            raise ConfigError(f"tune_seconds must be positive, got {self.max_seconds}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"tuning strategy {self.strategy!r}; allowed: {list(STRATEGIES)}")
         if self.enabled:

@@ -24,7 +24,7 @@ def sample_range(space: SearchSpace, low: int = 2) -> tuple[int, int]:
     return low, max(low, min(space.size(), MAX_SAMPLES))
 
 
-def check_sample_count(space: SearchSpace, n: int, option: str = "--samples", low: int = 2) -> int:
+def check_sample_count(space: SearchSpace, n: int, option: str = "n_samples", low: int = 2) -> int:
     """`n` if it is within `sample_range`, else a ConfigError naming the allowed range."""
     lo, hi = sample_range(space, low)
     if not lo <= n <= hi:

@@ -146,7 +146,7 @@ def test_numeric_options_are_bounded_before_anything_is_written(tmp_path, capsys
 
 
 def test_samples_are_bounded_by_the_space():
-    with pytest.raises(ConfigError, match="--samples 41 is out of range; allowed: 2 to 40"):
+    with pytest.raises(ConfigError, match="^n_samples 41 is out of range; allowed: 2 to 40"):
         profile_device(TINY_TR, "onnxruntime", 41, 0)
 
 
@@ -189,3 +189,22 @@ def test_fit_warns_that_a_profile_is_incomplete(tmp_path, capsys):
         assert out.is_file()
     assert DeviceProfile.load(tmp_path / "pFalse.json").complete is False
     assert DeviceProfile.load(shipped).complete is True  # no flag: from before budgets
+
+
+def test_library_errors_name_parameters_and_the_cli_names_options(tmp_path, capsys):
+    """The library speaks of its parameters; the command line maps them to its options."""
+    from nestnas.compile.bundle import check_formats
+    from nestnas.compile.signing import keygen
+
+    with pytest.raises(ConfigError, match="^formats: unknown format 'tflite'"):
+        check_formats(("onnx", "tflite"))
+    key = tmp_path / "k.key"
+    keygen(key)
+    with pytest.raises(ConfigError, match=r"^path .* exists; pass force=True"):
+        keygen(key)
+    proc = subprocess.run([sys.executable, "-m", "nestnas", "keygen", "--out", str(key)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: --out {key} exists; pass --force to replace it")
+    capsys.readouterr()
+    assert main(["profile", "--family", "transformer", "--samples", "100000", "--out", str(tmp_path / "p.json")]) == 1
+    assert capsys.readouterr().err.startswith("error: --samples 100000 is out of range; allowed: 2 to ")
