@@ -120,6 +120,7 @@ def test_bad_option_values_give_one_line(tmp_path):
     assert_user_error(nestnas("frobnicate"), "frobnicate")
 
 
+@pytest.mark.slow  # the whole quickstart: minutes; `.ci/run` runs the slow checks
 def test_quickstart_runs_every_stage(tmp_path, monkeypatch, has_tvm):
     monkeypatch.setenv("NESTNAS_HOME", str(tmp_path / "home"))  # the tuning database goes there
     proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--search-evals", "32",

@@ -167,6 +167,7 @@ def test_a_tuned_bundle_ships_the_faster_of_tuned_and_default_schedules():
 
 
 @pytest.mark.tvm
+@pytest.mark.slow  # tunes TVM workloads twice: minutes
 def test_tuning_is_shared_and_the_database_reused(net, tmp_path, capfd):
     space = net.space
     small = space.smallest()
