@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 VAL_DIGITS = 360  # the digits validation split
 
 
-def nestnas(*args, cwd=None):
+def nestnas(*args, cwd=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "nestnas", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+                          cwd=cwd, timeout=timeout)
 
 
 def assert_user_error(proc, *fragments):
@@ -124,7 +124,8 @@ def test_bad_option_values_give_one_line(tmp_path):
 def test_quickstart_runs_every_stage(tmp_path, monkeypatch, has_tvm):
     monkeypatch.setenv("NESTNAS_HOME", str(tmp_path / "home"))  # the tuning database goes there
     proc = nestnas("quickstart", "--epochs", "1", "--profile-samples", "15", "--search-evals", "32",
-                   "--tune-trials", "2", "--tune-seconds", "5", "--out", tmp_path / "qs", "--json")
+                   "--tune-trials", "2", "--tune-seconds", "5", "--out", tmp_path / "qs", "--json",
+                   timeout=1500)  # its stages, not its speed, are under test here (a busy host took 458 s)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert Path(summary["checkpoint"]).is_file()

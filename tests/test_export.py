@@ -255,6 +255,7 @@ def test_a_workload_with_a_tuned_relative_starts_from_its_adapted_schedules(tmp_
         assert np.abs(out - model(x).detach().numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow  # export, bench --calibrate and a switchable bundle through the CLI: minutes
 def test_export_and_bench_cli(net, tmp_path):
     from nestnas.supernet.checkpoint import save_checkpoint
     from nestnas.supernet.transformer import ElasticTransformer

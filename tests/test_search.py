@@ -234,6 +234,7 @@ def test_a_killed_search_resumes_to_the_same_front(trained, tmp_path):
     assert len(a["meta"]["history"]) == len(b["meta"]["history"]) > stopped_at
 
 
+@pytest.mark.slow  # three CLI searches and their plots: minutes
 def test_search_and_show_cli(trained, tmp_path):
     _, ckpt, _, _ = trained
     env = {**os.environ, "NESTNAS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
