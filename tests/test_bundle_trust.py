@@ -28,6 +28,8 @@ from nestnas.search.objectives import macs_objective
 from nestnas.supernet.checkpoint import save_checkpoint
 from nestnas.supernet.cnn import ElasticCNN
 
+from dynamic_nets import Gate
+
 KEY = "11" * 32
 OTHER_KEY = "22" * 32
 
@@ -308,17 +310,6 @@ def test_keygen_writes_a_private_key_that_export_and_load_use(made, tmp_path, mo
 
 
 # --- dynamic bundles ----------------------------------------------------------------------------
-
-class Gate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
-
-    def forward(self, x, fast: float):
-        if fast > 0.5:
-            return self.a(x)
-        return self.b(self.a(x))
-
 
 @pytest.fixture
 def dynamic(tmp_path, monkeypatch):
