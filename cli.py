@@ -696,9 +696,92 @@ def _bundle_table(manifests: list[dict], folders: list[str]) -> None:
     console.print(table)
 
 
+def _parse_backends(text: str | None) -> list[str]:
+    names = list(dict.fromkeys(b.strip() for b in (text or "").split(",") if b.strip()))
+    bad = [b for b in names if b not in ("onnxruntime", "tvm")]
+    if bad or (text is not None and not names):
+        raise ConfigError(f"--backend {bad[0] if bad else text!r}: unknown backend; allowed: onnxruntime, tvm"
+                          if bad else "--backend: give onnxruntime, tvm or both (comma-separated)")
+    return names
+
+
+def _bench_program(bundle: Path, kind: str, inputs: Path | None, backends: list[str], threads: int | None,
+                   trust: bool, as_json: bool) -> None:
+    """`nestnas bench` of a dynamic bundle (per input of --inputs) or a switchable one (per subnet)."""
+    from rich.table import Table
+
+    from nestnas.compile.runners import bench_dynamic, read_inputs
+    from nestnas.compile.switch import bench_switchable
+
+    if inputs is None and kind == "dynamic":
+        raise ConfigError(f"{bundle} is a dynamic bundle, which carries no example inputs: give --inputs "
+                          "FILE.npz or FILE.npy (see --help)")
+    calls = read_inputs(inputs) if inputs is not None else None
+    with StageBar("bench", not as_json, err_console) as bar:
+        if calls is None:
+            result = bench_switchable(bundle, backends or None, threads, trust, progress=bar)
+        else:
+            result = bench_dynamic(bundle, calls, backends or None, threads, trust, f"--inputs {inputs}",
+                                   progress=bar)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    title = f"{bundle} ({result['kind']} {result['model']}, signature {result['signature']})"
+    if result["kind"] == "switchable":
+        table = Table(title=f"{title}: each subnet run with its own latency as the budget, measured now against "
+                            f"the manifest (the host uses {result['host_uses']} latencies)")
+        names = list(dict.fromkeys(r["backend"] for r in result["rows"]))
+        for col in ("subnet", "hash", "budget ms", "runs", *(f"{b} {c}" for b in names for c in ("ms", "manifest"))):
+            table.add_column(col, justify="left" if col == "hash" else "right")
+        for i in range(result["subnets"]):
+            rows = {r["backend"]: r for r in result["rows"] if r["subnet"] == i}
+            first = rows[names[0]]
+            table.add_row(str(i), first["hash"] or "-", f"{first['budget_ms']:.4f}",
+                          "/".join(dict.fromkeys(str(r["runs"]) for r in rows.values())),
+                          *(v for b in names for v in (f"{rows[b]['median_ms']:.4f}",
+                                                       f"{rows[b]['manifest_ms']:.4f}" if rows[b]["manifest_ms"]
+                                                       else "-")))
+        console.print(table)
+        return
+    table = Table(title=f"{title}: latency per input over {result['inputs']} inputs")
+    for col in ("backend", "median ms", "p10-p90 ms", "min-max ms", "unstable inputs"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in result["rows"]:
+        table.add_row(r["backend"], f"{r['median_ms']:.4f}", f"{r['p10_ms']:.4f}-{r['p90_ms']:.4f}",
+                      f"{r['min_ms']:.4f}-{r['max_ms']:.4f}", str(r["unstable_inputs"]))
+    console.print(table)
+    paths = Table(title="paths (the subgraphs an input ran): median ms of their inputs")
+    for col in ("subgraphs", "inputs", *result["per_input_ms"]):
+        paths.add_column(col, justify="left" if col == "subgraphs" else "right")
+    for p in result["paths"]:
+        paths.add_row(p["subgraphs"], f"{p['inputs']} ({100 * p['share']:.0f}%)",
+                      *(f"{v:.4f}" for v in p["median_ms"].values()))
+    console.print(paths)
+    for b in result["branches"]:
+        console.print(f"branch {b['id']} (program.py line {b['line']}: {b['condition']}): taken {b['taken']}, "
+                      f"skipped {b['skipped']}", markup=False, highlight=False, soft_wrap=True)
+    at_save = result["branch_coverage_at_save"]
+    console.print(f"{100 * result['branch_coverage']:.0f}% of branch sides reached"
+                  + (f" ({100 * at_save:.0f}% by the examples at save time)" if at_save is not None else "")
+                  + f"; {result['subgraphs_used']} of {result['subgraphs']} subgraphs used", highlight=False,
+                  soft_wrap=True)
+
+
 @app.command()
 def bench(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder from `nestnas export`.")],
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder from `nestnas export` (static or --switchable) or "
+                                                "from `nestnas.rewrite(...).save` (dynamic).")],
+    inputs: Annotated[Optional[Path], typer.Option(help="Inputs of a dynamic bundle, which carries none: FILE.npy "
+                                                        "(the forward's first argument) or FILE.npz (arrays arr_0, "
+                                                        "arr_1, ... as np.savez writes them are the positional "
+                                                        "arguments in order, other names keyword arguments; host "
+                                                        "arguments such as a threshold are 1-d arrays). The first "
+                                                        "axis of every array enumerates the inputs; each input is "
+                                                        "timed for at most 0.2 s. A switchable bundle is timed per "
+                                                        "subnet without it.", show_default=False)] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Backends to measure, comma-separated: onnxruntime, tvm "
+                                                        "\\[default: all the bundle holds].",
+                                                   show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads \\[default: the manifest's].",
                                                    show_default=False)] = None,
     calibrate: Annotated[Optional[Path], typer.Option(help="Profile the prediction came from: re-measure five of "
@@ -711,10 +794,23 @@ def bench(
     as_json: AsJson = False,
 ) -> None:
     """Re-measure a bundle on this device (manifest, signature and checksums verified first) and
-    compare with its manifest and the predicted latency."""
+    compare with its manifest and the predicted latency. A dynamic bundle is timed per input of
+    --inputs (median and p10-p90 over the inputs, per path, and how often each branch was
+    taken); a switchable bundle per subnet, each run with its own latency as the budget."""
     from nestnas.compile.bundle import measure_bundle, verify_checksums
+    from nestnas.compile.runners import bundle_kind
     from nestnas.compile.signing import check_signature
 
+    backends = _parse_backends(backend)
+    kind = bundle_kind(bundle)
+    if kind != "static":
+        if calibrate is not None:
+            raise ConfigError(f"--calibrate applies to static bundles; {bundle} is a {kind} bundle")
+        _bench_program(bundle, kind, inputs, backends, threads, trust, as_json)
+        return
+    if inputs is not None:
+        raise ConfigError(f"--inputs applies to dynamic and switchable bundles; {bundle} is a static bundle, timed "
+                          "on its check input")
     manifest = verify_checksums(bundle, trust)
     signature = check_signature(manifest, f"bundle {bundle}", trust)
     speed = None
@@ -726,7 +822,8 @@ def bench(
             raise ConfigError(f"--calibrate {calibrate} profiles the {profile.family} family; bundle {bundle} "
                               f"holds a {manifest['family']} subnet")
         speed = speed_factor(profile)
-    now = measure_bundle(bundle, threads=threads, trust=trust)
+    now = measure_bundle(bundle, [{"onnxruntime": "onnx", "tvm": "tvm"}[b] for b in backends] or None,
+                         threads=threads, trust=trust)
     pred = manifest.get("predicted_latency") or {}
     batch = manifest["input"]["shape"][0]
     rows = []
@@ -814,7 +911,7 @@ PARAM_FLAGS = {"pop_size": "--pop-size", "evals": "--evals", "algorithm": "--alg
                "max_minutes": "--max-minutes", "passes": "--passes", "batch_size": "--batch-size",
                "threads": "--threads", "inner_evals": "--inner-evals", "kappa": "--kappa", "formats": "--formats",
                "out_dir": "--out", "backend": "--backend", "tune_trials": "--tune-trials",
-               "tune_seconds": "--tune-seconds", "n_samples": "--samples"}
+               "tune_seconds": "--tune-seconds", "n_samples": "--samples", "inputs": "--inputs"}
 
 
 def _with_flags(exc: NestnasError) -> str:

@@ -7,18 +7,21 @@ one static subgraph per subnet and a host module that picks among them.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from nestnas.compile.signing import Strict
 from nestnas.errors import ArtifactError, ConfigError
 
 
@@ -72,6 +75,22 @@ def _median_ms(fn: Callable[[], Any], min_seconds: float = 0.3, max_runs: int = 
     return statistics.median(times)
 
 
+def check_subnets(model: Callable[..., np.ndarray], switch: BudgetSwitch, x: np.ndarray,
+                  want: Sequence[np.ndarray], folder: str | os.PathLike) -> None:
+    """Every subnet that a budget reaches, run through the saved host module, equals torch's
+    output within the bundles' tolerance (relative beyond outputs of magnitude 1)."""
+    from nestnas.compile.bundle import tolerance
+
+    for i, v in enumerate(switch.latencies):
+        if switch.pick(v) != i:
+            continue  # a faster, more accurate subnet shadows it: no budget runs it
+        got = np.asarray(model(x, v), np.float64)
+        diff = float(np.abs(got - want[i]).max()) if got.shape == want[i].shape else math.inf
+        if not diff <= tolerance(want[i]):
+            raise ArtifactError(f"switchable bundle {folder}: subnet {i} differs from torch (max |diff| {diff:.1e}, "
+                                f"tolerance {tolerance(want[i]):.1e})")
+
+
 def export_switchable(net: nn.Module, configs: Sequence, out_dir: str | os.PathLike,
                       backends: Sequence[str] = ("onnxruntime", "tvm"), threads: int | None = None,
                       accuracies: Sequence[float] | None = None, seed: int = 0,
@@ -116,13 +135,72 @@ def export_switchable(net: nn.Module, configs: Sequence, out_dir: str | os.PathL
                             "input_shape": list(x.shape)}}
         final.replace_host(folder, extra)
         size = sum(p.stat().st_size for p in Path(folder).iterdir())
-        check = load_dynamic(folder, primary, threads)
-        for i, v in enumerate(switch.latencies):
-            if np.abs(check(x.numpy(), v) - want[i]).max() > 1e-4 and switch.pick(v) == i:
-                raise ArtifactError(f"switchable bundle {folder}: subnet {i} differs from torch")
+        check_subnets(load_dynamic(folder, primary, threads), switch, x.numpy(), want, folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return {"folder": str(folder), "subnets": k, "bytes": size, "latencies_ms": measured, "host_uses": primary,
             "subgraphs": len(program.records)}
 
+
+
+class _SwitchInfo(Strict):
+    """What `bench_switchable` reads from a switchable bundle's manifest (``switch``)."""
+
+    latencies_ms: dict[str, list[float]] = Field(min_length=1)
+    host_uses: str
+    input_shape: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    hashes: Optional[list[str]] = None
+    accuracy: Optional[list[Optional[float]]] = None
+
+    @model_validator(mode="after")
+    def _one_latency_per_subnet(self) -> "_SwitchInfo":
+        if self.host_uses not in self.latencies_ms:
+            raise ValueError(f"host_uses is {self.host_uses!r}, which latencies_ms does not list")
+        k = len(self.latencies_ms[self.host_uses])
+        if k == 0 or any(len(v) != k for v in self.latencies_ms.values()):
+            raise ValueError("latencies_ms must list one latency per subnet for every backend")
+        return self
+
+
+def bench_switchable(folder: str | os.PathLike, backends: Sequence[str] | None = None, threads: int | None = None,
+                     trust: bool = False, seed: int = 0,
+                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Latency of every subnet of a switchable bundle on this device, through its host module:
+    subnet i is run with its own latency from the manifest as the budget, on a random input of
+    the bundle's shape, and timed as `measure_bundle` times a static bundle. Each row says which
+    subnet the budget ran (a subnet shadowed by a faster, more accurate one is never run)."""
+    from nestnas.compile.dynamic_host import MANIFEST
+    from nestnas.compile.runners import get_runner, open_program
+    from nestnas.fileio import validate
+
+    program = open_program(folder, backends, threads, trust)
+    info = validate(program.manifest.get("switch"), _SwitchInfo, Path(folder) / MANIFEST,
+                    "switchable bundle manifest (switch)", ArtifactError)
+    budgets = info.latencies_ms[info.host_uses]
+    x = np.random.default_rng(seed).standard_normal(info.input_shape).astype(np.float32)
+    calls = [((x, b), {}) for b in budgets]
+    runs = {}
+    for backend in program.models:
+        for keys, _ in program.trace(backend, calls, f"switchable bundle {folder}"):
+            runs.setdefault(backend, []).append(
+                next((program.manifest["subgraphs"][k]["params"].get("pick") for k in keys
+                      if "pick" in program.manifest["subgraphs"][k]["params"]), None))
+    runner = get_runner("program")
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for backend, model in program.models.items():
+            for i, call in enumerate(calls):
+                m = runner.measure(model, call)
+                before = info.latencies_ms.get(backend)
+                rows.append({"subnet": i, "hash": info.hashes[i] if info.hashes and i < len(info.hashes) else None,
+                             "accuracy": info.accuracy[i] if info.accuracy and i < len(info.accuracy) else None,
+                             "budget_ms": budgets[i], "runs": runs[backend][i], "backend": backend,
+                             "median_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "stable": m.stable,
+                             "manifest_ms": before[i] if before else None})
+                if progress:
+                    progress(backend, i + 1, len(calls))
+    return {"bundle": str(program.folder), "kind": "switchable", "model": program.manifest.get("model"),
+            "signature": program.signature, "subnets": len(budgets), "host_uses": info.host_uses,
+            "input_shape": info.input_shape, "rows": rows}
