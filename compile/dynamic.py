@@ -30,12 +30,19 @@ calls executed by torch), which records every specialisation that must be compil
 side of every branch was taken. Branches never taken are reported, since their subgraphs cannot
 be compiled; a specialisation met later that was never compiled is a clear error, not a guess.
 
-Supported: ``if``/``elif``/``else`` and ``while`` on tensor or host conditions, ``for`` over
-``range``, host sequences, ``nn.ModuleList`` (also with ``enumerate``), ``break``/``continue``,
-early ``return``, indexing a ``ModuleList`` with a tensor (``self.experts[e]`` after an argmax),
-``.item()``/``float()``/``bool()`` on tensors. Refused with the source line: iterating over a
-tensor, conditional expressions (``a if t else b``) and comprehensions on tensors, tensors kept
-in Python lists, and closures over local functions.
+Supported: ``if``/``elif``/``else`` and ``while`` on tensor or host conditions (``and``, ``or``,
+``not`` and chained comparisons on tensors included), ``for`` over ``range``, host sequences,
+``nn.ModuleList`` (also with ``enumerate``) and dicts of modules (keys, ``.items()``,
+``.values()``), ``break``/``continue``, early ``return``, indexing a ``ModuleList`` with a
+tensor (``self.experts[e]`` after an argmax), ``getattr(self, name)`` with a computed name,
+``.item()``/``float()``/``bool()`` on tensors, and in-place updates (``t += u``, ``t.add_(u)``,
+``t[:, 0] = u``). Facts of the model's structure (``len(self.layers)``, ``len(self.blocks[g])``,
+``hasattr``, ``"b0" in self.blocks``, flags and lists set in ``__init__``, a buffer's shape,
+``self.training``) are written into the host code as constants, and branches on them alone are
+decided before anything is split. Tensor statements whose results nothing reads are removed.
+Refused with the source line and what to write instead: iterating over a tensor, conditional
+expressions (``a if t else b``) and comprehensions on tensors, tensors kept in Python lists, and
+closures over local functions.
 """
 
 from __future__ import annotations
@@ -44,12 +51,31 @@ import builtins
 import warnings
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from nestnas.compile.dynamic_analysis import RewriteError, read_forward
 from nestnas.compile.dynamic_program import CoverageWarning, DynamicProgram, as_tensor, load_dynamic
 from nestnas.compile.dynamic_rewrite import Rewriter, host_source
 from nestnas.errors import ConfigError
+
+
+def logical_and(*values: Any) -> torch.Tensor:
+    out = as_tensor(values[0]).bool()
+    for v in values[1:]:
+        out = torch.logical_and(out, as_tensor(v))
+    return out
+
+
+def logical_or(*values: Any) -> torch.Tensor:
+    out = as_tensor(values[0]).bool()
+    for v in values[1:]:
+        out = torch.logical_or(out, as_tensor(v))
+    return out
+
+
+def logical_not(value: Any) -> torch.Tensor:
+    return torch.logical_not(as_tensor(value))
 
 
 def rewrite(model: nn.Module, examples: Sequence[Any], *, method: str = "forward") -> DynamicProgram:
@@ -62,16 +88,17 @@ def rewrite(model: nn.Module, examples: Sequence[Any], *, method: str = "forward
     examples = [e if isinstance(e, tuple) else (e,) for e in examples]
     if not examples:
         raise ConfigError("give at least one example input")
+    model.eval()  # branches on self.training are decided as the model will run
     forward = read_forward(model, examples, method)
     rw = Rewriter(model, forward.src, forward.fn, forward.kinds)
     body = rw.block(forward.fn.body)
     host = host_source(forward.fn, body, model, forward.src)
     namespace = forward.namespace  # the model's globals: segments call torch, F, ... as forward did
-    namespace.update({"_as_tensor": as_tensor, "__builtins__": builtins})
+    namespace.update({"_as_tensor": as_tensor, "_logical_and": logical_and, "_logical_or": logical_or,
+                      "_logical_not": logical_not, "__builtins__": builtins})
     for seg in rw.segments.values():
         exec(compile(seg.source, f"<nestnas segment {seg.id}>", "exec"), namespace)  # noqa: S102 - our own code
-    program = DynamicProgram(model, rw.segments, host, rw.branches, namespace)
-    model.eval()
+    program = DynamicProgram(model, rw.segments, host, rw.branches, namespace, forward.src)
     for e in examples:
         program.eager(*e)
     missing = program.untaken()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import operator
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -22,6 +23,196 @@ SHAPE_METHODS = {"size", "dim", "numel"}
 
 class RewriteError(ConfigError):
     """The model's control flow cannot be split into static subgraphs (the message names the line)."""
+
+
+NO_VALUE = object()  # what `static_value` gives for an expression that depends on the inputs
+_STATIC_CALLS = {"len": len, "hasattr": hasattr, "getattr": getattr, "isinstance": isinstance, "str": str,
+                 "int": int, "float": float, "bool": bool, "range": range, "min": min, "max": max, "abs": abs}
+_STR_METHODS = {"format", "startswith", "endswith", "join", "lower", "upper", "replace"}
+_CONTAINER_METHODS = {"keys", "values", "items", "get", "__contains__"}
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+           ast.Mod: operator.mod, ast.Div: operator.truediv, ast.Pow: operator.pow}
+_CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+           ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
+           ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+
+
+class _Static:
+    """Evaluates expressions on the model's structure and constants; NO_VALUE for anything else."""
+
+    def __init__(self, model: nn.Module, globals_: dict[str, Any] | None):
+        self.model, self.globals = model, globals_ or {}
+
+    def ev(self, n: ast.AST) -> Any:
+        method = getattr(self, f"ev_{type(n).__name__}", None)
+        return NO_VALUE if method is None else method(n)
+
+    def ev_Constant(self, n: ast.Constant) -> Any:
+        return n.value
+
+    def ev_Name(self, n: ast.Name) -> Any:
+        if n.id == "self":
+            return self.model
+        g = self.globals.get(n.id, NO_VALUE)
+        return g if g is nn or isinstance(g, type) and issubclass(g, nn.Module) else NO_VALUE  # isinstance(., nn.X)
+
+    def ev_Attribute(self, n: ast.Attribute) -> Any:
+        base = self.ev(n.value)
+        if base is nn:
+            return getattr(nn, n.attr, NO_VALUE)
+        if isinstance(base, torch.Tensor):  # the shape of a buffer or parameter is a constant
+            return tuple(base.shape) if n.attr == "shape" else base.ndim if n.attr == "ndim" else NO_VALUE
+        if base is NO_VALUE or isinstance(base, (int, float, str, bytes, tuple, list, dict)):
+            return NO_VALUE
+        return getattr(base, n.attr, NO_VALUE)
+
+    def ev_Subscript(self, n: ast.Subscript) -> Any:
+        base, idx = self.ev(n.value), self.ev(n.slice)
+        if base is NO_VALUE or idx is NO_VALUE or isinstance(base, torch.Tensor) or isinstance(idx, torch.Tensor):
+            return NO_VALUE
+        try:
+            return base[idx]
+        except (KeyError, IndexError, TypeError):
+            return NO_VALUE
+
+    def callee(self, func: ast.expr, args: list[Any]) -> Any:
+        if isinstance(func, ast.Name):
+            fn = None if func.id in self.globals else _STATIC_CALLS.get(func.id)
+            if func.id == "getattr" and not isinstance(args[0] if args else None, nn.Module):
+                return None
+            return fn
+        if isinstance(func, ast.Attribute):
+            owner = self.ev(func.value)
+            if isinstance(owner, torch.Tensor) and func.attr in ("size", "dim", "numel"):
+                method = getattr(owner, func.attr)
+                return lambda *a: tuple(method()) if func.attr == "size" and not a else method(*a)
+            if isinstance(owner, str) and func.attr in _STR_METHODS \
+                    or isinstance(owner, (dict, nn.ModuleDict)) and func.attr in _CONTAINER_METHODS:
+                return getattr(owner, func.attr)
+        return None
+
+    def ev_Call(self, n: ast.Call) -> Any:
+        args = [self.ev(a) for a in n.args]
+        kwargs = {k.arg: self.ev(k.value) for k in n.keywords if k.arg}
+        if any(v is NO_VALUE for v in [*args, *kwargs.values()]) or len(kwargs) != len(n.keywords):
+            return NO_VALUE
+        fn = self.callee(n.func, args)
+        if fn is None or fn is not isinstance and any(isinstance(v, torch.Tensor) for v in [*args, *kwargs.values()]):
+            return NO_VALUE
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - not statically known; the eager run will tell
+            return NO_VALUE
+
+    def ev_UnaryOp(self, n: ast.UnaryOp) -> Any:
+        v = self.ev(n.operand)
+        if v is NO_VALUE or isinstance(v, torch.Tensor) or not isinstance(n.op, (ast.Not, ast.USub)):
+            return NO_VALUE
+        return not v if isinstance(n.op, ast.Not) else -v
+
+    def ev_BoolOp(self, n: ast.BoolOp) -> Any:
+        for i, part in enumerate(n.values):
+            v = self.ev(part)
+            if v is NO_VALUE or isinstance(v, torch.Tensor):
+                return NO_VALUE
+            if (not v if isinstance(n.op, ast.And) else v) or i == len(n.values) - 1:
+                return v
+        return NO_VALUE
+
+    def ev_BinOp(self, n: ast.BinOp) -> Any:
+        a, b = self.ev(n.left), self.ev(n.right)
+        if type(n.op) not in _BINOPS or not all(isinstance(v, (int, float, str, tuple)) for v in (a, b)):
+            return NO_VALUE
+        try:
+            return _BINOPS[type(n.op)](a, b)
+        except Exception:  # noqa: BLE001
+            return NO_VALUE
+
+    def ev_Compare(self, n: ast.Compare) -> Any:
+        left = self.ev(n.left)
+        for op, right_node in zip(n.ops, n.comparators):
+            right = self.ev(right_node)
+            if type(op) not in _CMPOPS or any(v is NO_VALUE or isinstance(v, torch.Tensor) for v in (left, right)):
+                return NO_VALUE
+            if not _CMPOPS[type(op)](left, right):
+                return False
+            left = right
+        return True
+
+    def ev_Tuple(self, n: ast.Tuple | ast.List) -> Any:
+        items = [self.ev(e) for e in n.elts]
+        return NO_VALUE if any(v is NO_VALUE for v in items) else tuple(items)
+
+    ev_List = ev_Tuple
+
+
+def static_value(node: ast.AST, model: nn.Module, globals_: dict[str, Any] | None = None,
+                 tensors: bool = False) -> Any:
+    """The value of an expression that depends only on the model's structure and constants set in
+    `__init__` (``self.use_exit``, ``len(self.layers)``, ``hasattr(self, "fc")``, ``"b0" in
+    self.blocks``, a buffer's shape), or NO_VALUE. Nothing is computed with tensors; a tensor
+    attribute itself is NO_VALUE unless `tensors`."""
+    value = _Static(model, globals_).ev(node)
+    return NO_VALUE if isinstance(value, torch.Tensor) and not tensors else value
+
+
+def module_like(value: Any) -> bool:
+    """A module, or a plain list/tuple/dict holding only modules (``{'b0': self.b0, ...}``)."""
+    if isinstance(value, nn.Module):
+        return True
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(module_like(v) for v in value)
+    if isinstance(value, dict):
+        return bool(value) and all(module_like(v) for v in value.values())
+    return False
+
+
+def literal(value: Any) -> bool:
+    """Whether `value` can be written into the host code as a Python literal."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(literal(k) and literal(v) for k, v in value.items())
+    return False
+
+
+def structure(value: Any) -> Any:
+    """A literal with the shape of a module container, for the facts the host code reads from it
+    (its length, its keys, whether an entry is None): containers become tuples and dicts, modules
+    their class name in angle brackets."""
+    if isinstance(value, (nn.ModuleDict, dict)):
+        return {k: structure(v) for k, v in value.items()}
+    if isinstance(value, (nn.ModuleList, nn.Sequential, list, tuple)):
+        return tuple(structure(v) for v in value)
+    if isinstance(value, nn.Module):
+        return f"<{type(value).__name__}>"
+    return value
+
+
+class _FoldStatic(ast.NodeTransformer):
+    """Branches on the model's structure (``if self.use_exit:``, ``if hasattr(self, "fc")``, ``a if
+    self.flag else b``) are decided once, before anything is split: only the side taken remains."""
+
+    def __init__(self, model: nn.Module, globals_: dict[str, Any]):
+        self.model, self.globals = model, globals_
+
+    def value(self, test: ast.expr) -> Any:
+        v = static_value(test, self.model, self.globals)
+        return v if v is NO_VALUE or literal(v) or module_like(v) or v is None else NO_VALUE
+
+    def visit_If(self, node: ast.If) -> Any:
+        self.generic_visit(node)
+        v = self.value(node.test)
+        if v is NO_VALUE:
+            return node
+        return (node.body if v else node.orelse) or [ast.copy_location(ast.Pass(), node)]
+
+    def visit_IfExp(self, node: ast.IfExp) -> Any:
+        self.generic_visit(node)
+        v = self.value(node.test)
+        return node if v is NO_VALUE else (node.body if v else node.orelse)
 
 
 class Source:
@@ -107,6 +298,17 @@ class Kinds:
         if kind == TENSOR:
             raise RewriteError(f"{self.src.where(node)}: iterating over a tensor has no static form; "
                                "loop over range(...) or a ModuleList instead")
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Attribute) and it.func.attr in ("keys", "items") \
+                and self.expr(it.func.value) == MODULE:
+            if it.func.attr == "items" and isinstance(node.target, ast.Tuple) and len(node.target.elts) == 2:
+                self.bind(node.target.elts[0], HOST, node)
+                self.bind(node.target.elts[1], MODULE, node)
+            else:
+                self.bind(node.target, HOST, node)
+            return
+        if kind == MODULE and isinstance(static_value(it, self.model, self.globals), (dict, nn.ModuleDict)):
+            self.bind(node.target, HOST, node)  # iterating a dict of modules gives its keys
+            return
         if is_call(it, "enumerate") and it.args:
             inner = self.expr(it.args[0])
             if isinstance(node.target, ast.Tuple) and len(node.target.elts) == 2:
@@ -130,11 +332,14 @@ class Kinds:
                 if not hasattr(self.model, node.attr):
                     return HOST
                 value = self.attr_value(node)
-                if isinstance(value, nn.Module):
+                if module_like(value):
                     return MODULE
                 if isinstance(value, torch.Tensor):
                     return TENSOR
                 return HOST
+            value = static_value(node, self.model, self.globals, tensors=True)
+            if value is not NO_VALUE:
+                return MODULE if module_like(value) else TENSOR if isinstance(value, torch.Tensor) else HOST
             base = self.expr(node.value)
             if base == TENSOR:
                 return HOST if node.attr in SHAPE_ATTRS else TENSOR
@@ -149,8 +354,16 @@ class Kinds:
         if isinstance(node, ast.Call):
             func = node.func
             args = [self.expr(a) for a in node.args] + [self.expr(k.value) for k in node.keywords]
+            if isinstance(func, ast.Name) and func.id == "getattr" and node.args and is_self(node.args[0]) \
+                    and func.id not in self.globals:
+                value = static_value(node, self.model, self.globals)
+                if value is NO_VALUE:  # a computed name: SkipNet's getattr(self, f"group{g}_layer{i}")
+                    return MODULE
+                return MODULE if module_like(value) else TENSOR if isinstance(value, torch.Tensor) else HOST
             if isinstance(func, ast.Attribute):
                 owner = self.expr(func.value)
+                if owner == MODULE and func.attr in ("keys", "items", "values") and not node.args:
+                    return HOST if func.attr == "keys" else MODULE
                 if owner == TENSOR:
                     return HOST if func.attr in SHAPE_METHODS else TENSOR
                 if owner == MODULE:
@@ -244,6 +457,7 @@ def read_forward(model: nn.Module, examples: Sequence[tuple], method: str = "for
     fn = ast.parse(src.text).body[0]
     if not isinstance(fn, ast.FunctionDef):
         raise RewriteError(f"{src.where(fn)}: expected a def")
+    fn = _FoldStatic(model, fn_obj.__globals__).visit(fn)
     if fn.args.vararg or fn.args.kwarg:
         raise RewriteError(f"{src.where(fn)}: *args and **kwargs in forward are not supported")
     if fn_obj.__code__.co_freevars:

@@ -11,20 +11,26 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from nestnas.compile.dynamic_analysis import (
     HOST,
     MODULE,
+    NO_VALUE,
     TENSOR,
     Kinds,
     RewriteError,
     Source,
     is_call,
     is_self,
+    literal,
+    module_like,
     names_read,
     root,
+    static_value,
     stored_names,
+    structure,
 )
 
 STRIP_CALLS = {"float", "bool"}
@@ -60,6 +66,64 @@ class _StripScalars(ast.NodeTransformer):
         return node
 
 
+class _InPlace(ast.NodeTransformer):
+    """Every in-place tensor method call statement, rewritten as an assignment."""
+
+    def __init__(self, rewriter: "Rewriter"):
+        self.rewriter = rewriter
+
+    def visit_Expr(self, node: ast.Expr) -> ast.AST:
+        return self.rewriter.out_of_place(node)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
+        # `t += u` on a tensor would write into the caller's tensor (a subgraph's input)
+        if isinstance(node.target, ast.Name) and self.rewriter.kinds.expr(node.target) == TENSOR:
+            load = ast.Name(node.target.id, ast.Load())
+            return ast.copy_location(ast.Assign([node.target], ast.BinOp(load, node.op, node.value)), node)
+        return node
+
+
+class _Substitute(ast.NodeTransformer):
+    def __init__(self, names: dict[str, ast.expr]):
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return copy.deepcopy(self.names[node.id]) if node.id in self.names else node
+
+
+class _TensorLogic(ast.NodeTransformer):
+    """`a and b`, `not a` and `0 < t < 1` on tensors would call `bool()` on a tensor, which a trace
+    freezes into a constant: inside a subgraph they become elementwise logic (both sides run)."""
+
+    def __init__(self, kinds: Kinds):
+        self.kinds = kinds
+
+    @staticmethod
+    def call(name: str, args: list[ast.expr]) -> ast.Call:
+        return ast.Call(ast.Name(name, ast.Load()), args, [])
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
+        tensor = self.kinds.expr(node) == TENSOR
+        self.generic_visit(node)
+        if not tensor:
+            return node
+        return self.call("_logical_and" if isinstance(node.op, ast.And) else "_logical_or", node.values)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        tensor = isinstance(node.op, ast.Not) and self.kinds.expr(node.operand) == TENSOR
+        self.generic_visit(node)
+        return self.call("_logical_not", [node.operand]) if tensor else node
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        tensor = len(node.ops) > 1 and self.kinds.expr(node) == TENSOR
+        self.generic_visit(node)
+        if not tensor:
+            return node
+        operands = [node.left, *node.comparators]
+        pairs = [ast.Compare(operands[i], [op], [operands[i + 1]]) for i, op in enumerate(node.ops)]
+        return self.call("_logical_and", pairs)
+
+
 class _InlineAliases(ast.NodeTransformer):
     def __init__(self, aliases: dict[str, ast.expr]):
         self.aliases = aliases
@@ -71,11 +135,19 @@ class _InlineAliases(ast.NodeTransformer):
 
 
 class _HostExpr(ast.NodeTransformer):
-    """Host expressions run on numpy: `t.size(d)` -> `t.shape[d]`, `t.dim()` -> `t.ndim`, and
-    constant attributes of the model are written in as literals."""
+    """Host expressions run on numpy: `t.size(d)` -> `t.shape[d]`, `t.dim()` -> `t.ndim`; facts of
+    the model (flags set in `__init__`, ``len(self.layers)``, ``hasattr(self, "fc")``, the keys of a
+    dict of modules) are written in as literals."""
 
-    def __init__(self, model: nn.Module, src: Source):
-        self.model, self.src = model, src
+    def __init__(self, model: nn.Module, src: Source, globals_: dict[str, Any]):
+        self.model, self.src, self.globals = model, src, globals_
+
+    def visit(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.expr) and any(is_self(n) for n in ast.walk(node)):
+            value = static_value(node, self.model, self.globals)
+            if value is not NO_VALUE and literal(value):
+                return ast.copy_location(_as_literal(value), node)
+        return super().visit(node)
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
@@ -87,24 +159,24 @@ class _HostExpr(ast.NodeTransformer):
         return node
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
-        if is_self(node.value):
-            value = getattr(self.model, node.attr)
-            if not _literal(value):
-                raise RewriteError(f"{self.src.where(node)}: the host code needs self.{node.attr} "
-                                   f"({type(value).__name__}), which cannot be written into a module without torch")
-            return ast.parse(repr(value), mode="eval").body
+        if any(is_self(n) for n in ast.walk(node.value)) or is_self(node.value):
+            value = static_value(node, self.model, self.globals)
+            if value is not NO_VALUE and module_like(value):
+                return ast.copy_location(_as_literal(structure(value)), node)
+            what = "a tensor, or not set in __init__" if value is NO_VALUE else type(value).__name__
+            raise RewriteError(f"{self.src.where(node)}: the host code needs {ast.unparse(node)} ({what}), which "
+                               "cannot be written into a module without torch; compute with it in tensor code "
+                               "(a condition on it becomes part of a subgraph) or make it a Python constant")
         self.generic_visit(node)
         return node
 
 
-def _literal(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
+def _as_literal(value: Any) -> ast.expr:
     if isinstance(value, (tuple, list)):
-        return all(_literal(v) for v in value)
+        return ast.Tuple([_as_literal(v) for v in value], ast.Load())
     if isinstance(value, dict):
-        return all(_literal(k) and _literal(v) for k, v in value.items())
-    return False
+        return ast.Dict([_as_literal(k) for k in value], [_as_literal(v) for v in value.values()])
+    return ast.Constant(value)
 
 
 class Rewriter:
@@ -113,6 +185,8 @@ class Rewriter:
         self.segments: dict[str, Segment] = {}
         self.branches: dict[int, str] = {}   # branch id -> where
         self.counter = 0
+        _InPlace(self).visit(fn)
+        self.drop_dead(fn)
         self.read_anywhere: dict[str, int] = {}
         for n in ast.walk(fn):
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
@@ -221,6 +295,77 @@ class Rewriter:
         flush()
         return out
 
+    def drop_dead(self, fn: ast.FunctionDef) -> None:
+        """Remove tensor statements whose results nothing reads (DyCL removes dead variables too),
+        until none is left: a later subgraph must not need a tensor an earlier one never returned."""
+        while True:
+            loads: dict[str, int] = {}
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                    loads[n.id] = loads.get(n.id, 0) + 1
+            dropped = False
+            for parent in ast.walk(fn):
+                for attr in ("body", "orelse"):
+                    stmts = getattr(parent, attr, None)
+                    if not isinstance(stmts, list) or not stmts or not isinstance(stmts[0], ast.stmt):
+                        continue
+                    keep = [st for st in stmts if not self.is_dead(st, loads)]
+                    if len(keep) != len(stmts):
+                        dropped = True
+                        stmts[:] = keep or [ast.copy_location(ast.Pass(), stmts[0])]
+            if not dropped:
+                return
+
+    def is_dead(self, stmt: ast.stmt, loads: dict[str, int]) -> bool:
+        if not isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)) or not self.is_tensor_stmt(stmt):
+            return False
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        names = []
+        for t in targets:
+            if isinstance(t, ast.Subscript):  # a partial update of a tensor: dead when the tensor is
+                base = root(t)
+                if not isinstance(base, ast.Name):
+                    return False
+                names.append(base.id)
+                continue
+            if not isinstance(t, (ast.Name, ast.Tuple, ast.List)):
+                return False
+            names += stored_names(t)
+        own: dict[str, int] = {}
+        for n in ast.walk(stmt):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                own[n.id] = own.get(n.id, 0) + 1
+        return bool(names) and all(loads.get(n, 0) == own.get(n, 0) for n in names)
+
+    def out_of_place(self, stmt: ast.stmt) -> ast.stmt:
+        """``t.add_(u)`` on a tensor becomes ``t = t.add(u)``, so that the update is an output of its
+        subgraph like any assignment (``t += u`` already is)."""
+        if not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+                and isinstance(stmt.value.func, ast.Attribute)):
+            return stmt
+        call, func = stmt.value, stmt.value.func
+        method, target = func.attr, func.value
+        if not (method.endswith("_") and not method.startswith("_") and self.kinds.expr(target) == TENSOR
+                and isinstance(root(target), ast.Name) and isinstance(target, (ast.Name, ast.Subscript))):
+            return stmt
+        base = method[:-1]
+        if base == "zero" and not call.args:
+            value = ast.parse("torch.zeros_like(__t)", mode="eval").body
+        elif base == "fill" and len(call.args) == 1:
+            value = ast.parse("torch.full_like(__t, __v)", mode="eval").body
+            value.args[1] = call.args[0]
+        elif base == "copy" and len(call.args) == 1:
+            value = ast.parse("__v.to(__t.dtype).expand_as(__t).clone()", mode="eval").body
+            value.func.value.func.value.func.value = call.args[0]
+        elif hasattr(torch.Tensor, base):
+            value = ast.Call(ast.Attribute(copy.deepcopy(target), base, ast.Load()), call.args, call.keywords)
+        else:
+            return stmt
+        value = _Substitute({"__t": target}).visit(value)
+        store = copy.deepcopy(target)
+        store.ctx = ast.Store()
+        return ast.copy_location(ast.Assign([store], value), stmt)
+
     def indexes_with(self, stmt: ast.stmt, pending: list[ast.stmt]) -> bool:
         """Whether `stmt` indexes a ModuleList with a tensor that `pending` computes."""
         written = {n for p in pending for t in ast.walk(p) if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store)
@@ -255,7 +400,13 @@ class Rewriter:
         if stmt.orelse:
             raise RewriteError(f"{self.src.where(stmt)}: for ... else is not supported")
         seq, index_name, item = None, None, None
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Attribute) and it.func.attr in ("keys", "items",
+                                                                                               "values") \
+                and not it.args and self.kinds.expr(it.func.value) == MODULE:
+            return self.dict_loop(stmt, it.func.value, it.func.attr)
         if self.kinds.expr(it) == MODULE:
+            if isinstance(self.resolve_module(it, stmt), (dict, nn.ModuleDict)):
+                return self.dict_loop(stmt, it, "keys")
             seq, item = it, target
         elif is_call(it, "enumerate") and it.args and self.kinds.expr(it.args[0]) == MODULE:
             seq = it.args[0]
@@ -277,27 +428,53 @@ class Rewriter:
                       body=self.block(body), orelse=[])
         return ast.copy_location(new, stmt)
 
-    def resolve_module(self, node: ast.expr, stmt: ast.stmt) -> nn.Module:
-        if isinstance(node, ast.Attribute) and is_self(node.value):
-            return getattr(self.model, node.attr)
+    def dict_loop(self, stmt: ast.For, container: ast.expr, how: str) -> ast.stmt:
+        """A loop over a dict of modules (or its keys, values, items): a host loop over its keys."""
+        keys = list(self.resolve_module(container, stmt).keys())
+        target = stmt.target
+        if how == "keys":
+            key = target
+        elif how == "items":
+            if not (isinstance(target, ast.Tuple) and len(target.elts) == 2 and isinstance(target.elts[1], ast.Name)):
+                raise RewriteError(f"{self.src.where(stmt)}: unpack .items() of modules into two names, "
+                                   "`for name, module in ...:`")
+            key, item = target.elts
+        else:
+            key, item = ast.Name(self.fresh("k"), ast.Store()), target
+        if how != "keys":
+            if not isinstance(item, ast.Name):
+                raise RewriteError(f"{self.src.where(stmt)}: loop over modules into a single name")
+            self.kinds.aliases[item.id] = ast.Subscript(copy.deepcopy(container), ast.Name(key.id, ast.Load()),
+                                                         ast.Load())
+            self.kinds.kind[item.id] = MODULE
+        for n in stored_names(key):
+            self.kinds.kind[n] = HOST
+        new = ast.For(target=key, iter=_as_literal(tuple(keys)), body=self.block(list(stmt.body)), orelse=[])
+        return ast.copy_location(new, stmt)
+
+    def resolve_module(self, node: ast.expr, stmt: ast.stmt) -> Any:
         if isinstance(node, ast.Name) and node.id in self.kinds.aliases:
             return self.resolve_module(self.kinds.aliases[node.id], stmt)
-        raise RewriteError(f"{self.src.where(stmt)}: cannot tell which modules this loop runs over")
+        value = static_value(node, self.model, self.kinds.globals)
+        if value is NO_VALUE or not module_like(value):
+            raise RewriteError(f"{self.src.where(stmt)}: cannot tell which modules this loop runs over; loop over "
+                               "an attribute set in __init__ (self.layers), or over range(len(self.layers))")
+        return value
 
     def host_expr(self, node: ast.expr) -> ast.expr:
-        return _HostExpr(self.model, self.src).visit(copy.deepcopy(node))
+        return _HostExpr(self.model, self.src, self.kinds.globals).visit(copy.deepcopy(node))
 
     def host_stmt(self, stmt: ast.stmt) -> ast.stmt:
         for n in ast.walk(stmt):
             if isinstance(n, ast.Name) and self.kinds.kind.get(n.id) == MODULE:
                 raise RewriteError(f"{self.src.where(stmt)}: the host code cannot use the module {n.id}")
-        return _HostExpr(self.model, self.src).visit(copy.deepcopy(stmt))
+        return _HostExpr(self.model, self.src, self.kinds.globals).visit(copy.deepcopy(stmt))
 
     def segment(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
         sid = f"s{len(self.segments)}"
         seg = Segment(sid, stmts, lineno=getattr(stmts[0], "lineno", 0))
-        body = [_StripScalars(self.kinds).visit(_InlineAliases(self.kinds.aliases).visit(copy.deepcopy(s)))
-                for s in stmts]
+        body = [_TensorLogic(self.kinds).visit(_StripScalars(self.kinds).visit(
+            _InlineAliases(self.kinds.aliases).visit(copy.deepcopy(s)))) for s in stmts]
         module = ast.Module(body, [])
         free, assigned = _free_and_assigned(body)
         index_vars = set()
@@ -325,8 +502,11 @@ class Rewriter:
             if name.startswith("__") or name in free or self.read_anywhere.get(name, 0) > inside:
                 seg.outputs.append(name)
         if not seg.outputs:
-            raise RewriteError(f"{self.src.where(stmts[0])}: these statements compute nothing used later "
-                               "(in-place updates of tensors are not supported; assign the result)")
+            return []  # dead code: nothing these statements compute is read later (DyCL drops it too)
+        # A partial update (`t[:, 0] = ...`) of an input works on a copy: the caller's tensor stays.
+        updated = [i for i in seg.inputs if any(isinstance(t, ast.Subscript) and isinstance(root(t), ast.Name)
+                                                and root(t).id == i for st in body for t in _targets(st))]
+        module.body[:0] = [ast.parse(f"{i} = {i}.clone()").body[0] for i in updated]
         args = ", ".join(["self", *seg.inputs] + (["*", *seg.params] if seg.params else []))
         ret = "return (" + "".join(f"_as_tensor({o}), " for o in seg.outputs) + ")"
         seg.source = f"def _seg_{sid}({args}):\n" + textwrap.indent(ast.unparse(module) + "\n" + ret, "    ") + "\n"
@@ -339,6 +519,12 @@ class Rewriter:
 
 
 
+def _targets(stmt: ast.stmt) -> list[ast.expr]:
+    if isinstance(stmt, ast.Assign):
+        return list(stmt.targets)
+    return [stmt.target] if isinstance(stmt, (ast.AugAssign, ast.AnnAssign)) else []
+
+
 def _free_and_assigned(body: list[ast.stmt]) -> tuple[list[str], list[str]]:
     """The names `body` reads before writing them (its inputs), and the names it writes, in order."""
     assigned: list[str] = []
@@ -346,8 +532,8 @@ def _free_and_assigned(body: list[ast.stmt]) -> tuple[list[str], list[str]]:
     for s in body:
         reads = names_read(s.value) if isinstance(s, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr)) \
             and s.value is not None else names_read(s)
-        if isinstance(s, ast.AugAssign):
-            reads += names_read(s.target)
+        if isinstance(s, ast.AugAssign):  # `y += 1` reads y first
+            reads += names_read(s.target) + stored_names(s.target)
         for name in reads:
             if name not in assigned and name not in free:
                 free.append(name)

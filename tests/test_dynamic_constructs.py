@@ -1,0 +1,256 @@
+"""Constructs of published dynamic networks' code that `rewrite` must split: module-structure facts
+in host code (``len(self.layers)``, ``len(self.blocks[g])``, ``hasattr``, flags set in
+``__init__``), plain dicts of modules, ``getattr`` with a computed name, dead tensor code and
+in-place updates. Each network is rewritten, saved, reloaded on ONNX Runtime and compared with
+eager PyTorch on fresh inputs, with every branch taken."""
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestnas.compile.bundle import tolerance
+from nestnas.compile.dynamic import CoverageWarning, RewriteError, load_dynamic, rewrite
+
+
+class LenLoop(nn.Module):
+    """Issue snippet 1: the length of a ModuleList in a loop header, exit on a tensor condition."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        for i in range(len(self.layers)):
+            x = self.layers[i](x)
+            if x.max() > 1.0:
+                return x
+        return x
+
+
+class Structure(nn.Module):
+    """Nested groups (``len(self.blocks[g])``), ``hasattr``, ``is not None``, a flag and a training
+    branch that keeps tensors in a list (dead in eval mode, so never split)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.ModuleList(nn.Linear(4, 4) for _ in range(n)) for n in (1, 3, 2)])
+        self.downsample = None
+        self.proj = nn.Linear(4, 4)
+        self.use_proj = True
+        self.exits_at = [0, 2]
+        self.threshold = 0.0
+
+    def forward(self, x):
+        outs = []
+        for g in range(len(self.blocks)):
+            for i in range(len(self.blocks[g])):
+                x = torch.tanh(self.blocks[g][i](x))
+            if self.training:
+                outs.append(x)
+            if g in self.exits_at and x.sum() > self.threshold:
+                return x * 2
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if hasattr(self, "proj") and self.use_proj:
+            x = self.proj(x)
+        if not hasattr(self, "missing"):
+            x = x + 1
+        return x
+
+
+class DictMembership(nn.Module):
+    """Issue snippet 2: a membership test on a plain dict of modules, and a loop over its items."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0, self.b1 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.attr_layers = {"b0": self.b0, "b1": self.b1}
+
+    def forward(self, x):
+        for i in range(3):
+            if "b{}".format(i) in self.attr_layers:
+                x = self.attr_layers["b{}".format(i)](x)
+        for name, layer in self.attr_layers.items():
+            if x.mean() > 0 and name != "b9":
+                x = layer(x)
+        return x
+
+
+class SkipNetGetattr(nn.Module):
+    """SkipNet's code names its blocks ``group{g}_layer{i}`` and fetches them with getattr."""
+
+    def __init__(self, groups=(2, 2)):
+        super().__init__()
+        self.num_layers = list(groups)
+        for g, n in enumerate(groups):
+            for i in range(n):
+                setattr(self, "group{}_layer{}".format(g, i), nn.Linear(4, 4))
+                setattr(self, "group{}_gate{}".format(g, i), nn.Linear(4, 1))
+
+    def forward(self, x):
+        for g in range(len(self.num_layers)):
+            for i in range(self.num_layers[g]):
+                mask = torch.sigmoid(getattr(self, "group{}_gate{}".format(g, i))(x))
+                if mask.item() > 0.5:
+                    x = F.relu(getattr(self, "group{}_layer{}".format(g, i))(x)) + x
+        return x
+
+
+class DeadAndInPlace(nn.Module):
+    """Issue snippet 3: ``mask_list += ...`` never read (a segment of dead code after a branch),
+    and in-place updates of tensors read later."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        mask_list = torch.zeros(4)
+        y = self.f(x)
+        mask = (y > 0).float()
+        if y.sum() > 0:
+            y = self.g(y)
+        mask_list += mask.reshape([-1])
+        y += 1.0
+        y.add_(x)
+        y.clamp_(min=-2.0)
+        y[:, 0].mul_(3.0)
+        return y
+
+
+def _check(model, inputs, fresh, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
+        program = rewrite(model, inputs)
+    assert program.coverage() == 1.0
+    compiled = load_dynamic(program.save(tmp_path / "b", backends=("onnxruntime",)), "onnxruntime")
+    with torch.no_grad():
+        for x in fresh:
+            want = model(x).numpy()
+            got = compiled(x.numpy())
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= tolerance(want)
+    return program
+
+
+def _inputs(n, seed, scales=(0.1, 1.0, 4.0)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 4, generator=g) * scales[i % len(scales)] for i in range(n)]
+
+
+def test_len_of_a_module_list_in_a_loop_header_is_a_constant(tmp_path):
+    program = _check(LenLoop().eval(), _inputs(30, 0), _inputs(30, 1), tmp_path)
+    assert "range(3)" in program.host_source and "self" not in program.host_source
+
+
+def test_structure_facts_are_written_into_the_host_code(tmp_path):
+    torch.manual_seed(0)
+    model = Structure().train()  # rewrite decides self.training as the model runs: eval
+    inputs = _inputs(40, 2)
+    model.eval()
+    with torch.no_grad():
+        model.threshold = float(np.median([model.blocks[0][0](x).tanh().sum() for x in inputs]))
+    program = _check(model, inputs, _inputs(40, 3), tmp_path)
+    host = program.host_source
+    assert "(1, 3, 2)" not in host and "range(3)" in host and "outs.append" not in host
+    assert "hasattr" not in host and "downsample" not in host
+
+
+def test_a_dict_of_modules_is_tested_and_looped_over_in_host_code(tmp_path):
+    program = _check(DictMembership().eval(), _inputs(30, 4), _inputs(30, 5), tmp_path)
+    assert "{'b0': '<Linear>', 'b1': '<Linear>'}" in program.host_source
+    assert "for name in ('b0', 'b1')" in program.host_source
+
+
+def test_getattr_with_a_computed_name_picks_a_module_per_specialisation(tmp_path):
+    torch.manual_seed(1)
+    model = SkipNetGetattr().eval()
+    with torch.no_grad():
+        for g in range(2):
+            for i in range(2):
+                getattr(model, f"group{g}_gate{i}").bias.zero_()
+    program = _check(model, _inputs(40, 6, (1.0,)), _inputs(20, 7, (1.0,)), tmp_path)
+    assert {r.params["g"] for r in program.records.values() if "g" in r.params} == {0, 1}
+
+
+def test_dead_tensor_code_is_removed_and_in_place_updates_become_assignments(tmp_path):
+    torch.manual_seed(2)
+    model = DeadAndInPlace().eval()
+    program = _check(model, _inputs(30, 8, (1.0,)), _inputs(30, 9, (1.0,)), tmp_path)
+    assert all("mask_list" not in seg.outputs for seg in program.segments.values())
+    assert "mask_list" not in program.host_source
+
+
+class TensorLogic(nn.Module):
+    """`and`, `not` and chained comparisons on tensors in conditions (DeeBERT, PABEE and SDN code
+    write them): a trace would freeze `bool(tensor)` into a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.f(x)
+        if y.mean() > 0 and y.max() < 1.0:
+            return y * 2
+        if not (y.sum() > -0.5):
+            return y - 1
+        if -1.0 < y.min() < -0.2 or y.max() > 2.0:
+            return y + 1
+        return y
+
+
+def test_logic_on_tensor_conditions_is_computed_in_the_subgraph(tmp_path):
+    torch.manual_seed(3)
+    model = TensorLogic().eval()
+    inputs = _inputs(60, 10, (0.3, 1.0, 3.0))
+    with torch.no_grad():  # the first example must take the first exit, so a frozen trace would show
+        first = next(x for x in inputs if (lambda y: y.mean() > 0 and y.max() < 1.0)(model.f(x)))
+    _check(model, [first, *inputs], _inputs(60, 11, (0.3, 1.0, 3.0)), tmp_path)
+
+
+class ObjectInHost(nn.Module):
+    """Shapes of buffers are constants the host may use; a Python object's method is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(3))
+        self.names = {"a": 1}
+        self.rng = random.Random(0)
+
+    def forward(self, x, k: int):
+        n = k * len(self.names) + int(self.scale.numel()) + self.scale.shape[0]
+        if self.rng.random() > 2:
+            n = 0
+        return x * n
+
+
+def test_an_object_in_host_code_is_refused_with_its_line_and_a_way_out():
+    message = (r"test_dynamic_constructs.py:\d+: `if self.rng.random\(\) > 2:`: the host code needs self.rng.random "
+               r"\(builtin_function_or_method\), which cannot be written into a module without torch; compute with "
+               r"it in tensor code")
+    with pytest.raises(RewriteError, match=message):
+        rewrite(ObjectInHost(), [(torch.randn(1, 4), 2)])
+
+
+class ShapeInHost(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(3))
+        self.names = {"a": 1}
+
+    def forward(self, x, k: int):
+        n = k * len(self.names) + int(self.scale.numel()) + self.scale.shape[0]
+        return x * n
+
+
+def test_shapes_of_buffers_are_constants_of_the_host_code():
+    x = torch.randn(1, 4)
+    program = rewrite(ShapeInHost(), [(x, 2)])
+    assert "self" not in program.host_source and "+ 3 + 3" in program.host_source
+    assert torch.equal(program.eager(x, 2), x * 8)
