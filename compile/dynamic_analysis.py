@@ -270,7 +270,8 @@ class Kinds:
         if a == b:
             return a
         if MODULE in (a, b):
-            raise RewriteError(f"{self.src.where(node)}: a name holds a module in one place and a value in another")
+            raise RewriteError(f"{self.src.where(node)}: a name holds a module in one place and a value in another; "
+                               "use two names")
         return TENSOR
 
     def bind(self, target: ast.expr, kind: str, node: ast.AST) -> None:
@@ -287,7 +288,8 @@ class Kinds:
             if self.expr(target.value) == TENSOR or kind == TENSOR:
                 if isinstance(target, ast.Attribute) and is_self(target.value):
                     raise RewriteError(f"{self.src.where(node)}: assigning to self.{target.attr} inside forward "
-                                       "is state the compiled subgraphs cannot keep")
+                                       "is state the compiled subgraphs cannot keep; keep it in a local variable (and "
+                                       "return it if the caller needs it)")
             if isinstance(target.value, ast.Name) and self.kind.get(target.value.id) == HOST and kind == TENSOR:
                 raise RewriteError(f"{self.src.where(node)}: tensors kept in a Python container cannot be "
                                    "passed between static subgraphs; keep them in separate variables")
@@ -402,7 +404,8 @@ class Kinds:
             return TENSOR if TENSOR in kinds else HOST
         if isinstance(node, (ast.JoinedStr, ast.FormattedValue, ast.Dict, ast.Set)):
             return HOST
-        raise RewriteError(f"{self.src.where(node)}: unsupported expression {type(node).__name__}")
+        raise RewriteError(f"{self.src.where(node)}: unsupported expression {type(node).__name__}; "
+                           "compute it in a separate statement")
 
 
 def is_self(node: ast.AST) -> bool:
@@ -453,15 +456,18 @@ def read_forward(model: nn.Module, examples: Sequence[tuple], method: str = "for
     try:
         src = Source(fn_obj)
     except (OSError, TypeError) as exc:
-        raise RewriteError(f"the source of {type(model).__name__}.{method} is not available ({exc})") from None
+        raise RewriteError(f"the source of {type(model).__name__}.{method} is not available ({exc}); "
+                           "define the model in a .py file") from None
     fn = ast.parse(src.text).body[0]
     if not isinstance(fn, ast.FunctionDef):
-        raise RewriteError(f"{src.where(fn)}: expected a def")
+        raise RewriteError(f"{src.where(fn)}: expected a def (a lambda or a decorated forward cannot be read)")
     fn = _FoldStatic(model, fn_obj.__globals__).visit(fn)
     if fn.args.vararg or fn.args.kwarg:
-        raise RewriteError(f"{src.where(fn)}: *args and **kwargs in forward are not supported")
+        raise RewriteError(f"{src.where(fn)}: *args and **kwargs in forward are not supported; "
+                           "name every argument")
     if fn_obj.__code__.co_freevars:
-        raise RewriteError(f"{src.where(fn)}: forward closes over local variables {fn_obj.__code__.co_freevars}")
+        raise RewriteError(f"{src.where(fn)}: forward closes over local variables "
+                           f"{fn_obj.__code__.co_freevars}; define the model class at module level")
     params = [a.arg for a in fn.args.args[1:]] + [a.arg for a in fn.args.kwonlyargs]
     arg_kinds = {}
     for i, name in enumerate(params):

@@ -75,6 +75,12 @@ class _InPlace(ast.NodeTransformer):
     def visit_Expr(self, node: ast.Expr) -> ast.AST:
         return self.rewriter.out_of_place(node)
 
+    def visit_With(self, node: ast.With) -> Any:
+        self.generic_visit(node)
+        if all(_grad_mode(item.context_expr) for item in node.items) and not any(i.optional_vars for i in node.items):
+            return node.body  # `with torch.no_grad():` changes nothing in an inference graph
+        return node
+
     def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
         # `t += u` on a tensor would write into the caller's tensor (a subgraph's input)
         if isinstance(node.target, ast.Name) and self.rewriter.kinds.expr(node.target) == TENSOR:
@@ -234,6 +240,9 @@ class Rewriter:
                 test, pre = self.condition(stmt.test, stmt)
                 pending.extend(pre)
                 flush()
+                if not stmt.orelse and all(isinstance(b, ast.Raise) for b in stmt.body):
+                    out.append(ast.copy_location(ast.If(test=test, body=self.block(stmt.body), orelse=[]), stmt))
+                    continue  # an input check: the side that raises needs no subgraph, so no coverage
                 bid = self.branch(stmt)
                 new = ast.If(test=self.host_call("__branch", [ast.Constant(bid), test]),
                              body=self.block(stmt.body) or [ast.Pass()], orelse=self.block(stmt.orelse))
@@ -241,7 +250,8 @@ class Rewriter:
                 continue
             if isinstance(stmt, ast.While):
                 if stmt.orelse:
-                    raise RewriteError(f"{self.src.where(stmt)}: while ... else is not supported")
+                    raise RewriteError(f"{self.src.where(stmt)}: while ... else is not supported; "
+                                       "set a flag before `break` and test it after the loop")
                 test, pre = self.condition(stmt.test, stmt)
                 pending.extend(pre)
                 flush()
@@ -249,7 +259,7 @@ class Rewriter:
                 if pre:
                     if any(isinstance(n, ast.Continue) for n in ast.walk(ast.Module(body, []))):
                         raise RewriteError(f"{self.src.where(stmt)}: `continue` in a while loop on a tensor "
-                                           "condition is not supported")
+                                           "condition is not supported; use an if around the rest of the body")
                     body = body + copy.deepcopy(pre)
                 bid = self.branch(stmt)
                 new = ast.While(test=self.host_call("__branch", [ast.Constant(bid), test]),
@@ -261,29 +271,15 @@ class Rewriter:
                 out.append(self.loop(stmt))
                 continue
             if isinstance(stmt, ast.Return):
-                if stmt.value is not None and self.kinds.expr(stmt.value) == TENSOR:
-                    values = stmt.value.elts if isinstance(stmt.value, ast.Tuple) else [stmt.value]
-                    names = []
-                    for v in values:
-                        if isinstance(v, ast.Name) or self.kinds.expr(v) != TENSOR:
-                            names.append(v)
-                            continue
-                        tmp = self.fresh("r")
-                        self.kinds.kind[tmp] = TENSOR
-                        pending.append(ast.copy_location(ast.Assign([ast.Name(tmp, ast.Store())], v), stmt))
-                        names.append(ast.Name(tmp, ast.Load()))
-                    flush()
-                    value = ast.Tuple(names, ast.Load()) if isinstance(stmt.value, ast.Tuple) else names[0]
-                    out.append(ast.copy_location(ast.Return(self.host_expr(value)), stmt))
-                    continue
+                new = self.return_stmt(stmt, pending)
                 flush()
-                out.append(ast.copy_location(ast.Return(self.host_expr(stmt.value) if stmt.value else None), stmt))
+                out.append(new)
                 continue
             if isinstance(stmt, (ast.Break, ast.Continue, ast.Pass)):
                 flush()
                 out.append(stmt)
                 continue
-            if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr)):
+            if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr, ast.Raise)):
                 flush()
                 out.append(self.host_stmt(stmt))
                 continue
@@ -291,9 +287,27 @@ class Rewriter:
                 flush()
                 continue  # checks of the eager model; shapes are fixed per subgraph
             raise RewriteError(f"{self.src.where(stmt)}: {type(stmt).__name__} statements are not supported "
-                               "in a forward to be split into static subgraphs")
+                               "in a forward to be split into static subgraphs; move this code into a submodule "
+                               "called from forward (its tensor code is then traced whole)")
         flush()
         return out
+
+    def return_stmt(self, stmt: ast.Return, pending: list[ast.stmt]) -> ast.stmt:
+        """The host's return; tensor expressions it returns are computed by the pending segment."""
+        if stmt.value is None or self.kinds.expr(stmt.value) != TENSOR:
+            return ast.copy_location(ast.Return(self.host_expr(stmt.value) if stmt.value else None), stmt)
+        values = stmt.value.elts if isinstance(stmt.value, ast.Tuple) else [stmt.value]
+        names = []
+        for v in values:
+            if isinstance(v, ast.Name) or self.kinds.expr(v) != TENSOR:
+                names.append(v)
+                continue
+            tmp = self.fresh("r")
+            self.kinds.kind[tmp] = TENSOR
+            pending.append(ast.copy_location(ast.Assign([ast.Name(tmp, ast.Store())], v), stmt))
+            names.append(ast.Name(tmp, ast.Load()))
+        value = ast.Tuple(names, ast.Load()) if isinstance(stmt.value, ast.Tuple) else names[0]
+        return ast.copy_location(ast.Return(self.host_expr(value)), stmt)
 
     def drop_dead(self, fn: ast.FunctionDef) -> None:
         """Remove tensor statements whose results nothing reads (DyCL removes dead variables too),
@@ -398,7 +412,8 @@ class Rewriter:
         it, target = stmt.iter, stmt.target
         body = list(stmt.body)
         if stmt.orelse:
-            raise RewriteError(f"{self.src.where(stmt)}: for ... else is not supported")
+            raise RewriteError(f"{self.src.where(stmt)}: for ... else is not supported; "
+                               "set a flag before `break` and test it after the loop")
         seq, index_name, item = None, None, None
         if isinstance(it, ast.Call) and isinstance(it.func, ast.Attribute) and it.func.attr in ("keys", "items",
                                                                                                "values") \
@@ -411,13 +426,15 @@ class Rewriter:
         elif is_call(it, "enumerate") and it.args and self.kinds.expr(it.args[0]) == MODULE:
             seq = it.args[0]
             if not (isinstance(target, ast.Tuple) and len(target.elts) == 2):
-                raise RewriteError(f"{self.src.where(stmt)}: unpack enumerate(...) into two names")
+                raise RewriteError(f"{self.src.where(stmt)}: unpack enumerate(...) into two names, "
+                                   "`for i, module in enumerate(...):`")
             index_name, item = target.elts[0], target.elts[1]
         if seq is None:  # a host loop (range, a host sequence): kept as it is
             new = ast.For(target=target, iter=self.host_expr(it), body=self.block(body), orelse=[])
             return ast.copy_location(new, stmt)
         if not isinstance(item, ast.Name):
-            raise RewriteError(f"{self.src.where(stmt)}: loop over modules into a single name")
+            raise RewriteError(f"{self.src.where(stmt)}: loop over modules into a single name, "
+                               "`for module in ...:`")
         idx = index_name.id if isinstance(index_name, ast.Name) else self.fresh("i")
         self.kinds.kind[idx] = HOST
         self.kinds.aliases[item.id] = ast.Subscript(copy.deepcopy(seq), ast.Name(idx, ast.Load()), ast.Load())
@@ -443,7 +460,8 @@ class Rewriter:
             key, item = ast.Name(self.fresh("k"), ast.Store()), target
         if how != "keys":
             if not isinstance(item, ast.Name):
-                raise RewriteError(f"{self.src.where(stmt)}: loop over modules into a single name")
+                raise RewriteError(f"{self.src.where(stmt)}: loop over modules into a single name, "
+                               "`for module in ...:`")
             self.kinds.aliases[item.id] = ast.Subscript(copy.deepcopy(container), ast.Name(key.id, ast.Load()),
                                                          ast.Load())
             self.kinds.kind[item.id] = MODULE
@@ -467,7 +485,8 @@ class Rewriter:
     def host_stmt(self, stmt: ast.stmt) -> ast.stmt:
         for n in ast.walk(stmt):
             if isinstance(n, ast.Name) and self.kinds.kind.get(n.id) == MODULE:
-                raise RewriteError(f"{self.src.where(stmt)}: the host code cannot use the module {n.id}")
+                raise RewriteError(f"{self.src.where(stmt)}: the host code cannot use the module {n.id}; call "
+                                   "it on tensors (that becomes a subgraph), or test facts of it in __init__")
         return _HostExpr(self.model, self.src, self.kinds.globals).visit(copy.deepcopy(stmt))
 
     def segment(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
@@ -485,7 +504,8 @@ class Rewriter:
             if name == "self" or name not in self.kinds.kind:
                 continue  # globals (torch, F, ...) resolve in the model's module
             if self.kinds.kind[name] == MODULE:
-                raise RewriteError(f"{self.src.where(stmts[0])}: module {name} could not be resolved")
+                raise RewriteError(f"{self.src.where(stmts[0])}: module {name} could not be resolved; "
+                               "use an attribute set in __init__ (self.x), or a loop over one")
             if name in index_vars:
                 seg.params.append(name)
                 if self.kinds.kind[name] == TENSOR:
@@ -517,6 +537,13 @@ class Rewriter:
         ).body[0]
         return [ast.copy_location(call, stmts[0])]
 
+
+
+def _grad_mode(expr: ast.expr) -> bool:
+    """`torch.no_grad()`, `torch.inference_mode()` and the like, however torch was imported."""
+    return isinstance(expr, ast.Call) and isinstance(expr.func, (ast.Attribute, ast.Name)) and (
+        expr.func.attr if isinstance(expr.func, ast.Attribute) else expr.func.id) in (
+        "no_grad", "inference_mode", "enable_grad", "set_grad_enabled")
 
 
 def _targets(stmt: ast.stmt) -> list[ast.expr]:
@@ -558,7 +585,7 @@ def host_source(fn: ast.FunctionDef, body: list[ast.stmt], model: nn.Module, src
             ast.literal_eval(d)
         except ValueError:
             raise RewriteError(f"{src.where(fn)}: default values of forward's arguments must be literals "
-                               "to be written into the host module") from None
+                               "to be written into the host module; use None and set the value inside") from None
     new = ast.FunctionDef(name="forward", args=args, body=body or [ast.Pass()], decorator_list=[], returns=None)
     ast.fix_missing_locations(new)
     local = {a.arg for a in args.args + args.kwonlyargs} | {n for s in body for n in stored_names(s)}
@@ -566,6 +593,7 @@ def host_source(fn: ast.FunctionDef, body: list[ast.stmt], model: nn.Module, src
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in local | HOST_NAMES \
                 and not hasattr(builtins, n.id):
             raise RewriteError(f"{src.where(n)}: the host code uses {n.id!r}, which the host module does not "
-                               f"have (it has only {sorted(HOST_NAMES)} and builtins)")
+                               f"have (it has only {sorted(HOST_NAMES)} and builtins); compute it in tensor "
+                               "code, or pass the value as an argument of forward")
     return ast.unparse(new) + "\n"
 

@@ -5,6 +5,7 @@ in-place updates. Each network is rewritten, saved, reloaded on ONNX Runtime and
 eager PyTorch on fresh inputs, with every branch taken."""
 
 import random
+import re
 import warnings
 
 import numpy as np
@@ -254,3 +255,82 @@ def test_shapes_of_buffers_are_constants_of_the_host_code():
     program = rewrite(ShapeInHost(), [(x, 2)])
     assert "self" not in program.host_source and "+ 3 + 3" in program.host_source
     assert torch.equal(program.eager(x, 2), x * 8)
+
+
+class NoGradAndRaise(nn.Module):
+    """A gate computed under `torch.no_grad()` and an input check that raises, as papers' code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.f = nn.Linear(4, 1), nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.dim() != 2:
+            raise ValueError("expected a batch of vectors, got {} dimensions".format(x.dim()))
+        with torch.no_grad():
+            g = torch.sigmoid(self.gate(x))
+        if g.item() > 0.5:
+            x = self.f(x)
+        return x
+
+
+def test_no_grad_blocks_are_inlined_and_host_checks_raise_in_the_host(tmp_path):
+    torch.manual_seed(4)
+    model = NoGradAndRaise().eval()
+    with torch.no_grad():
+        model.gate.bias.zero_()
+    _check(model, _inputs(30, 12, (1.0,)), _inputs(30, 13, (1.0,)), tmp_path)
+    compiled = load_dynamic(tmp_path / "b", "onnxruntime")
+    with pytest.raises(ValueError, match="expected a batch of vectors, got 3 dimensions"):
+        compiled(np.zeros((1, 1, 4), np.float32))
+
+
+class KeepsState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.last = self.f(x)
+        return self.last
+
+
+class TryExcept(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        try:
+            y = self.f(x)
+        except RuntimeError:
+            y = x
+        return y
+
+
+class WhileElse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.f(x)
+            if x.sum() > 0:
+                break
+        else:
+            x = -x
+        return x
+
+
+@pytest.mark.parametrize("model, code, hint", [
+    (KeepsState(), "self.last = self.f(x)", "keep it in a local variable"),
+    (TryExcept(), "try:", "move this code into a submodule"),
+    (WhileElse(), "for _ in range(3):", "set a flag before `break`"),
+])
+def test_constructs_that_cannot_be_split_name_file_line_code_and_what_to_write(model, code, hint):
+    with pytest.raises(RewriteError) as err:
+        rewrite(model, [torch.randn(1, 4)])
+    message = str(err.value)
+    assert re.match(r".*test_dynamic_constructs.py:\d+: `" + re.escape(code) + "`: ", message), message
+    assert hint in message and "\n" not in message
