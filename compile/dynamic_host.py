@@ -70,6 +70,14 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+class LoadError(RuntimeError):
+    """A subgraph the runtime cannot load (`key` names it, `why` is the runtime's first line)."""
+
+    def __init__(self, key, exc):
+        self.key, self.why = key, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        super().__init__(f"subgraph {key}: {self.why}")
+
+
 class Subgraphs:
     """Every compiled subgraph of a saved program, callable by `key`."""
 
@@ -80,7 +88,12 @@ class Subgraphs:
         self.sums = manifest["artifacts"]
         self.threads = threads or manifest.get("threads") or 1
         self.session_options = session_options
-        self.calls = {k: self._load(entry) for k, entry in manifest["subgraphs"].items()}
+        self.calls = {}
+        for k, entry in manifest["subgraphs"].items():
+            try:
+                self.calls[k] = self._load(entry)
+            except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types
+                raise LoadError(k, exc) from exc
 
     def read(self, name):
         """The bytes of artifact `name`, refused unless they match the manifest's checksum."""

@@ -14,9 +14,10 @@ import os
 import shutil
 import tempfile
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,10 +25,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from nestnas.compile import dynamic_host
-from nestnas.compile.dynamic_analysis import RewriteError
+from nestnas.compile.dynamic_analysis import RewriteError, Source
 from nestnas.compile.dynamic_host import BACKENDS, FORMAT, HOST_FILE, MANIFEST, PROGRAM_FILE, VERSION
 from nestnas.compile.dynamic_rewrite import Segment
 from nestnas.compile.signing import ArtifactName, Sha256, Signature, Strict
+from nestnas.compile.tuning import TuneOptions
 from nestnas.errors import ArtifactError, ConfigError, NestnasError
 from nestnas.fileio import check_output, write_bytes, write_error
 
@@ -40,6 +42,7 @@ class CoverageWarning(UserWarning):
 
 def as_tensor(v: Any) -> torch.Tensor:
     return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+
 
 
 @dataclass
@@ -63,12 +66,13 @@ class DynamicProgram:
     """A dynamic model split into static subgraphs and a host function (see `rewrite`).
 
     `namespace` holds the compiled segment functions (``_seg_<id>``, run by torch while recording);
-    the host function runs through the same runtime helpers as a saved program."""
+    the host function runs through the same runtime helpers as a saved program; `src` (the
+    forward's source) lets errors name a segment's lines."""
 
     def __init__(self, model: nn.Module, segments: dict[str, Segment], host: str, branches: dict[int, str],
-                 namespace: dict[str, Any]):
+                 namespace: dict[str, Any], src: Source | None = None):
         self.model, self.segments, self.host_source, self.branches = model, segments, host, branches
-        self.namespace = namespace
+        self.namespace, self.src = namespace, src
         self.records: dict[str, _Record] = {}
         self.taken: dict[int, set[bool]] = {b: set() for b in branches}
         self.forward = dynamic_host.program_forward(host, "<nestnas host>", branch_hook=self._branch)
@@ -104,13 +108,33 @@ class DynamicProgram:
         sides = sum(len(s) for s in self.taken.values())
         return sides / (2 * len(self.taken)) if self.taken else 1.0
 
+    def where(self, segment: str) -> str:
+        """A segment's lines in the model's source, for messages: `file:first-last: `code``."""
+        seg = self.segments[segment]
+        lines = [n.lineno for n in seg.stmts if hasattr(n, "lineno")] or [seg.lineno]
+        last = max([getattr(n, "end_lineno", None) or n.lineno for n in seg.stmts if hasattr(n, "lineno")] or lines)
+        if self.src is None:
+            return f"lines {min(lines)}-{last} of forward"
+        first = min(lines)
+        code = self.src.lines[first - 1].strip() if 0 < first <= len(self.src.lines) else ""
+        span = f"{self.src.start + first - 1}" + (f"-{self.src.start + last - 1}" if last > first else "")
+        return f"{self.src.file}:{span}: `{code}`{' ...' if last > first else ''}"
+
     def save(self, out_dir: str | os.PathLike, backends: Sequence[str] = BACKENDS, threads: int = 1,
-             progress: Callable[[str, int, int], None] | None = None) -> Path:
+             progress: Callable[[str, int, int], None] | None = None, tune: TuneOptions | None = None) -> Path:
         """Export every recorded subgraph (ONNX; TVM library), write the host runtime, the host
         function and a checksummed manifest, and check every subgraph on every backend against
-        torch, through the runtime; the folder appears only when complete."""
+        torch, through the runtime; the folder appears only when complete.
+
+        `tune` (as for `export_bundles`; default: untuned) tunes the TVM subgraphs with one
+        MetaSchedule database: the workloads of every specialisation are deduplicated (siblings
+        share most of them) and those the database already holds, from an earlier save or export
+        given the same `tune.database`, are not tuned again. Without `tune.database` the
+        database is temporary. A runtime failing on a subgraph (ONNX Runtime refusing it, TVM
+        failing to import or build it) is an ArtifactError naming the subgraph and its lines."""
         from nestnas.compile.bundle import staged_folder
 
+        tune = tune or TuneOptions(trials=0)
         for b in backends:
             if b not in BACKENDS:
                 raise ConfigError(f"unknown backend {b!r}; allowed: {list(BACKENDS)}")
@@ -128,20 +152,26 @@ class DynamicProgram:
                     wants[rec.key] = (tuple(t.numpy() for t in rec.example), want)
                     if progress:
                         progress("subgraphs", i + 1, len(self.records))
+                tuning = None
+                if "tvm" in backends:
+                    tuning = _build_tvm(tmp, table, threads, tune, self._where_key, progress)
                 shutil.copyfile(RUNTIME_SOURCE, tmp / HOST_FILE)
                 write_bytes(tmp / PROGRAM_FILE, self.host_source.encode())
                 manifest = {"format": FORMAT, "version": VERSION, "model": type(self.model).__name__,
                             "backends": list(backends), "threads": threads, "subgraphs": table,
                             "segments": {s.id: s.source for s in self.segments.values()},
-                            "branch_coverage": self.coverage(), "artifacts": _checksums(tmp)}
+                            "branch_coverage": self.coverage(), "tuning": tuning, "artifacts": _checksums(tmp)}
                 _write_manifest(tmp / MANIFEST, manifest)
                 for backend in backends:
-                    _check(tmp, backend, threads, wants)
+                    _check(tmp, backend, threads, wants, self._where_key)
         except OSError as exc:  # a write in the staged folder, or a name the system refuses
             if isinstance(exc, NestnasError):
                 raise
             raise write_error(final, exc) from None
         return final
+
+    def _where_key(self, key: str) -> str:
+        return self.where(self.records[key].segment)
 
     def replace_host(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Write this program's host function over a saved one whose subgraphs it reuses (the same
@@ -165,17 +195,27 @@ class DynamicProgram:
         """One subgraph's files and manifest entry, and torch's outputs on its example."""
         import onnx
 
-        from nestnas.compile.onnx_export import export_onnx
+        from nestnas.compile.dynamic_export import exportable, no_empty_constants
+        from nestnas.compile.onnx_export import check_onnx, export_onnx
 
         seg = self.segments[rec.segment]
-        module = _SegmentModule(self.model, self.namespace[f"_seg_{rec.segment}"], rec.params).eval()
-        names = [f"in{j}" for j in range(len(rec.example))]
+        fn = self.namespace[f"_seg_{rec.segment}"]
+        example = rec.example
+        if not example:  # constants only (`seq = torch.zeros(1, 0)`): the exporter needs an input, then drops it
+            fn, example = (lambda model, _unused, _fn=fn, **params: _fn(model, **params)), (torch.zeros(1),)
+        module = _SegmentModule(self.model, fn, rec.params).eval()
+        names = [f"in{j}" for j in range(len(example))]
+        # Copies: a segment may update an input in place (nn.SiLU(inplace=True)), and the recorded
+        # example is what the check feeds the exported graph.
         with torch.no_grad():
-            want = tuple(t.numpy() for t in module(*rec.example))
+            want = tuple(t.numpy() for t in module(*[t.clone() for t in example]))
         onnx_path = folder / f"{stem}.onnx"
         try:
-            export_onnx(module, tuple(rec.example), onnx_path, exporter="torchscript", input_names=names,
-                        output_names=[f"out{j}" for j in range(len(seg.outputs))])
+            with exportable(self.model):
+                export_onnx(module, tuple(t.clone() for t in example), onnx_path, exporter="torchscript",
+                            input_names=names, output_names=[f"out{j}" for j in range(len(seg.outputs))])
+            if no_empty_constants(onnx_path):
+                check_onnx(onnx_path)
         except ArtifactError as exc:
             raise RewriteError(f"segment {rec.segment} (line {seg.lineno} of forward) failed to export to "
                                f"ONNX: {exc}") from None
@@ -188,20 +228,58 @@ class DynamicProgram:
                  "feeds": feeds, "outputs": seg.outputs, "dtypes": [str(rec.example[i].numpy().dtype) for i in feeds],
                  "shapes": [list(rec.example[i].shape) for i in feeds]}
         if "tvm" in backends:
-            entry["tvm"] = f"{stem}.so"
-            _build_tvm(onnx_path, folder / entry["tvm"], entry, threads)
+            entry["tvm"] = f"{stem}.so"  # built by `_build_tvm` once every subgraph is exported
         return entry, want
 
 
-def _build_tvm(onnx_path: Path, lib_path: Path, entry: dict[str, Any], threads: int) -> None:
-    from nestnas.compile.tuning import relax_module
+@contextmanager
+def _runtime_failure(key: str, where: Callable[[str], str], what: str) -> Iterator[None]:
+    """A runtime's own exception (ONNX Runtime and TVM raise their own types) as one line naming
+    the subgraph and its source lines."""
+    try:
+        yield
+    except NestnasError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the runtimes' exception types are their own
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"subgraph {key} ({where(key)}): {what} ({why})") from None
+
+
+def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tune: TuneOptions,
+               where: Callable[[str], str], progress: Callable[[str, int, int], None] | None = None
+               ) -> dict[str, Any] | None:
+    """Build every subgraph's TVM library, as bundles are built (see `tuning`): with `tune`, the
+    tasks of all subgraphs are tuned together first, each unique workload once, and each library
+    applies the database to its own tasks. Returns the tuning report (None when untuned)."""
+    from nestnas.compile.tuning import TuningDatabase, extract_tasks, prepare, relax_module
     from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
 
     tvm = require_tvm()
-    inputs = {n: (tuple(s), d) for n, s, d in zip(entry["inputs"], entry["shapes"], entry["dtypes"])}
-    mod = relax_module(onnx_path, (), "", inputs=inputs)
-    with native_warnings_dropped():
-        tvm.compile(mod, target=host_target(threads)).export_library(os.fspath(lib_path))
+    target = host_target(threads)
+    prepared = {}
+    for key, entry in table.items():
+        inputs = {n: (tuple(s), d) for n, s, d in zip(entry["inputs"], entry["shapes"], entry["dtypes"])}
+        with _runtime_failure(key, where, "TVM cannot import its ONNX graph"):
+            prepared[key] = prepare(relax_module(folder / entry["onnx"], (), "", inputs=inputs), target)
+    work = Path(tempfile.mkdtemp(prefix="nestnas-tuning-")) if tune.enabled and tune.database is None else None
+    try:
+        database, report = None, None
+        if tune.enabled:
+            database = TuningDatabase(tune.database or work)
+            report = {"trials_per_task": tune.trials, "strategy": tune.strategy,
+                      **database.tune([extract_tasks(p, target) for p in prepared.values()], tune, progress)}
+            if tune.database is None:
+                report["database"] = None  # temporary, gone after the save
+        for i, (key, mod) in enumerate(prepared.items()):
+            with _runtime_failure(key, where, "TVM cannot build it"), native_warnings_dropped():
+                executable = database.compile(mod, target) if database else tvm.compile(mod, target=target)
+                executable.export_library(os.fspath(folder / table[key]["tvm"]))
+            if progress:
+                progress("tvm build", i + 1, len(prepared))
+        return report
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _checksums(folder: Path) -> dict[str, str]:
@@ -210,19 +288,25 @@ def _checksums(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
 
 
-def _check(folder: Path, backend: str, threads: int, wants: dict[str, tuple[tuple, tuple[np.ndarray, ...]]]) -> None:
+def _check(folder: Path, backend: str, threads: int, wants: dict[str, tuple[tuple, tuple[np.ndarray, ...]]],
+           where: Callable[[str], str] = lambda key: "forward") -> None:
     """Every subgraph of a staged program, run through the host runtime on its recorded example,
     equals torch within the bundles' tolerance (relative beyond outputs of magnitude 1)."""
     from nestnas.compile.bundle import tolerance
 
-    model = dynamic_host.Model(backend, threads, folder, session_options=_session_options(backend, threads))
+    name = {"onnxruntime": "ONNX Runtime", "tvm": "TVM"}[backend]
+    try:
+        model = dynamic_host.Model(backend, threads, folder, session_options=_session_options(backend, threads))
+    except dynamic_host.LoadError as exc:
+        raise ArtifactError(f"subgraph {exc.key} ({where(exc.key)}): {name} cannot load it ({exc.why})") from None
     for key, (inputs, want) in wants.items():
-        got = model.run.calls[key](inputs)
+        with _runtime_failure(key, where, f"{name} fails to run it on its example"):
+            got = model.run.calls[key](inputs)
         for w, g in zip(want, got):
             diff = float(np.abs(w.astype(np.float64) - np.asarray(g, np.float64)).max()) if w.size else 0.0
             if np.shape(g) != w.shape or not diff <= tolerance(w):
-                raise ArtifactError(f"subgraph {key}: {backend} differs from torch (max |diff| {diff:.1e}, "
-                                    f"tolerance {tolerance(w):.1e}; shape {np.shape(g)}, torch {w.shape})")
+                raise ArtifactError(f"subgraph {key} ({where(key)}): {name} differs from torch (max |diff| "
+                                    f"{diff:.1e}, tolerance {tolerance(w):.1e}; shape {np.shape(g)}, torch {w.shape})")
 
 
 def _session_options(backend: str, threads: int | None) -> Any:
