@@ -461,7 +461,8 @@ def bench_dynamic(folder: str | os.PathLike, calls: Sequence[Call], backends: Se
     """Latency of a dynamic bundle per input on this device, on each backend: every call is
     timed on its own (at most `PER_INPUT_SECONDS`), and the medians are summarised over the
     inputs, overall and per path (the subgraphs an input ran); with how often each branch went
-    which way and how many of the compiled subgraphs the inputs used."""
+    which way, how many of the compiled subgraphs the inputs used, and on each backend after the
+    first how many inputs ran other subgraphs than on the first (``path_mismatches``)."""
     if not calls:
         raise ConfigError(f"{where}: give at least one input")
     program = open_program(folder, backends, threads, trust)
@@ -485,7 +486,7 @@ def bench_dynamic(folder: str | os.PathLike, calls: Sequence[Call], backends: Se
         rows.append({"backend": backend, "inputs": len(calls), "median_ms": median, "p10_ms": p10, "p90_ms": p90,
                      "min_ms": float(medians.min()), "max_ms": float(medians.max()),
                      "unstable_inputs": sum(not m.stable for m in ms),
-                     "path_differs_from": (None if backend == first else
+                     "path_mismatches": (None if backend == first else
                                            sum(a[0] != b[0] for a, b in zip(traces[backend], traces[first])))})
     paths: dict[tuple[str, ...], list[int]] = {}
     for i, (keys, _) in enumerate(traces[first]):

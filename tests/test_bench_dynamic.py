@@ -3,6 +3,7 @@ latency per input and per subnet, branches reported, bad input one line; and the
 export's parity check relative to the size of the outputs."""
 
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from test_bundle_trust import no_key, one_line_error, run_cli  # noqa: F401 - no_key: no user key, autouse
 
+import nestnas
 from nestnas.compile.dynamic import load_dynamic, rewrite
 from nestnas.compile.signing import KEY_ENV, KEY_FILE_ENV
 from nestnas.compile.switch import BudgetSwitch, check_subnets, export_switchable
@@ -105,9 +107,21 @@ def test_bench_a_dynamic_bundle_bad_input_is_one_line(gate, tmp_path, monkeypatc
                    "holds no tvm subgraphs")
     one_line_error(run_cli("bench", folder, "--inputs", root / "in.npz", "--calibrate", root / "in.npz"),
                    "--calibrate applies to static bundles")
-    # signed with KEY: unsigned copies need --trust, a wrong key is refused either way
+    # signed with KEY: a wrong key is refused, --trust or not; an unsigned copy needs --trust
     monkeypatch.setenv(KEY_ENV, "44" * 32)
     one_line_error(run_cli("bench", folder, "--inputs", root / "in.npz", "--trust"), "signed with another key")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(folder, unsigned)
+    manifest = json.loads((unsigned / "manifest.json").read_text())
+    (unsigned / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "signature"}))
+    one_line_error(run_cli("bench", unsigned, "--inputs", root / "in.npz"), "not signed", "--trust")
+    code, out, err = run_cli("bench", unsigned, "--inputs", root / "in.npz", "--trust", "--json")
+    assert code == 0 and json.loads(out)["signature"] == "unsigned", err
+    # a subgraph edited after export is refused before anything runs
+    (unsigned / "g001.onnx").write_bytes(b"not onnx")
+    one_line_error(run_cli("bench", unsigned, "--inputs", root / "in.npz", "--trust"), "g001.onnx",
+                   "does not match its checksum")
 
 
 def test_bench_times_every_subnet_of_a_switchable_bundle(switch):
@@ -163,7 +177,29 @@ def test_bench_a_dynamic_bundle_on_both_backends(gate, tmp_path):
     assert code == 0, err
     rows = {r["backend"]: r for r in json.loads(out)["rows"]}
     assert sorted(rows) == ["onnxruntime", "tvm"] and all(r["median_ms"] > 0 for r in rows.values())
-    assert rows["tvm"]["path_differs_from"] == 0  # every input took the same subgraphs on both
+    assert rows["tvm"]["path_mismatches"] == 0  # every input took the same subgraphs on both
     code, out, err = run_cli("bench", folder, "--inputs", gate["root"] / "in.npz", "--backend", "tvm", "--json")
     assert code == 0, err
     assert [r["backend"] for r in json.loads(out)["rows"]] == ["tvm"]
+
+
+def test_bench_of_a_switchable_manifest_of_another_shape_is_one_line(switch, tmp_path):
+    folder = tmp_path / "sw"
+    shutil.copytree(switch["folder"], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["switch"]["latencies_ms"]["onnxruntime"] = manifest["switch"]["latencies_ms"]["onnxruntime"][:1] * 3
+    manifest["switch"]["latencies_ms"]["tvm"] = [1.0]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(run_cli("bench", folder), "switchable bundle manifest", "one latency per subnet")
+
+
+def test_bench_backend_and_inputs_on_a_static_bundle(tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "static"
+    nestnas.export(torch.nn.Sequential(torch.nn.Linear(4, 4)), folder, input_shape=(1, 4), formats=("onnx",),
+                   measure=False)
+    code, out, err = run_cli("bench", folder, "--backend", "onnxruntime", "--json")
+    assert code == 0, err
+    assert [r["backend"] for r in json.loads(out)["rows"]] == ["onnxruntime"]
+    one_line_error(run_cli("bench", folder, "--backend", "tvm"), "has no tvm artifact")
+    one_line_error(run_cli("bench", folder, "--inputs", tmp_path / "x.npz"), "--inputs applies to dynamic")
