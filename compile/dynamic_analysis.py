@@ -17,6 +17,8 @@ from torch import nn
 from nestnas.errors import ConfigError
 
 TENSOR, HOST, MODULE = "tensor", "host", "module"
+TLIST = "tensor list"  # a Python list of tensors, kept by the host (`outs = []; outs.append(t)`)
+LIST_UPDATES = {"append", "extend", "insert", "clear", "reverse"}
 SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
 SHAPE_METHODS = {"size", "dim", "numel"}
 
@@ -263,6 +265,10 @@ class Kinds:
                         self.bind(t, kind, node)
                 elif isinstance(node, ast.For):
                     self.bind_loop(node)
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                        and node.func.attr in LIST_UPDATES and isinstance(node.func.value, ast.Name) \
+                        and any(self.expr(a) in (TENSOR, TLIST) for a in node.args):
+                    self.bind(node.func.value, TLIST, node)
             if self.kind == before:
                 break
 
@@ -272,6 +278,11 @@ class Kinds:
         if MODULE in (a, b):
             raise RewriteError(f"{self.src.where(node)}: a name holds a module in one place and a value in another; "
                                "use two names")
+        if TLIST in (a, b):
+            if HOST in (a, b):
+                return TLIST  # `outs = []`, then tensors appended
+            raise RewriteError(f"{self.src.where(node)}: a name holds a tensor in one place and a list of tensors "
+                               "in another; use two names")
         return TENSOR
 
     def bind(self, target: ast.expr, kind: str, node: ast.AST) -> None:
@@ -290,9 +301,11 @@ class Kinds:
                     raise RewriteError(f"{self.src.where(node)}: assigning to self.{target.attr} inside forward "
                                        "is state the compiled subgraphs cannot keep; keep it in a local variable (and "
                                        "return it if the caller needs it)")
-            if isinstance(target.value, ast.Name) and self.kind.get(target.value.id) == HOST and kind == TENSOR:
-                raise RewriteError(f"{self.src.where(node)}: tensors kept in a Python container cannot be "
-                                   "passed between static subgraphs; keep them in separate variables")
+            if isinstance(target.value, ast.Name) and self.kind.get(target.value.id) in (HOST, TLIST) \
+                    and kind == TENSOR:
+                raise RewriteError(f"{self.src.where(node)}: assigning a tensor into a Python container cannot be "
+                                   "split into static subgraphs; build a list with append, or keep the tensors in "
+                                   "separate variables")
 
     def bind_loop(self, node: ast.For) -> None:
         it = node.iter
@@ -311,11 +324,14 @@ class Kinds:
         if kind == MODULE and isinstance(static_value(it, self.model, self.globals), (dict, nn.ModuleDict)):
             self.bind(node.target, HOST, node)  # iterating a dict of modules gives its keys
             return
+        if kind == TLIST:
+            self.bind(node.target, TENSOR, node)
+            return
         if is_call(it, "enumerate") and it.args:
             inner = self.expr(it.args[0])
             if isinstance(node.target, ast.Tuple) and len(node.target.elts) == 2:
                 self.bind(node.target.elts[0], HOST, node)
-                self.bind(node.target.elts[1], MODULE if inner == MODULE else inner, node)
+                self.bind(node.target.elts[1], MODULE if inner == MODULE else TENSOR if inner == TLIST else inner, node)
                 return
         self.bind(node.target, MODULE if kind == MODULE else HOST, node)
 
@@ -350,6 +366,8 @@ class Kinds:
             base = self.expr(node.value)
             if base == MODULE:
                 return MODULE
+            if base == TLIST:
+                return TLIST if isinstance(node.slice, ast.Slice) else TENSOR
             if base == TENSOR or self.expr(node.slice) == TENSOR and not index_of_module(node, self):
                 return TENSOR
             return HOST
@@ -366,34 +384,43 @@ class Kinds:
                 owner = self.expr(func.value)
                 if owner == MODULE and func.attr in ("keys", "items", "values") and not node.args:
                     return HOST if func.attr == "keys" else MODULE
+                if owner == TLIST and func.attr in LIST_UPDATES:
+                    return HOST  # the host keeps the list
                 if owner == TENSOR:
                     return HOST if func.attr in SHAPE_METHODS else TENSOR
                 if owner == MODULE:
                     return TENSOR
                 if rooted_in_global(func, self.globals):
-                    return TENSOR if TENSOR in args or is_torch(func, self.globals) else HOST
-                return TENSOR if TENSOR in args else HOST
+                    return TENSOR if TENSOR in args or TLIST in args or is_torch(func, self.globals) else HOST
+                return TENSOR if TENSOR in args or TLIST in args else HOST
             fkind = self.expr(func)
             if fkind == MODULE:
                 return TENSOR
             if isinstance(func, ast.Name) and func.id == "len":
                 return HOST
-            return TENSOR if TENSOR in args else HOST
+            if isinstance(func, ast.Name) and func.id == "list" and args == [TLIST]:
+                return TLIST
+            return TENSOR if TENSOR in args or TLIST in args else HOST
         if isinstance(node, (ast.BinOp, ast.BoolOp, ast.Compare, ast.UnaryOp)):
             parts = [node.left, node.right] if isinstance(node, ast.BinOp) else \
                 node.values if isinstance(node, ast.BoolOp) else \
                 [node.left, *node.comparators] if isinstance(node, ast.Compare) else [node.operand]
             kinds = [self.expr(p) for p in parts]
-            return TENSOR if TENSOR in kinds else HOST
+            if isinstance(node, ast.BinOp) and TLIST in kinds and TENSOR not in kinds:
+                return TLIST  # outs + [t]
+            return TENSOR if TENSOR in kinds or TLIST in kinds and not isinstance(node, ast.BinOp) else HOST
         if isinstance(node, ast.IfExp):
             if self.expr(node.test) == TENSOR:
                 raise RewriteError(f"{self.src.where(node)}: a conditional expression on a tensor "
                                    "(`a if t else b`) cannot be split; write it as an if statement")
             kinds = {self.expr(node.body), self.expr(node.orelse)}
             return TENSOR if TENSOR in kinds else kinds.pop()
-        if isinstance(node, (ast.Tuple, ast.List)):
+        if isinstance(node, ast.List):
             kinds = [self.expr(e) for e in node.elts]
-            return TENSOR if TENSOR in kinds else HOST
+            return TLIST if TENSOR in kinds else HOST
+        if isinstance(node, ast.Tuple):
+            kinds = [self.expr(e) for e in node.elts]
+            return TENSOR if TENSOR in kinds or TLIST in kinds else HOST
         if isinstance(node, (ast.ListComp, ast.GeneratorExp, ast.DictComp, ast.SetComp, ast.Lambda)):
             if any(isinstance(n, ast.Name) and self.kind.get(n.id) == TENSOR for n in ast.walk(node)):
                 raise RewriteError(f"{self.src.where(node)}: comprehensions and lambdas over tensors cannot be "
@@ -439,6 +466,30 @@ def index_of_module(node: ast.Subscript, kinds: Kinds) -> bool:
 
 
 
+def _rename_stacked_lists(fn: ast.FunctionDef) -> None:
+    """`ids = []; ... ids.append(t) ...; ids = torch.stack(ids, 1)` (Show and Tell's sampler) gives
+    one name a list and then a tensor: from that top-level statement on, the tensor gets its own
+    name, so every name keeps one kind."""
+    appended: set[str] = set()
+    for k, stmt in enumerate(fn.body):
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name) \
+                and stmt.targets[0].id in appended and isinstance(stmt.value, ast.Call) \
+                and stmt.targets[0].id in names_read(stmt.value):
+            old = stmt.targets[0].id
+            new = f"{old}__stacked"
+            stmt.targets[0].id = new
+            for later in fn.body[k + 1:]:
+                for n in ast.walk(later):
+                    if isinstance(n, ast.Name) and n.id == old:
+                        n.id = new
+            appended.discard(old)
+            continue
+        for n in ast.walk(stmt):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in LIST_UPDATES \
+                    and isinstance(n.func.value, ast.Name):
+                appended.add(n.func.value.id)
+
+
 @dataclass
 class Forward:
     """A model's forward as read: its source, its def, the kinds of its names and the globals its
@@ -462,6 +513,7 @@ def read_forward(model: nn.Module, examples: Sequence[tuple], method: str = "for
     if not isinstance(fn, ast.FunctionDef):
         raise RewriteError(f"{src.where(fn)}: expected a def (a lambda or a decorated forward cannot be read)")
     fn = _FoldStatic(model, fn_obj.__globals__).visit(fn)
+    _rename_stacked_lists(fn)
     if fn.args.vararg or fn.args.kwarg:
         raise RewriteError(f"{src.where(fn)}: *args and **kwargs in forward are not supported; "
                            "name every argument")

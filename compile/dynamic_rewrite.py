@@ -9,16 +9,18 @@ import builtins
 import copy
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from nestnas.compile.dynamic_analysis import (
     HOST,
+    LIST_UPDATES,
     MODULE,
     NO_VALUE,
     TENSOR,
+    TLIST,
     Kinds,
     RewriteError,
     Source,
@@ -43,6 +45,7 @@ class Segment:
     id: str
     stmts: list[ast.stmt]
     inputs: list[str] = field(default_factory=list)    # tensors read
+    lists: list[str] = field(default_factory=list)     # lists of tensors read (each item an input)
     params: list[str] = field(default_factory=list)    # host values the subgraph is specialised on
     outputs: list[str] = field(default_factory=list)   # tensors written and used later
     int_params: set[str] = field(default_factory=set)  # tensors used as a ModuleList index (host int)
@@ -86,6 +89,36 @@ class _InPlace(ast.NodeTransformer):
         if isinstance(node.target, ast.Name) and self.rewriter.kinds.expr(node.target) == TENSOR:
             load = ast.Name(node.target.id, ast.Load())
             return ast.copy_location(ast.Assign([node.target], ast.BinOp(load, node.op, node.value)), node)
+        return node
+
+
+class _HoistListItems(ast.NodeTransformer):
+    """`outs.append(self.f(x))` becomes `__a = self.f(x)` (tensor code) and `outs.append(__a)` (the
+    host keeps the list); likewise the tensor items of a list literal."""
+
+    def __init__(self, rewriter: "Rewriter"):
+        self.rw = rewriter
+
+    def hoist(self, items: list[ast.expr], stmt: ast.stmt) -> list[ast.stmt]:
+        pre = []
+        for i, item in enumerate(items):
+            if not isinstance(item, ast.Name) and self.rw.kinds.expr(item) == TENSOR:
+                tmp = self.rw.fresh("a")
+                self.rw.kinds.kind[tmp] = TENSOR
+                pre.append(ast.copy_location(ast.Assign([ast.Name(tmp, ast.Store())], item), stmt))
+                items[i] = ast.Name(tmp, ast.Load())
+        return pre
+
+    def visit_Expr(self, node: ast.Expr) -> Any:
+        call = node.value
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in LIST_UPDATES \
+                and self.rw.kinds.expr(call.func.value) == TLIST:
+            return [*self.hoist(call.args, node), node]
+        return node
+
+    def visit_Assign(self, node: ast.Assign) -> Any:
+        if isinstance(node.value, ast.List) and self.rw.kinds.expr(node.value) == TLIST:
+            return [*self.hoist(node.value.elts, node), node]
         return node
 
 
@@ -192,6 +225,7 @@ class Rewriter:
         self.branches: dict[int, str] = {}   # branch id -> where
         self.counter = 0
         _InPlace(self).visit(fn)
+        _HoistListItems(self).visit(fn)
         self.drop_dead(fn)
         self.read_anywhere: dict[str, int] = {}
         for n in ast.walk(fn):
@@ -220,17 +254,24 @@ class Rewriter:
     def block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
         out: list[ast.stmt] = []
         pending: list[ast.stmt] = []
+        delayed: list[ast.stmt] = []  # host statements the pending segment does not depend on
 
         def flush() -> None:
             if pending:
                 out.extend(self.segment(list(pending)))
                 pending.clear()
+            out.extend(delayed)
+            delayed.clear()
+
+        def push(new: list[ast.stmt]) -> None:
+            for st in new:
+                if self.indexes_with(st, pending) or _conflicts(st, delayed):
+                    flush()  # an index must reach the host as an int before the module is chosen
+                pending.append(st)
 
         for stmt in stmts:
             if self.is_tensor_stmt(stmt):
-                if self.indexes_with(stmt, pending):
-                    flush()  # the index must reach the host as an int before the module is chosen
-                pending.append(stmt)
+                push([stmt])
                 continue
             if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and all(
                     self.kinds.kind.get(n) == MODULE for t in (stmt.targets if isinstance(stmt, ast.Assign)
@@ -238,7 +279,7 @@ class Rewriter:
                 continue  # module alias: inlined where used
             if isinstance(stmt, ast.If):
                 test, pre = self.condition(stmt.test, stmt)
-                pending.extend(pre)
+                push(pre)
                 flush()
                 if not stmt.orelse and all(isinstance(b, ast.Raise) for b in stmt.body):
                     out.append(ast.copy_location(ast.If(test=test, body=self.block(stmt.body), orelse=[]), stmt))
@@ -249,28 +290,15 @@ class Rewriter:
                 out.append(ast.copy_location(new, stmt))
                 continue
             if isinstance(stmt, ast.While):
-                if stmt.orelse:
-                    raise RewriteError(f"{self.src.where(stmt)}: while ... else is not supported; "
-                                       "set a flag before `break` and test it after the loop")
-                test, pre = self.condition(stmt.test, stmt)
-                pending.extend(pre)
-                flush()
-                body = list(stmt.body)
-                if pre:
-                    if any(isinstance(n, ast.Continue) for n in ast.walk(ast.Module(body, []))):
-                        raise RewriteError(f"{self.src.where(stmt)}: `continue` in a while loop on a tensor "
-                                           "condition is not supported; use an if around the rest of the body")
-                    body = body + copy.deepcopy(pre)
-                bid = self.branch(stmt)
-                new = ast.While(test=self.host_call("__branch", [ast.Constant(bid), test]),
-                                body=self.block(body), orelse=[])
-                out.append(ast.copy_location(new, stmt))
+                out.append(self.while_stmt(stmt, push, flush))
                 continue
             if isinstance(stmt, ast.For):
                 flush()
                 out.append(self.loop(stmt))
                 continue
             if isinstance(stmt, ast.Return):
+                if _conflicts(stmt, delayed):
+                    flush()
                 new = self.return_stmt(stmt, pending)
                 flush()
                 out.append(new)
@@ -278,6 +306,9 @@ class Rewriter:
             if isinstance(stmt, (ast.Break, ast.Continue, ast.Pass)):
                 flush()
                 out.append(stmt)
+                continue
+            if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr)) and pending:
+                delayed.append(self.host_stmt(stmt))  # runs after the segment: fewer, larger subgraphs
                 continue
             if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr, ast.Raise)):
                 flush()
@@ -291,6 +322,25 @@ class Rewriter:
                                "called from forward (its tensor code is then traced whole)")
         flush()
         return out
+
+    def while_stmt(self, stmt: ast.While, push: Callable, flush: Callable) -> ast.stmt:
+        """A while loop on a tensor condition re-evaluates the condition at the end of its body."""
+        if stmt.orelse:
+            raise RewriteError(f"{self.src.where(stmt)}: while ... else is not supported; "
+                               "set a flag before `break` and test it after the loop")
+        test, pre = self.condition(stmt.test, stmt)
+        push(pre)
+        flush()
+        body = list(stmt.body)
+        if pre:
+            if any(isinstance(n, ast.Continue) for n in ast.walk(ast.Module(body, []))):
+                raise RewriteError(f"{self.src.where(stmt)}: `continue` in a while loop on a tensor "
+                                   "condition is not supported; use an if around the rest of the body")
+            body = body + copy.deepcopy(pre)
+        bid = self.branch(stmt)
+        new = ast.While(test=self.host_call("__branch", [ast.Constant(bid), test]),
+                        body=self.block(body), orelse=[])
+        return ast.copy_location(new, stmt)
 
     def return_stmt(self, stmt: ast.Return, pending: list[ast.stmt]) -> ast.stmt:
         """The host's return; tensor expressions it returns are computed by the pending segment."""
@@ -512,6 +562,8 @@ class Rewriter:
                     seg.int_params.add(name)
             elif self.kinds.kind[name] == TENSOR:
                 seg.inputs.append(name)
+            elif self.kinds.kind[name] == TLIST:
+                seg.lists.append(name)
             else:
                 seg.params.append(name)
         for name in assigned:
@@ -527,16 +579,55 @@ class Rewriter:
         updated = [i for i in seg.inputs if any(isinstance(t, ast.Subscript) and isinstance(root(t), ast.Name)
                                                 and root(t).id == i for st in body for t in _targets(st))]
         module.body[:0] = [ast.parse(f"{i} = {i}.clone()").body[0] for i in updated]
-        args = ", ".join(["self", *seg.inputs] + (["*", *seg.params] if seg.params else []))
+        # A list's items follow the tensor inputs; the subgraph is specialised on each list's length.
+        counts = [f"__n_{name}" for name in seg.lists]
+        start = "0"
+        for name, count in zip(seg.lists, counts):
+            module.body.insert(0, ast.parse(f"{name} = list(__items[{start}:{start} + {count}])").body[0])
+            start = f"{start} + {count}"
+        params = [*seg.params, *counts]
+        args = ", ".join(["self", *seg.inputs] + (["*__items"] if seg.lists else ["*"] if params else [])
+                         + params)
         ret = "return (" + "".join(f"_as_tensor({o}), " for o in seg.outputs) + ")"
         seg.source = f"def _seg_{sid}({args}):\n" + textwrap.indent(ast.unparse(module) + "\n" + ret, "    ") + "\n"
         self.segments[sid] = seg
+        feeds = "".join(i + ", " for i in seg.inputs) + "".join(f"*{name}, " for name in seg.lists)
         call = ast.parse(
-            f"({', '.join(seg.outputs)},) = __run({sid!r}, ({''.join(i + ', ' for i in seg.inputs)}), "
-            "{" + ", ".join(f"{p!r}: " + (f"__int({p})" if p in seg.int_params else p) for p in seg.params) + "})"
+            f"({', '.join(seg.outputs)},) = __run({sid!r}, ({feeds}), "
+            "{" + ", ".join([f"{p!r}: " + (f"__int({p})" if p in seg.int_params else p) for p in seg.params]
+                            + [f"{c!r}: len({name})" for c, name in zip(counts, seg.lists)]) + "})"
         ).body[0]
         return [ast.copy_location(call, stmts[0])]
 
+
+
+def _reads_writes(stmt: ast.stmt) -> tuple[set[str], set[str]]:
+    """The names a statement reads and the names it writes (a list it appends to, a tensor it
+    updates in part, included)."""
+    reads = set(names_read(stmt))
+    writes = set(stored_names(stmt))
+    for t in _targets(stmt):
+        if isinstance(t, ast.Subscript) and isinstance(root(t), ast.Name):
+            writes.add(root(t).id)
+    if isinstance(stmt, ast.AugAssign):
+        reads |= set(stored_names(stmt.target))
+    for n in ast.walk(stmt):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) \
+                and (n.func.attr in LIST_UPDATES | {"pop", "update", "setdefault", "add"} or n.func.attr.endswith("_")):
+            writes.add(n.func.value.id)  # the method changes its owner (`outs.append(t)`)
+    return reads, writes
+
+
+def _conflicts(stmt: ast.stmt, delayed: list[ast.stmt]) -> bool:
+    """Whether `stmt` may not move before the delayed host statements."""
+    if not delayed:
+        return False
+    reads, writes = _reads_writes(stmt)
+    for d in delayed:
+        d_reads, d_writes = _reads_writes(d)
+        if d_writes & (reads | writes) or writes & d_reads:
+            return True
+    return False
 
 
 def _grad_mode(expr: ast.expr) -> bool:

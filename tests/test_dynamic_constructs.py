@@ -334,3 +334,91 @@ def test_constructs_that_cannot_be_split_name_file_line_code_and_what_to_write(m
     message = str(err.value)
     assert re.match(r".*test_dynamic_constructs.py:\d+: `" + re.escape(code) + "`: ", message), message
     assert hint in message and "\n" not in message
+
+
+class ShowAndTellSampler(nn.Module):
+    """Show and Tell's greedy sampler as tutorials write it: the words are kept in a Python list,
+    stacked at the end, and decoding stops at the end token."""
+
+    def __init__(self, embed=8, hidden=12, vocab=10, max_len=5):
+        super().__init__()
+        self.encoder, self.embed = nn.Linear(6, embed), nn.Embedding(vocab, embed)
+        self.lstm, self.linear = nn.LSTMCell(embed, hidden), nn.Linear(hidden, vocab)
+        self.hidden, self.max_seg_length, self.end = hidden, max_len, 1
+
+    def forward(self, images):
+        features = self.encoder(images)
+        sampled_ids = []
+        inputs = features
+        h = torch.zeros(images.size(0), self.hidden)
+        c = torch.zeros(images.size(0), self.hidden)
+        for i in range(self.max_seg_length):  # noqa: B007 - as the tutorials write it
+            h, c = self.lstm(inputs, (h, c))
+            outputs = self.linear(h)
+            _, predicted = outputs.max(1)
+            sampled_ids.append(predicted)
+            if predicted.item() == self.end:
+                break
+            inputs = self.embed(predicted)
+        sampled_ids = torch.stack(sampled_ids, 1)
+        return sampled_ids
+
+
+class ExitsInAList(nn.Module):
+    """SDN-style: every internal classifier's output is kept in a list, which forward returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.exits = nn.ModuleList(nn.Linear(4, 2) for _ in range(3))
+
+    def forward(self, x):
+        outs = []
+        for i in range(len(self.layers)):
+            x = torch.relu(self.layers[i](x))
+            outs.append(self.exits[i](x))
+            if outs[-1].max() > 0.3:
+                break
+        return outs
+
+
+def test_a_python_list_of_tensors_is_kept_by_the_host_and_stacked_in_a_subgraph(tmp_path):
+    torch.manual_seed(5)
+    model = ShowAndTellSampler().eval()
+    inputs = [torch.randn(1, 6, generator=torch.Generator().manual_seed(i)) for i in range(40)]
+    with torch.no_grad():  # the end token's bias such that about half the captions end early
+        base = model.linear.bias[1].item()
+        for shift in np.linspace(-2, 2, 81):
+            model.linear.bias[1] = base + shift
+            if np.mean([model(x).shape[1] < model.max_seg_length for x in inputs]) >= 0.5:
+                break
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
+        program = rewrite(model, inputs)
+    lengths = {r.params.get("__n_sampled_ids") for r in program.records.values()} - {None}
+    assert len(lengths) > 1  # one stacking subgraph per caption length
+    compiled = load_dynamic(program.save(tmp_path / "b", backends=("onnxruntime",)), "onnxruntime")
+    with torch.no_grad():
+        for i in range(40, 80):
+            x = torch.randn(1, 6, generator=torch.Generator().manual_seed(i))
+            want = model(x).numpy()
+            if want.shape[1] not in lengths:
+                continue  # a caption length no example reached has no compiled stacking subgraph
+            assert np.array_equal(compiled(x.numpy()), want)
+    assert program.host_source.count("__run(") <= 4  # host statements do not cut segments
+
+
+def test_a_list_of_tensors_can_be_returned(tmp_path):
+    torch.manual_seed(6)
+    model = ExitsInAList().eval()
+    inputs = _inputs(30, 14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
+        program = rewrite(model, inputs)
+    compiled = load_dynamic(program.save(tmp_path / "b", backends=("onnxruntime",)), "onnxruntime")
+    with torch.no_grad():
+        for x in _inputs(30, 15):
+            want, got = model(x), compiled(x.numpy())
+            assert isinstance(got, list) and len(got) == len(want)
+            for w, g in zip(want, got):
+                assert np.abs(g - w.numpy()).max() <= tolerance(w.numpy())
