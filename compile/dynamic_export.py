@@ -7,8 +7,9 @@ both ONNX Runtime and TVM and equals torch (see `DynamicProgram.save`):
 * the fused attention fast path of `nn.TransformerEncoderLayer`/`nn.MultiheadAttention`, taken
   under ``no_grad``, is turned off (``aten::_transformer_encoder_layer_fwd`` has no ONNX form);
 * a zero-size constant (the empty caption a decoder starts from, ``torch.zeros(1, 0)``) is
-  produced by ``ConstantOfShape``: TVM writes it into its library as a zero-byte tensor that it
-  then cannot load ("Invalid DLTensor file format").
+  computed from an input instead: TVM writes it into its library as a zero-byte tensor that it
+  then cannot load ("Invalid DLTensor file format"); a zero-size input (that caption, fed to the
+  first decoding step) is computed the same way and not fed at all.
 """
 
 from __future__ import annotations
@@ -116,34 +117,37 @@ def exportable(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
-def no_empty_constants(path: str | os.PathLike) -> bool:
-    """Rewrite the ONNX file at `path` so that no constant is zero-size; whether anything changed.
+def no_empty_tensors(path: str | os.PathLike) -> bool:
+    """Rewrite the ONNX file at `path` so that no constant and no graph input is zero-size; whether
+    anything changed. An empty input carries nothing but its (static) shape, so the runtimes are
+    not fed it (TVM refuses an empty array's address as unaligned).
 
-    Each becomes an empty slice of the first graph input, cast and broadcast to its shape: a value
-    computed from constants alone would be folded back into a zero-size constant by TVM."""
+    Each becomes an empty slice of a non-empty graph input, cast and broadcast to its shape: a
+    value computed from constants alone would be folded back into a zero-size constant by TVM."""
     import onnx
     from onnx import helper, numpy_helper
 
     proto = onnx.load(os.fspath(path))
     graph = proto.graph
     weights = {t.name for t in graph.initializer}
-    source = next((v.name for v in graph.input if v.name not in weights), None)
+    inputs = [v for v in graph.input if v.name not in weights]
+    empty_inputs = [v for v in inputs if 0 in _static_shape(v)]
+    source = next((v.name for v in inputs if v not in empty_inputs), None)
     empty_inits = [t for t in graph.initializer if numpy_helper.to_array(t).size == 0]
-    if not empty_inits and not any(_empty_constant(n) is not None for n in graph.node):
+    if not empty_inits and not empty_inputs and not any(_empty_constant(n) is not None for n in graph.node):
         return False
 
     def const(name: str, value: np.ndarray):
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
 
-    def fill(name: str, array: np.ndarray) -> list:
-        shape = np.array(array.shape, np.int64)
-        if source is None:  # a graph of constants only: nothing to compute from
+    def fill(name: str, shape: tuple[int, ...], dtype: int) -> list:
+        shape = np.array(shape, np.int64)
+        if source is None:  # nothing to compute from
             return [const(name + "__shape", shape),
-                    helper.make_node("ConstantOfShape", [name + "__shape"], [name],
-                                     value=numpy_helper.from_array(np.zeros(1, array.dtype)))]
+                    helper.make_node("ConstantOfShape", [name + "__shape"], [name], value=numpy_helper.from_array(
+                        np.zeros(1, helper.tensor_dtype_to_np_dtype(dtype))))]
         axis = int(np.flatnonzero(shape == 0)[0])
         p = name + "__empty"
-        dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
         return [const(p + "_flat", np.array([-1], np.int64)), const(p + "_zero", np.array([0], np.int64)),
                 const(p + "_axes", np.array([a for a in range(len(shape)) if a != axis], np.int64)),
                 const(p + "_shape", shape),
@@ -154,20 +158,27 @@ def no_empty_constants(path: str | os.PathLike) -> bool:
                 helper.make_node("Expand", [p + "_4" if len(shape) > 1 else p + "_3", p + "_shape"], [name])]
 
     nodes = []
+    for v in empty_inputs:
+        nodes += fill(v.name, _static_shape(v), v.type.tensor_type.elem_type)
+        graph.input.remove(v)
     for t in empty_inits:
-        nodes += fill(t.name, numpy_helper.to_array(t))
+        nodes += fill(t.name, tuple(t.dims), t.data_type)
         graph.initializer.remove(t)
-        for i, v in enumerate(graph.input):
+        for v in list(graph.input):
             if v.name == t.name:
-                del graph.input[i]
-                break
+                graph.input.remove(v)
     for node in graph.node:
         array = _empty_constant(node)
-        nodes += fill(node.output[0], array) if array is not None else [node]
+        nodes += [node] if array is None else fill(node.output[0], array.shape,
+                                                   helper.np_dtype_to_tensor_dtype(array.dtype))
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.save(proto, os.fspath(path))
     return True
+
+
+def _static_shape(value) -> tuple[int, ...]:
+    return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
 
 
 def _empty_constant(node) -> np.ndarray | None:

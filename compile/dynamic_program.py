@@ -195,7 +195,7 @@ class DynamicProgram:
         """One subgraph's files and manifest entry, and torch's outputs on its example."""
         import onnx
 
-        from nestnas.compile.dynamic_export import exportable, no_empty_constants
+        from nestnas.compile.dynamic_export import exportable, no_empty_tensors
         from nestnas.compile.onnx_export import check_onnx, export_onnx
 
         seg = self.segments[rec.segment]
@@ -214,7 +214,7 @@ class DynamicProgram:
             with exportable(self.model):
                 export_onnx(module, tuple(t.clone() for t in example), onnx_path, exporter="torchscript",
                             input_names=names, output_names=[f"out{j}" for j in range(len(seg.outputs))])
-            if no_empty_constants(onnx_path):
+            if no_empty_tensors(onnx_path):
                 check_onnx(onnx_path)
         except ArtifactError as exc:
             raise RewriteError(f"segment {rec.segment} (line {seg.lineno} of forward) failed to export to "
