@@ -401,6 +401,8 @@ class Kinds:
             if isinstance(func, ast.Name) and func.id == "list" and args == [TLIST]:
                 return TLIST
             return TENSOR if TENSOR in args or TLIST in args else HOST
+        if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            return HOST  # `r is not None`: the host holds None or a tensor, and tests which
         if isinstance(node, (ast.BinOp, ast.BoolOp, ast.Compare, ast.UnaryOp)):
             parts = [node.left, node.right] if isinstance(node, ast.BinOp) else \
                 node.values if isinstance(node, ast.BoolOp) else \

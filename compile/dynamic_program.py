@@ -40,8 +40,20 @@ class CoverageWarning(UserWarning):
     """Some branches were never taken by the example inputs, so their subgraphs are missing."""
 
 
-def as_tensor(v: Any) -> torch.Tensor:
-    return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+class NotATensor(TypeError):
+    """A value passed between subgraphs that is no tensor or number (a tuple, None)."""
+
+
+def as_tensor(v: Any) -> Any:
+    """A value a subgraph takes or gives: a tensor, or a tuple or list of them, or None (an LSTM's
+    state); host numbers become tensors."""
+    if isinstance(v, torch.Tensor) or v is None:
+        return v
+    if isinstance(v, (tuple, list)):
+        return type(v)(as_tensor(x) for x in v)
+    if isinstance(v, dict):
+        raise NotATensor(type(v).__name__)
+    return torch.as_tensor(v)
 
 
 
@@ -50,16 +62,23 @@ class _Record:
     key: str
     segment: str
     params: dict[str, Any]
-    example: tuple[torch.Tensor, ...]
+    example: tuple[torch.Tensor, ...]   # the arrays of the inputs (see dynamic_host.flatten)
+    in_tree: list[Any] = None
+    out_tree: list[Any] = None
 
 
 class _SegmentModule(nn.Module):
-    def __init__(self, model: nn.Module, fn: Callable, params: dict[str, Any]):
-        super().__init__()
-        self.model, self.fn, self.params = model, fn, params
+    """A segment as a module of arrays: its structured inputs (tuples, None) rebuilt from them,
+    its outputs taken apart into them. `dummy`: the exporter needs an input the segment lacks."""
 
-    def forward(self, *inputs):
-        return self.fn(self.model, *inputs, **self.params)
+    def __init__(self, model: nn.Module, fn: Callable, params: dict[str, Any], in_tree: list[Any] | None = None,
+                 dummy: bool = False):
+        super().__init__()
+        self.model, self.fn, self.params, self.in_tree, self.dummy = model, fn, params, in_tree, dummy
+
+    def forward(self, *leaves):
+        inputs = () if self.dummy else dynamic_host.unflatten(leaves, self.in_tree) if self.in_tree else leaves
+        return tuple(dynamic_host.flatten(self.fn(self.model, *inputs, **self.params))[0])
 
 
 class DynamicProgram:
@@ -79,12 +98,27 @@ class DynamicProgram:
 
     # eager execution through the host function: records subgraphs and branch coverage
     def _eager_run(self, segment: str, inputs: tuple, params: dict[str, Any]) -> tuple:
-        inputs = tuple(as_tensor(v) for v in inputs)
+        seg = self.segments[segment]
+        try:
+            inputs = tuple(as_tensor(v) for v in inputs)
+        except NotATensor as exc:
+            names = [n for n, v in zip(seg.inputs, inputs) if v is None or isinstance(v, (tuple, list, dict))]
+            raise RewriteError(f"{self.where(segment)}: {', '.join(names) or 'an input'} is a {exc} here, not a "
+                               "tensor; subgraphs pass tensors only: keep a tuple's tensors in separate variables "
+                               "(`h, c = state`) and give them tensor values before the first use") from None
         key = dynamic_host.key(segment, inputs, params)
+        leaves, in_tree = dynamic_host.flatten(inputs)
         if key not in self.records:
-            self.records[key] = _Record(key, segment, dict(params), tuple(v.detach().clone() for v in inputs))
-        with torch.no_grad():
-            return self.namespace[f"_seg_{segment}"](self.model, *inputs, **params)
+            self.records[key] = _Record(key, segment, dict(params), tuple(v.detach().clone() for v in leaves), in_tree)
+        try:
+            with torch.no_grad():
+                out = self.namespace[f"_seg_{segment}"](self.model, *inputs, **params)
+            self.records[key].out_tree = dynamic_host.flatten(out)[1]
+            return out
+        except NotATensor as exc:
+            raise RewriteError(f"{self.where(segment)}: one of {', '.join(seg.outputs)} is a {exc}, not a tensor; "
+                               "subgraphs pass tensors only: unpack it into separate variables "
+                               "(`out, (h, c) = self.lstm(x, (h, c))`)") from None
 
     def _branch(self, bid: int, taken: Any) -> bool:
         taken = bool(taken)
@@ -201,9 +235,11 @@ class DynamicProgram:
         seg = self.segments[rec.segment]
         fn = self.namespace[f"_seg_{rec.segment}"]
         example = rec.example
-        if not example:  # constants only (`seq = torch.zeros(1, 0)`): the exporter needs an input, then drops it
-            fn, example = (lambda model, _unused, _fn=fn, **params: _fn(model, **params)), (torch.zeros(1),)
-        module = _SegmentModule(self.model, fn, rec.params).eval()
+        structured = any(t != "t" for t in (rec.in_tree or []) + (rec.out_tree or []))
+        # constants only (`seq = torch.zeros(1, 0)`): the exporter needs an input, then drops it
+        module = _SegmentModule(self.model, fn, rec.params, rec.in_tree if structured else None,
+                                dummy=not example).eval()
+        example = example or (torch.zeros(1),)
         names = [f"in{j}" for j in range(len(example))]
         # Copies: a segment may update an input in place (nn.SiLU(inplace=True)), and the recorded
         # example is what the check feeds the exported graph.
@@ -213,7 +249,7 @@ class DynamicProgram:
         try:
             with exportable(self.model):
                 export_onnx(module, tuple(t.clone() for t in example), onnx_path, exporter="torchscript",
-                            input_names=names, output_names=[f"out{j}" for j in range(len(seg.outputs))])
+                            input_names=names, output_names=[f"out{j}" for j in range(len(want))])
             if no_empty_tensors(onnx_path):
                 check_onnx(onnx_path)
         except ArtifactError as exc:
@@ -224,12 +260,23 @@ class DynamicProgram:
         weights = {t.name for t in graph.initializer}
         kept = [v.name for v in graph.input if v.name not in weights]
         feeds = [names.index(n) for n in kept]
+        outputs = seg.outputs if not structured else [f"{name}.{j}" for name, t in zip(seg.outputs, rec.out_tree)
+                                                      for j in range(_leaf_count(t))]
         entry = {"segment": rec.segment, "params": dict(rec.params), "onnx": onnx_path.name, "inputs": kept,
-                 "feeds": feeds, "outputs": seg.outputs, "dtypes": [str(rec.example[i].numpy().dtype) for i in feeds],
+                 "feeds": feeds, "outputs": outputs, "dtypes": [str(rec.example[i].numpy().dtype) for i in feeds],
                  "shapes": [list(rec.example[i].shape) for i in feeds]}
+        if structured:
+            entry["out_tree"] = rec.out_tree
         if "tvm" in backends:
             entry["tvm"] = f"{stem}.so"  # built by `_build_tvm` once every subgraph is exported
         return entry, want
+
+
+def _leaf_count(spec: Any) -> int:
+    """How many arrays a value of this structure holds (see dynamic_host.flatten)."""
+    if spec is None:
+        return 0
+    return 1 if spec == "t" else sum(_leaf_count(s) for s in spec[1])
 
 
 @contextmanager
@@ -327,6 +374,7 @@ class _Subgraph(Strict):
     feeds: list[Annotated[int, Field(ge=0)]]
     outputs: list[str]
     dtypes: list[str]
+    out_tree: Optional[list[Any]] = None  # outputs that are tuples or None (see dynamic_host.flatten)
 
     @model_validator(mode="after")
     def _one_dtype_per_input(self) -> "_Subgraph":

@@ -68,6 +68,12 @@ class _StripScalars(ast.NodeTransformer):
             return node.args[0]
         return node
 
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        self.generic_visit(node)
+        if node.attr == "data" and self.kinds.expr(node.value) == TENSOR:
+            return node.value  # `t.data` would be traced as a constant (BlockDrop's `action.data.sum()`)
+        return node
+
 
 class _InPlace(ast.NodeTransformer):
     """Every in-place tensor method call statement, rewritten as an assignment."""
@@ -90,6 +96,35 @@ class _InPlace(ast.NodeTransformer):
             load = ast.Name(node.target.id, ast.Load())
             return ast.copy_location(ast.Assign([node.target], ast.BinOp(load, node.op, node.value)), node)
         return node
+
+
+class _SplitGuards(ast.NodeTransformer):
+    """`if r is not None and t.sum() > 0:` must not compute the tensor side when the host side
+    decides (PABEE): the test becomes nested ifs setting a host flag, and the flag is tested."""
+
+    def __init__(self, rewriter: "Rewriter"):
+        self.rw = rewriter
+
+    def visit_If(self, node: ast.If) -> Any:
+        self.generic_visit(node)
+        test, kinds = node.test, self.rw.kinds
+        if not (isinstance(test, ast.BoolOp) and kinds.expr(test) == TENSOR and kinds.expr(test.values[0]) == HOST):
+            return node
+        flag = self.rw.fresh("g")
+        kinds.kind[flag] = HOST
+        rest = test.values[1] if len(test.values) == 2 else ast.BoolOp(test.op, test.values[1:])
+
+        def set_flag(value: bool) -> ast.stmt:
+            return ast.copy_location(ast.Assign([ast.Name(flag, ast.Store())], ast.Constant(value)), node)
+
+        inner = self.visit(ast.copy_location(ast.If(rest, [set_flag(True)], []), node))
+        inner = inner if isinstance(inner, list) else [inner]
+        if isinstance(test.op, ast.And):
+            guard = ast.If(test.values[0], inner, [])
+        else:
+            guard = ast.If(test.values[0], [set_flag(True)], inner)
+        test_flag = ast.copy_location(ast.If(ast.Name(flag, ast.Load()), node.body, node.orelse), node)
+        return [set_flag(False), ast.copy_location(guard, node), test_flag]
 
 
 class _HoistListItems(ast.NodeTransformer):
@@ -226,6 +261,7 @@ class Rewriter:
         self.counter = 0
         _InPlace(self).visit(fn)
         _HoistListItems(self).visit(fn)
+        _SplitGuards(self).visit(fn)
         self.drop_dead(fn)
         self.read_anywhere: dict[str, int] = {}
         for n in ast.walk(fn):
@@ -237,6 +273,8 @@ class Rewriter:
         return f"__{prefix}{self.counter}"
 
     def is_tensor_stmt(self, stmt: ast.stmt) -> bool:
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant) and stmt.value.value is None:
+            return False  # `result = None` before a tensor is kept by the host (PABEE)
         if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
             names = [n for t in targets for n in stored_names(t)]
@@ -656,6 +694,10 @@ def _free_and_assigned(body: list[ast.stmt]) -> tuple[list[str], list[str]]:
             if name not in assigned and name not in free:
                 free.append(name)
         for t in (s.targets if isinstance(s, ast.Assign) else [getattr(s, "target", None)]):
+            if isinstance(t, (ast.Subscript, ast.Attribute)):  # `seq[:, t] = w` reads t (and seq)
+                for name in names_read(t):
+                    if name not in assigned and name not in free:
+                        free.append(name)
             if t is None:
                 continue
             names = stored_names(t)

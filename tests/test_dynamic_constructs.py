@@ -422,3 +422,47 @@ def test_a_list_of_tensors_can_be_returned(tmp_path):
             assert isinstance(got, list) and len(got) == len(want)
             for w, g in zip(want, got):
                 assert np.abs(g - w.numpy()).max() <= tolerance(w.numpy())
+
+
+class TutorialSampler(nn.Module):
+    """Show and Tell's `sample` exactly as the widely copied PyTorch tutorial writes it: nn.LSTM's
+    state is None at first, then a tuple passed from step to step; words kept in a list."""
+
+    def __init__(self, embed_size=8, hidden_size=12, vocab_size=10, max_seq_length=5):
+        super().__init__()
+        self.encoder = nn.Linear(6, embed_size)
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, 1, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.max_seg_length = max_seq_length
+
+    def forward(self, images, states=None):
+        features = self.encoder(images)
+        sampled_ids = []
+        inputs = features.unsqueeze(1)
+        for i in range(self.max_seg_length):  # noqa: B007 - as the tutorial writes it
+            hiddens, states = self.lstm(inputs, states)
+            outputs = self.linear(hiddens.squeeze(1))
+            _, predicted = outputs.max(1)
+            sampled_ids.append(predicted)
+            inputs = self.embed(predicted)
+            inputs = inputs.unsqueeze(1)
+        sampled_ids = torch.stack(sampled_ids, 1)
+        return sampled_ids
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("tvm", marks=pytest.mark.tvm)])
+def test_a_tuple_state_that_is_none_at_first_passes_between_subgraphs(tmp_path, backend, has_tvm):
+    if backend == "tvm" and not has_tvm:
+        pytest.skip("the tvm extra is not installed")
+    torch.manual_seed(7)
+    model = TutorialSampler().eval()
+    inputs = [torch.randn(1, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    program = rewrite(model, inputs)
+    trees = [r.in_tree for r in program.records.values()]
+    assert [None] in [t[1:] for t in trees] and ["tuple", ["t", "t"]] in [t for tree in trees for t in tree]
+    compiled = load_dynamic(program.save(tmp_path / "b", backends=(backend,)), backend)
+    with torch.no_grad():
+        for i in range(4, 12):
+            x = torch.randn(1, 6, generator=torch.Generator().manual_seed(i))
+            assert np.array_equal(compiled(x.numpy()), model(x).numpy())
