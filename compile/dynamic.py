@@ -31,18 +31,22 @@ side of every branch was taken. Branches never taken are reported, since their s
 be compiled; a specialisation met later that was never compiled is a clear error, not a guess.
 
 Supported: ``if``/``elif``/``else`` and ``while`` on tensor or host conditions (``and``, ``or``,
-``not`` and chained comparisons on tensors included), ``for`` over ``range``, host sequences,
+``not`` and chained comparisons on tensors included; a host guard such as ``r is not None and
+t.sum() > 0`` short-circuits as in Python), ``for`` over ``range``, host sequences,
 ``nn.ModuleList`` (also with ``enumerate``) and dicts of modules (keys, ``.items()``,
-``.values()``), ``break``/``continue``, early ``return``, indexing a ``ModuleList`` with a
-tensor (``self.experts[e]`` after an argmax), ``getattr(self, name)`` with a computed name,
-``.item()``/``float()``/``bool()`` on tensors, and in-place updates (``t += u``, ``t.add_(u)``,
-``t[:, 0] = u``). Facts of the model's structure (``len(self.layers)``, ``len(self.blocks[g])``,
-``hasattr``, ``"b0" in self.blocks``, flags and lists set in ``__init__``, a buffer's shape,
-``self.training``) are written into the host code as constants, and branches on them alone are
-decided before anything is split. Tensor statements whose results nothing reads are removed.
-Refused with the source line and what to write instead: iterating over a tensor, conditional
-expressions (``a if t else b``) and comprehensions on tensors, tensors kept in Python lists, and
-closures over local functions.
+``.values()``), ``break``/``continue``, early ``return``, ``raise`` in input checks, ``with
+torch.no_grad():``, indexing a ``ModuleList`` with a tensor (``self.experts[e]`` after an argmax),
+``getattr(self, name)`` with a computed name, ``.item()``/``float()``/``bool()``/``.data`` on
+tensors, in-place updates (``t += u``, ``t.add_(u)``, ``seq[:, t] = w``), Python lists of tensors
+(appended by the host, stacked or concatenated in a subgraph specialised on their length), and
+tuples of tensors or None between subgraphs (an LSTM's state). Facts of the model's structure
+(``len(self.layers)``, ``len(self.blocks[g])``, ``hasattr``, ``"b0" in self.blocks``, flags and
+lists set in ``__init__``, a buffer's shape, ``self.training``) are written into the host code as
+constants, and branches on them alone are decided before anything is split. Tensor statements
+whose results nothing reads are removed. Refused with the source line and what to write instead:
+iterating over a tensor, conditional expressions (``a if t else b``) and comprehensions on
+tensors, assigning tensors into Python containers, state kept on ``self``, ``try``, loops with
+``else``, and closures over local functions.
 """
 
 from __future__ import annotations
