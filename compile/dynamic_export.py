@@ -1,9 +1,10 @@
 """What exporting a dynamic network's segment needs beyond `export_onnx`, so that the graph runs on
 both ONNX Runtime and TVM and equals torch (see `DynamicProgram.save`):
 
-* recurrent layers (`nn.LSTM`, `nn.LSTMCell`, `nn.GRU`, `nn.GRUCell`) are traced as their gate
-  equations, since the exporter writes them as ONNX ``LSTM``/``GRU`` nodes, which TVM's Relax ONNX
-  frontend does not import (a decoding step is one cell call, so nothing is lost by unrolling);
+* recurrent layers (`nn.LSTM`, `nn.GRU`; their cells too, for one code path) are traced as their
+  gate equations with static slices, since the exporter writes them as ONNX ``LSTM``/``GRU``
+  nodes, which TVM's Relax ONNX frontend does not import (a decoding step is one cell call, so
+  nothing is lost by unrolling);
 * the fused attention fast path of `nn.TransformerEncoderLayer`/`nn.MultiheadAttention`, taken
   under ``no_grad``, is turned off (``aten::_transformer_encoder_layer_fwd`` has no ONNX form);
 * a zero-size constant (the empty caption a decoder starts from, ``torch.zeros(1, 0)``) is

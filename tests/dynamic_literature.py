@@ -11,8 +11,6 @@ gives n varied example calls."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,12 +156,12 @@ class RNNGate(nn.Module):
     def __init__(self, c: int, hidden: int = 16):
         super().__init__()
         self.hidden_dim = hidden
-        self.rnn = nn.LSTMCell(c, hidden)
+        self.rnn = nn.LSTM(c, hidden)
         self.proj = nn.Linear(hidden, 1)
 
     def forward(self, x, h, c):
-        h, c = self.rnn(x, (h, c))
-        prob = torch.sigmoid(self.proj(h))
+        out, (h, c) = self.rnn(x.unsqueeze(0), (h, c))  # a sequence of one step, as SkipNet feeds it
+        prob = torch.sigmoid(self.proj(out.squeeze(0)))
         return prob, h, c
 
 
@@ -195,8 +193,8 @@ class SkipNetRNN(nn.Module):
 
     def forward(self, x):
         x = self.conv1(x)
-        h = torch.zeros(x.size(0), self.control.hidden_dim)
-        c = torch.zeros(x.size(0), self.control.hidden_dim)
+        h = torch.zeros(1, x.size(0), self.control.hidden_dim)
+        c = torch.zeros(1, x.size(0), self.control.hidden_dim)
         mask, h, c = self.control(x.mean(dim=(2, 3)), h, c)
         for g in range(len(self.num_layers)):
             for i in range(self.num_layers[g]):
@@ -213,7 +211,7 @@ class SkipNetRNN(nn.Module):
         """The gate's outputs on `x` with every block run (to place the threshold)."""
         with torch.no_grad():
             x = self.conv1(x)
-            h = c = torch.zeros(1, self.control.hidden_dim)
+            h = c = torch.zeros(1, 1, self.control.hidden_dim)
             mask, h, c = self.control(x.mean(dim=(2, 3)), h, c)
             out = [float(mask)]
             for g, n in enumerate(self.num_layers):
@@ -268,7 +266,7 @@ class BlockDrop(nn.Module):
             for b in range(num_blocks):
                 action = policy[:, t].contiguous()
                 residual = self.ds[segment](x) if b == 0 else x
-                if action.sum() == 0:  # BlockDrop's code tests action.data.sum()
+                if action.data.sum() == 0:
                     x = residual
                     t += 1
                     continue
@@ -293,33 +291,32 @@ class BlockDrop(nn.Module):
 # --- Show and Tell (Vinyals et al., CVPR 2015): CNN encoder, greedy LSTM decoding -------------------
 
 class Captioner(nn.Module):
-    """Encoder features start an LSTM; each step feeds back the argmax word, grows the caption
-    tensor, and stops at the end token."""
+    """Show-and-Tell's `sample()`: the image features are the LSTM's first input (its state starts
+    as None), each step feeds back the argmax word; the caption tensor grows by torch.cat (the
+    code's list of words) and decoding stops at the end token."""
 
     def __init__(self, c: int = 16, embed: int = 16, hidden: int = 24, vocab: int = 12, max_len: int = 6):
         super().__init__()
         self.encoder = nn.Sequential(conv_bn(3, c, 2), conv_bn(c, 2 * c, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                      nn.Linear(2 * c, embed))
-        self.init_h, self.init_c = nn.Linear(embed, hidden), nn.Linear(embed, hidden)
         self.embed = nn.Embedding(vocab, embed)
-        self.lstm = nn.LSTMCell(embed, hidden)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
         self.linear = nn.Linear(hidden, vocab)
         self.max_seg_length = max_len
-        self.start, self.end = 0, 1
+        self.end = 1
 
-    def forward(self, images):
+    def forward(self, images, states=None):
         features = self.encoder(images)
-        h, c = self.init_h(features), self.init_c(features)
-        inputs = features
         sampled_ids = torch.zeros(features.size(0), 0, dtype=torch.long)
+        inputs = features.unsqueeze(1)
         for _ in range(self.max_seg_length):
-            h, c = self.lstm(inputs, (h, c))
-            outputs = self.linear(h)
+            hiddens, states = self.lstm(inputs, states)
+            outputs = self.linear(hiddens.squeeze(1))
             _, predicted = outputs.max(1)
             sampled_ids = torch.cat([sampled_ids, predicted.unsqueeze(1)], 1)
             if predicted.item() == self.end:
                 break
-            inputs = self.embed(predicted)
+            inputs = self.embed(predicted).unsqueeze(1)
         return sampled_ids
 
     def statistics(self, images):
@@ -328,19 +325,16 @@ class Captioner(nn.Module):
     def calibrate(self, inputs):
         """The end token's logit is shifted so that half the captions end before the last step."""
         with torch.no_grad():
-            firsts = []
+            best = []
             for x in inputs:
-                features = self.encoder(x)
-                h, c = self.init_h(features), self.init_c(features)
-                inputs_, best = features, -math.inf
+                states, step, margins = None, self.encoder(x).unsqueeze(1), []
                 for _ in range(self.max_seg_length):
-                    h, c = self.lstm(inputs_, (h, c))
-                    out = self.linear(h)
-                    margin = float(out[0, self.end] - out[0].max())  # <= 0; 0 where end wins
-                    best = max(best, margin)
-                    inputs_ = self.embed(out.argmax(1))
-                firsts.append(best)
-            self.linear.bias[self.end] -= midpoint(firsts)
+                    hiddens, states = self.lstm(step, states)
+                    out = self.linear(hiddens.squeeze(1))
+                    margins.append(float(out[0, self.end] - out[0].max()))  # 0 where the end token wins
+                    step = self.embed(out.argmax(1)).unsqueeze(1)
+                best.append(max(margins))
+            self.linear.bias[self.end] -= midpoint(best)
 
 
 # --- BERT-style early exit: DeeBERT (entropy) and PABEE (patience) ----------------------------------
@@ -406,16 +400,17 @@ class Pabee(TinyBert):
     def forward(self, input_ids):
         hidden_states = self.embeddings(input_ids) + self.position
         patient_counter = 0
+        patient_result = None
         for i in range(self.num_layers):
             hidden_states = self.layer[i](hidden_states)
             logits = self.highway[i](hidden_states[:, 0])
             labels = logits.detach().argmax(dim=1)
-            if i > 0:  # PABEE's code tests `patient_result is not None` here
-                patient_labels = patient_result.detach().argmax(dim=1)  # noqa: F821 - set by the last layer
-                if torch.all(labels.eq(patient_labels)):
-                    patient_counter += 1
-                else:
-                    patient_counter = 0
+            if patient_result is not None:
+                patient_labels = patient_result.detach().argmax(dim=1)
+            if (patient_result is not None) and torch.all(labels.eq(patient_labels)):
+                patient_counter += 1
+            else:
+                patient_counter = 0
             patient_result = logits
             if patient_counter == self.patience:
                 break

@@ -2,7 +2,7 @@
 rewritten on varied inputs with every branch taken, saved, reloaded on ONNX Runtime and TVM, and
 equals eager PyTorch within the bundles' tolerance on fresh inputs that take every branch again.
 Also the greedy-decoding failures of issue 16 item 6, reduced to their causes, and constructs of
-the literature the rewriter does not split yet (expected failures, named in their reasons)."""
+the literature's code that the rewriter once refused or got wrong."""
 
 import warnings
 
@@ -90,14 +90,24 @@ def test_literature_network_equals_eager_on_fresh_inputs(saved, name, backend):
     assert_equal_on(load_dynamic(folder, backend), model, fresh)
 
 
-def test_literature_networks_are_split_where_their_papers_decide():
-    """Decisions per network as written: SDN's exits, SkipNet's gates and shortcut, BlockDrop's
-    policy, the decoder's stop, DeeBERT's and PABEE's exits, ACT's halting loop."""
-    for name, branches in {"sdn_vgg": 2, "skipnet_rnn": 2, "blockdrop": 1, "captioner": 1, "deebert": 1,
-                           "pabee": 3, "act_bert": 2}.items():
-        model = dl.build(name)
-        program = covered_rewrite(model, dl.inputs_for(name))
-        assert len(program.branches) == branches, (name, program.branches)
+DECISIONS = {
+    "sdn_vgg": ["if self.add_output[i]:", "if confidence >= self.confidence_threshold:"],
+    "skipnet_rnn": ["if mask > self.threshold:", "elif ds_name in self.downsample:"],
+    "blockdrop": ["if action.data.sum() == 0:"],
+    "captioner": ["if predicted.item() == self.end:"],
+    "deebert": ["if entropy < self.early_exit_entropy:"],
+    "pabee": ["if patient_result is not None:",
+              "if (patient_result is not None) and torch.all(labels.eq(patient_labels)):",
+              "if patient_counter == self.patience:"],
+    "act_bert": ["while n < self.num_layers:", "if halting + p >= 1 - self.eps:"],
+}
+
+
+@pytest.mark.parametrize("name", list(DECISIONS))
+def test_literature_networks_decide_where_their_papers_do(saved, name):
+    """The host decides at the network's own if/while statements, and nowhere else."""
+    _, program, _ = saved(name, saved.has_tvm and name in TVM_DEFAULT)
+    assert {where.rsplit(": `", 1)[1].rstrip("`") for where in program.branches.values()} == set(DECISIONS[name])
 
 
 # --- issue 16 item 6: greedy decoding ---------------------------------------------------------------
@@ -216,7 +226,7 @@ def test_in_place_updates_and_constant_subgraphs_keep_parity(tmp_path):
         assert got.shape == want.shape and np.abs(got - want).max(initial=0.0) <= tolerance(want)
 
 
-# --- constructs of the literature not split yet (issue 16, items 1-3 follow-ups) -------------------
+# --- constructs of the literature's code, reduced (issue 16, items 1-3 follow-ups) ----------------
 
 class DataInCondition(nn.Module):
     """BlockDrop's `if action.data.sum() == 0:`: the tracer records `.data` as a constant."""
@@ -286,17 +296,12 @@ class TupleOfStates(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("model, shape", [
-    pytest.param(DataInCondition, (1, 4), marks=pytest.mark.xfail(
-        strict=True, reason="`.data` is traced as a constant: the condition is frozen at the example's value")),
-    pytest.param(NoneThenTensor, (1, 4), marks=pytest.mark.xfail(
-        strict=True, reason="a name that is None, then a tensor: RuntimeError 'Could not infer dtype of NoneType'")),
-    pytest.param(StoreAtLoopIndex, (1, 4), marks=pytest.mark.xfail(
-        strict=True, reason="names read in an assignment's subscript target are not subgraph inputs: NameError 't'")),
-    pytest.param(TupleOfStates, (1, 1, 4), marks=pytest.mark.xfail(
-        strict=True, reason="a tuple of tensors between subgraphs: ValueError from torch.as_tensor")),
-], ids=["data", "none-then-tensor", "store-at-index", "tuple-of-states"])
-def test_literature_constructs_not_split_yet(tmp_path, model, shape):
+@pytest.mark.parametrize("model, shape", [(DataInCondition, (1, 4)), (NoneThenTensor, (1, 4)),
+                                          (StoreAtLoopIndex, (1, 4)), (TupleOfStates, (1, 1, 4))],
+                         ids=["data", "none-then-tensor", "store-at-index", "tuple-of-states"])
+def test_literature_constructs_split_and_keep_parity(tmp_path, model, shape):
+    """Each once failed: `.data` froze the condition at the example's value; None then a tensor,
+    and a tuple of tensors, crashed in torch.as_tensor; `seq[:, t] = ...` raised NameError 't'."""
     torch.manual_seed(0)
     model = model().eval()
     inputs = [(torch.randn(shape),) for _ in range(24)]
