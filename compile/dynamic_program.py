@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,7 +189,8 @@ class DynamicProgram:
                         progress("subgraphs", i + 1, len(self.records))
                 tuning = None
                 if "tvm" in backends:
-                    tuning = _build_tvm(tmp, table, threads, tune, self._where_key, progress)
+                    tuning = _build_tvm(tmp, table, threads, tune, self._where_key, progress,
+                                        {k: w[0] for k, w in wants.items()})
                 shutil.copyfile(RUNTIME_SOURCE, tmp / HOST_FILE)
                 write_bytes(tmp / PROGRAM_FILE, self.host_source.encode())
                 manifest = {"format": FORMAT, "version": VERSION, "model": type(self.model).__name__,
@@ -293,11 +295,14 @@ def _runtime_failure(key: str, where: Callable[[str], str], what: str) -> Iterat
 
 
 def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tune: TuneOptions,
-               where: Callable[[str], str], progress: Callable[[str, int, int], None] | None = None
-               ) -> dict[str, Any] | None:
+               where: Callable[[str], str], progress: Callable[[str, int, int], None] | None = None,
+               examples: dict[str, tuple] | None = None) -> dict[str, Any] | None:
     """Build every subgraph's TVM library, as bundles are built (see `tuning`): with `tune`, the
     tasks of all subgraphs are tuned together first, each unique workload once, and each library
-    applies the database to its own tasks. Returns the tuning report (None when untuned)."""
+    applies the database to its own tasks, unless TVM's default schedules run that subgraph
+    faster on its example (or the tuned library fails on it), as `export_bundles` chooses per
+    subnet; `schedules` in its manifest entry says which. Returns the tuning report (None when
+    untuned)."""
     from nestnas.compile.tuning import TuningDatabase, extract_tasks, prepare, relax_module
     from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm
 
@@ -319,7 +324,13 @@ def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tun
                 report["database"] = None  # temporary, gone after the save
         for i, (key, mod) in enumerate(prepared.items()):
             with _runtime_failure(key, where, "TVM cannot build it"), native_warnings_dropped():
-                executable = database.compile(mod, target) if database else tvm.compile(mod, target=target)
+                executable = tvm.compile(mod, target=target)
+                if database:
+                    entry = table[key]
+                    feeds = [dynamic_host.aligned((examples or {})[key][j], np.dtype(d))
+                             for j, d in zip(entry["feeds"], entry["dtypes"])]
+                    executable, entry["schedules"] = _faster_of(database.compile(mod, target), executable, feeds,
+                                                                     threads)
                 executable.export_library(os.fspath(folder / table[key]["tvm"]))
             if progress:
                 progress("tvm build", i + 1, len(prepared))
@@ -327,6 +338,38 @@ def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tun
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _faster_of(tuned: Any, default: Any, feeds: list[np.ndarray], threads: int, rounds: int = 3, runs: int = 5
+               ) -> tuple[Any, dict[str, Any]]:
+    """The tuned library, unless TVM's default schedules run the subgraph faster on its example
+    (DeeBERT ran 0.99 ms tuned at 16 trials against 0.54 ms untuned, tools/bench_dynamic.py:
+    MetaSchedule tiles and parallelises even tiny matmuls) or the tuned one fails there (a zero-extent loop
+    made parallel divides by zero). Alternating rounds, the best run of each."""
+    import tvm
+    from tvm import relax
+
+    from nestnas.compile.tvm_util import use_threads
+
+    use_threads(threads)
+    mains = {k: relax.VirtualMachine(e, tvm.cpu())["main"] for k, e in (("tuned", tuned), ("default", default))}
+    args = [tvm.runtime.from_dlpack(a) for a in feeds]
+    best = {k: float("inf") for k in mains}
+    try:
+        mains["tuned"](*args)
+    except Exception as exc:  # noqa: BLE001 - TVM's own error types
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return default, {"used": "default", "tuned_failed": why[:200]}
+    for _ in range(rounds):
+        for k, main in mains.items():
+            main(*args)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                main(*args)
+                best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
+    used = "tuned" if best["tuned"] <= best["default"] else "default"
+    return (tuned if used == "tuned" else default), {"used": used, "tuned_ms": best["tuned"],
+                                                     "default_ms": best["default"]}
 
 
 def _checksums(folder: Path) -> dict[str, str]:
