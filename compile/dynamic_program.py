@@ -385,8 +385,16 @@ def _check(folder: Path, backend: str, threads: int, wants: dict[str, tuple[tupl
     from nestnas.compile.bundle import tolerance
 
     name = {"onnxruntime": "ONNX Runtime", "tvm": "TVM"}[backend]
+    import contextlib
+
+    quiet = contextlib.nullcontext()
+    if backend == "tvm":
+        from nestnas.compile.tvm_util import native_warnings_dropped
+
+        quiet = native_warnings_dropped()  # "Scope Loaded" per repacked constant of a tuned library
     try:
-        model = dynamic_host.Model(backend, threads, folder, session_options=_session_options(backend, threads))
+        with quiet:
+            model = dynamic_host.Model(backend, threads, folder, session_options=_session_options(backend, threads))
     except dynamic_host.LoadError as exc:
         raise ArtifactError(f"subgraph {exc.key} ({where(exc.key)}): {name} cannot load it ({exc.why})") from None
     for key, (inputs, want) in wants.items():
