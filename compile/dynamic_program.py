@@ -318,8 +318,15 @@ def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tun
         database, report = None, None
         if tune.enabled:
             database = TuningDatabase(tune.database or work)
-            report = {"trials_per_task": tune.trials, "strategy": tune.strategy,
-                      **database.tune([extract_tasks(p, target) for p in prepared.values()], tune, progress)}
+            try:
+                tuned = database.tune([extract_tasks(p, target) for p in prepared.values()], tune, progress)
+            except NestnasError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - MetaSchedule raises TVM's own types
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ArtifactError(f"TVM tuning failed on the workloads of these {len(prepared)} subgraphs ({why}); "
+                                    "save them untuned (tune=None)") from None
+            report = {"trials_per_task": tune.trials, "strategy": tune.strategy, **tuned}
             if tune.database is None:
                 report["database"] = None  # temporary, gone after the save
         for i, (key, mod) in enumerate(prepared.items()):
