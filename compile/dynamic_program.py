@@ -79,7 +79,14 @@ class _SegmentModule(nn.Module):
 
     def forward(self, *leaves):
         inputs = () if self.dummy else dynamic_host.unflatten(leaves, self.in_tree) if self.in_tree else leaves
-        return tuple(dynamic_host.flatten(self.fn(self.model, *inputs, **self.params))[0])
+        outs = dynamic_host.flatten(self.fn(self.model, *inputs, **self.params))[0]
+        # An empty output made from an input's shape alone (`torch.zeros(x.size(0), 0)`) would be a
+        # zero-byte constant, which TVM cannot load: tie it to an input's values.
+        anchor = next((t for t in leaves if not self.dummy and t.numel() and not t.dtype == torch.bool), None)
+        if anchor is not None:
+            zero = anchor.reshape(-1)[:1].sum() * 0
+            outs = [o + zero.to(o.dtype) if o.numel() == 0 and o.dtype != torch.bool else o for o in outs]
+        return tuple(outs)
 
 
 class DynamicProgram:
@@ -315,29 +322,46 @@ def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tun
             prepared[key] = prepare(relax_module(folder / entry["onnx"], (), "", inputs=inputs), target)
     work = Path(tempfile.mkdtemp(prefix="nestnas-tuning-")) if tune.enabled and tune.database is None else None
     try:
-        database, report = None, None
+        database, report, untunable = None, None, {}
         if tune.enabled:
             database = TuningDatabase(tune.database or work)
+            tasks = {key: extract_tasks(p, target) for key, p in prepared.items()}
             try:
-                tuned = database.tune([extract_tasks(p, target) for p in prepared.values()], tune, progress)
+                tuned = database.tune(list(tasks.values()), tune, progress)
             except NestnasError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - MetaSchedule raises TVM's own types
-                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ArtifactError(f"TVM tuning failed on the workloads of these {len(prepared)} subgraphs ({why}); "
-                                    "save them untuned (tune=None)") from None
+            except Exception:  # noqa: BLE001 - MetaSchedule raises TVM's own types
+                # One workload MetaSchedule cannot search (a zero-extent loop made parallel divides
+                # by zero) must not cost the others: each subgraph alone, the failing ones default.
+                tuned = {}
+                for key, own in tasks.items():
+                    try:
+                        for k, v in database.tune([own], tune, None).items():
+                            tuned[k] = tuned.get(k, 0) + v if isinstance(v, (int, float)) else v
+                    except NestnasError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        untunable[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                tuned["untuned_subgraphs"] = sorted(untunable)
             report = {"trials_per_task": tune.trials, "strategy": tune.strategy, **tuned}
             if tune.database is None:
                 report["database"] = None  # temporary, gone after the save
         for i, (key, mod) in enumerate(prepared.items()):
             with _runtime_failure(key, where, "TVM cannot build it"), native_warnings_dropped():
                 executable = tvm.compile(mod, target=target)
-                if database:
+                if key in untunable:
+                    table[key]["schedules"] = {"used": "default", "tuning_failed": untunable[key]}
+                elif database:
                     entry = table[key]
                     feeds = [dynamic_host.aligned((examples or {})[key][j], np.dtype(d))
                              for j, d in zip(entry["feeds"], entry["dtypes"])]
-                    executable, entry["schedules"] = _faster_of(database.compile(mod, target), executable, feeds,
-                                                                     threads)
+                    try:
+                        tuned_lib = database.compile(mod, target)
+                    except Exception as exc:  # noqa: BLE001 - a tuned schedule that does not apply to this graph
+                        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                        entry["schedules"] = {"used": "default", "tuned_failed": why[:200]}
+                    else:
+                        executable, entry["schedules"] = _faster_of(tuned_lib, executable, feeds, threads)
                 executable.export_library(os.fspath(folder / table[key]["tvm"]))
             if progress:
                 progress("tvm build", i + 1, len(prepared))

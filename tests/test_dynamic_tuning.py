@@ -140,3 +140,53 @@ def test_an_untuned_save_says_so_in_its_manifest(tmp_path):
     with torch.no_grad():
         want = net(x, 0.0).numpy()
     assert np.abs(load_dynamic(folder, "tvm")(x.numpy(), 0.0) - want).max() <= tolerance(want)
+
+
+class EmptyCaption(nn.Module):
+    """A caption grown from an empty tensor made from the input's shape alone (a zero-byte constant
+    TVM cannot load), whose zero-extent workloads MetaSchedule cannot search."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        seq = torch.zeros(x.size(0), 0)
+        for _ in range(2):
+            x = self.f(x)
+            seq = torch.cat([seq, x.argmax(1, keepdim=True).float()], 1)
+            if x.sum() > 0:
+                break
+        return seq
+
+
+def _empty_caption_program():
+    torch.manual_seed(0)
+    model = EmptyCaption().eval()
+    inputs = [torch.randn(1, 4, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    return model, inputs, rewrite(model, inputs)
+
+
+def _same_on_tvm(folder, model, inputs):
+    compiled = load_dynamic(folder, "tvm")
+    with torch.no_grad():
+        for x in inputs:
+            assert np.array_equal(compiled(x.numpy()), model(x).numpy())
+
+
+@pytest.mark.tvm
+def test_an_empty_tensor_made_from_an_input_shape_builds_on_tvm(tmp_path):
+    model, inputs, program = _empty_caption_program()
+    _same_on_tvm(program.save(tmp_path / "b", backends=("tvm",)), model, inputs)
+
+
+@pytest.mark.tvm
+@pytest.mark.slow  # MetaSchedule's measuring process: ~40 s on two busy cores
+def test_subgraphs_metaschedule_cannot_tune_keep_default_schedules_and_the_save_completes(tmp_path):
+    model, inputs, program = _empty_caption_program()
+    folder = program.save(tmp_path / "b", backends=("tvm",), tune=TuneOptions(trials=2, strategy="replay-trace"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    failed = [e["schedules"] for e in manifest["subgraphs"].values() if e["schedules"]["used"] == "default"
+              and ("tuning_failed" in e["schedules"] or "tuned_failed" in e["schedules"])]
+    assert failed and manifest["tuning"]["untuned_subgraphs"]
+    _same_on_tvm(folder, model, inputs)
