@@ -53,9 +53,9 @@ def aligned(v, dtype, copy=False):
     a = np.asarray(v, dtype=dtype)
     if not copy and a.flags.c_contiguous and a.ctypes.data % 64 == 0:
         return a
-    buf = np.empty(a.nbytes + 64, np.uint8)
+    buf = np.empty(a.nbytes + a.itemsize + 64, np.uint8)  # an item more: an empty view keeps the address
     start = -buf.ctypes.data % 64
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = buf[start:start + a.nbytes + a.itemsize].view(a.dtype)[:a.size].reshape(a.shape)
     out[...] = a
     return out
 

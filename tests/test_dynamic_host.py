@@ -143,3 +143,12 @@ def test_a_write_failing_midway_is_an_output_error_and_leaves_nothing(gate, tmp_
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (3, 5), (0,)])
+def test_arrays_handed_to_tvm_are_64_byte_aligned_even_when_empty(shape):
+    from nestnas.compile.dynamic_host import aligned
+
+    a = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    out = aligned(a[::1], np.float32, copy=True)
+    assert out.ctypes.data % 64 == 0 and out.shape == shape and np.array_equal(out, a)
