@@ -25,12 +25,15 @@ def as_numpy(args):
 
 
 BACKENDS = ["onnxruntime", pytest.param("tvm", marks=pytest.mark.tvm)]
+# TVM builds every subgraph of the six networks (~1 min): the default run builds one network's,
+# the slow set all (tests/test_dynamic_literature.py builds more on TVM).
+SWEEP = ["onnxruntime", pytest.param("tvm", marks=[pytest.mark.tvm, pytest.mark.slow])]
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, has_tvm):
-    """Each suite network rewritten on its 100 inputs and saved for both backends (ONNX Runtime
-    only without the tvm extra)."""
+def saved(tmp_path_factory):
+    """Each suite network rewritten on its 100 inputs and saved for ONNX Runtime; `on_tvm` saves
+    a network's TVM subgraphs when a test first needs them."""
     out = {}
     for name, model in NETS.items():
         inputs = dn.inputs_for(name, model)
@@ -40,16 +43,27 @@ def saved(tmp_path_factory, has_tvm):
             warnings.simplefilter("error", CoverageWarning)
             warnings.filterwarnings("ignore", "no subnet meets the budget")
             program = rewrite(model, inputs)
-        folder = program.save(tmp_path_factory.mktemp(name) / "bundle",
-                              backends=("onnxruntime", "tvm") if has_tvm else ("onnxruntime",))
+        folder = program.save(tmp_path_factory.mktemp(name) / "bundle", backends=("onnxruntime",))
         out[name] = (model, inputs, program, folder)
     return out
 
 
+@pytest.fixture(scope="module")
+def on_tvm(saved, tmp_path_factory):
+    folders = {}
+
+    def folder(name):
+        if name not in folders:
+            folders[name] = saved[name][2].save(tmp_path_factory.mktemp(name + "-tvm") / "bundle", backends=("tvm",))
+        return folders[name]
+    return folder
+
+
 @pytest.mark.parametrize("name", list(NETS))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_suite_network_equals_eager_on_every_branch(saved, name, backend):
+@pytest.mark.parametrize("backend", SWEEP)
+def test_suite_network_equals_eager_on_every_branch(saved, on_tvm, name, backend):
     model, inputs, program, folder = saved[name]
+    folder = on_tvm(name) if backend == "tvm" else folder
     assert len(inputs) >= 100
     assert program.coverage() == 1.0 and not program.untaken()  # both sides of every branch were taken
     compiled = load_dynamic(folder, backend)
@@ -74,8 +88,9 @@ def test_branch_structure_is_what_the_model_says(saved):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_host_module_runs_without_torch(saved, backend):
+def test_host_module_runs_without_torch(saved, on_tvm, backend):
     model, inputs, _, folder = saved["early_exit"]
+    folder = on_tvm("early_exit") if backend == "tvm" else folder
     x = inputs[0][0]
     np.save(folder.parent / "x.npy", x.numpy())
     with torch.no_grad():

@@ -203,6 +203,7 @@ def test_rounds_follow_the_share_of_time_with_a_cap():
 
 
 @pytest.mark.tvm
+@pytest.mark.slow  # MetaSchedule rounds (~30 s)
 def test_extra_tuning_rounds_go_to_the_workloads_that_take_the_time(tmp_path, monkeypatch):
     from nestnas.compile import tuning
     from nestnas.compile.onnx_export import export_onnx
@@ -226,6 +227,7 @@ def test_extra_tuning_rounds_go_to_the_workloads_that_take_the_time(tmp_path, mo
 
 
 @pytest.mark.tvm
+@pytest.mark.slow  # MetaSchedule transfer (~33 s)
 def test_a_workload_with_a_tuned_relative_starts_from_its_adapted_schedules(tmp_path):
     from nestnas.compile import tuning
     from nestnas.compile.backends import TvmModel

@@ -113,6 +113,7 @@ def test_profile_resumes_without_measuring_twice(tiny_profile, tmp_path):
     assert all(healed.measurements[k] == data["measurements"][k] for k in keys[1:])
 
 
+@pytest.mark.slow  # a killed profiling process (~45 s); resuming without measuring twice stays in the default run
 def test_killed_profile_run_resumes(tmp_path):
     path = tmp_path / "killed.json"
     code = ("import sys; from nestnas.hw_profiles import profile_device; "

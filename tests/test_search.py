@@ -205,6 +205,7 @@ def _state_generations(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # NSGA-II killed and resumed (~60 s); the LINAS kill test stays in the default run
 def test_a_killed_search_resumes_to_the_same_front(trained, tmp_path):
     _, ckpt, _, _ = trained
     env = {**os.environ, "NESTNAS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
