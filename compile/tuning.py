@@ -126,7 +126,12 @@ class TuningDatabase:
             (self.path / "logs").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"tuning database folder {self.path} cannot be created: {exc.strerror}") from None
-        self.db = ms.database.JSONDatabase(work_dir=os.fspath(self.path), module_equality="structural")
+        try:
+            self.db = ms.database.JSONDatabase(work_dir=os.fspath(self.path), module_equality="structural")
+        except Exception as exc:  # noqa: BLE001 - TVM's own error type
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"tuning database {self.path} cannot be read ({why}); move it aside or give "
+                              "another folder") from None
 
     def has(self, task: Any) -> bool:
         mod = task.dispatched[0]

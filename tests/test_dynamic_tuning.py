@@ -190,3 +190,14 @@ def test_subgraphs_metaschedule_cannot_tune_keep_default_schedules_and_the_save_
               and ("tuning_failed" in e["schedules"] or "tuned_failed" in e["schedules"])]
     assert failed and manifest["tuning"]["untuned_subgraphs"]
     _same_on_tvm(folder, model, inputs)
+
+
+@pytest.mark.tvm
+def test_a_tuning_database_tvm_cannot_read_is_one_line(tmp_path):
+    from nestnas.compile.tuning import TuningDatabase
+    from nestnas.errors import ConfigError
+
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "database_workload.json").write_text("not json\n")
+    with pytest.raises(ConfigError, match=r"tuning database .*db cannot be read \(.*\); move it aside"):
+        TuningDatabase(tmp_path / "db")
