@@ -324,25 +324,23 @@ def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tun
     try:
         database, report, untunable = None, None, {}
         if tune.enabled:
-            database = TuningDatabase(tune.database or work)
+            path = Path(tune.database or work)
+            TuningDatabase(path)  # created, and refused in one line if TVM cannot read it
             tasks = {key: extract_tasks(p, target) for key, p in prepared.items()}
-            try:
-                tuned = database.tune(list(tasks.values()), tune, progress)
-            except NestnasError:
-                raise
-            except Exception:  # noqa: BLE001 - MetaSchedule raises TVM's own types
+            tuned, failure = _tune_in_copy(path, list(tasks.values()), tune, progress)
+            if failure is not None:
                 # One workload MetaSchedule cannot search (a zero-extent loop made parallel divides
                 # by zero) must not cost the others: each subgraph alone, the failing ones default.
                 tuned = {}
                 for key, own in tasks.items():
-                    try:
-                        for k, v in database.tune([own], tune, None).items():
-                            tuned[k] = tuned.get(k, 0) + v if isinstance(v, (int, float)) else v
-                    except NestnasError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001
-                        untunable[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    one, failure = _tune_in_copy(path, [own], tune, None)
+                    if failure is not None:
+                        untunable[key] = failure
+                        continue
+                    for k, v in one.items():
+                        tuned[k] = tuned.get(k, 0) + v if isinstance(v, (int, float)) else v
                 tuned["untuned_subgraphs"] = sorted(untunable)
+            database = TuningDatabase(path)
             report = {"trials_per_task": tune.trials, "strategy": tune.strategy, **tuned}
             if tune.database is None:
                 report["database"] = None  # temporary, gone after the save
@@ -369,6 +367,34 @@ def _build_tvm(folder: Path, table: dict[str, dict[str, Any]], threads: int, tun
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _tune_in_copy(path: Path, task_lists: list[list[Any]], tune: TuneOptions,
+                  progress: Callable[[str, int, int], None] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """Tune in a scratch copy of the database at `path`, which replaces it only when the tuning
+    succeeded and TVM can read the copy again: records of a workload MetaSchedule failed on can
+    leave a database no later open can parse. Returns the tuning report, or why it failed."""
+    from nestnas.compile.tuning import TuningDatabase
+
+    scratch = Path(tempfile.mkdtemp(prefix="nestnas-tuning-copy-")) / "db"
+    try:
+        shutil.copytree(path, scratch)
+        try:
+            report = TuningDatabase(scratch).tune(task_lists, tune, progress)
+        except NestnasError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MetaSchedule raises TVM's own types
+            return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        try:
+            TuningDatabase(scratch)
+        except ConfigError as exc:
+            return None, str(exc)[:200]
+        shutil.copytree(scratch, path, dirs_exist_ok=True)
+        if "database" in report:
+            report["database"] = os.fspath(path)
+        return report, None
+    finally:
+        shutil.rmtree(scratch.parent, ignore_errors=True)
 
 
 def _faster_of(tuned: Any, default: Any, feeds: list[np.ndarray], threads: int, rounds: int = 3, runs: int = 5
