@@ -98,7 +98,11 @@ def unflatten(leaves, specs):
 def key(segment, inputs, params):
     """The subgraph compiled for `segment` at these host values and input shapes (and, where an
     input is a tuple or None, their structure)."""
-    leaves, specs = flatten(inputs)
+    return key_of(segment, *flatten(inputs), params)
+
+
+def key_of(segment, leaves, specs, params):
+    """`key` from the arrays and structure `flatten` gave (the runtime flattens once a call)."""
     shapes = ";".join("x".join(str(int(d)) for d in np.shape(v)) for v in leaves)
     structure = "" if all(s == "t" for s in specs) else "|" + json.dumps(specs, separators=(",", ":"))
     return segment + "|" + ",".join(f"{k}={params[k]!r}" for k in sorted(params)) + "|" + shapes + structure
@@ -191,12 +195,13 @@ class Subgraphs:
         return call
 
     def __call__(self, segment, inputs, params):
-        k = key(segment, inputs, params)
+        leaves, specs = flatten(inputs)
+        k = key_of(segment, leaves, specs, params)
         call = self.calls.get(k)
         if call is None:
             raise KeyError(f"subgraph {k} was never compiled: the example inputs given to rewrite() "
                            "never reached this branch or shape")
-        out = call(flatten(inputs)[0])
+        out = call(leaves)
         tree = self.trees.get(k)
         return unflatten(out, tree) if tree else out
 

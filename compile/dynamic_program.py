@@ -64,8 +64,8 @@ class _Record:
     segment: str
     params: dict[str, Any]
     example: tuple[torch.Tensor, ...]   # the arrays of the inputs (see dynamic_host.flatten)
-    in_tree: list[Any] = None
-    out_tree: list[Any] = None
+    in_tree: Optional[list[Any]] = None
+    out_tree: Optional[list[Any]] = None
 
 
 class _SegmentModule(nn.Module):
@@ -114,8 +114,8 @@ class DynamicProgram:
             raise RewriteError(f"{self.where(segment)}: {', '.join(names) or 'an input'} is a {exc} here, not a "
                                "tensor; subgraphs pass tensors only: keep a tuple's tensors in separate variables "
                                "(`h, c = state`) and give them tensor values before the first use") from None
-        key = dynamic_host.key(segment, inputs, params)
         leaves, in_tree = dynamic_host.flatten(inputs)
+        key = dynamic_host.key_of(segment, leaves, in_tree, params)
         if key not in self.records:
             self.records[key] = _Record(key, segment, dict(params), tuple(v.detach().clone() for v in leaves), in_tree)
         try:
