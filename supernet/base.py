@@ -25,6 +25,7 @@ from nestnas.supernet.families import (
     supernet_class,
     unregister_supernet,
 )
+from nestnas.supernet.inputs import InputSpec
 from nestnas.supernet.space import SearchSpace
 
 __all__ = ["DEFAULT_FAMILY", "SUPERNETS", "Part", "Supernet", "build_supernet", "family_names", "part_key",
@@ -106,6 +107,11 @@ class Supernet(nn.Module):
     def input_shape(self, config: SubnetConfig | None = None, batch: int = 1) -> tuple[int, ...]:
         """Shape of the input tensor the subnet `config` takes (after `prepare_input`)."""
         raise NotImplementedError
+
+    def input_specs(self, config: SubnetConfig | None = None, batch: int = 1) -> tuple[InputSpec, ...]:
+        """The typed inputs of `extract(config)`'s `forward`, in order (see `nestnas.supernet.inputs`):
+        by default one float32 tensor named ``input`` of `input_shape(config, batch)`."""
+        return (InputSpec("input", self.input_shape(config, batch)),)
 
     def prepare_input(self, x: torch.Tensor, config: SubnetConfig | None = None) -> torch.Tensor:
         """Bring a batch from the data set to the shape `config` takes (e.g. its resolution)."""
