@@ -18,7 +18,7 @@ from nestnas.errors import ArtifactError, CheckpointError, ConfigError, ProfileE
 from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.predictors.store import load_predictor, save_predictor
 from nestnas.supernet import CNNConfig, ElasticCNN, SearchSpace, StageSpec, TransformerConfig
-from nestnas.supernet.checkpoint import load_supernet, save_checkpoint
+from nestnas.supernet.checkpoint import load_supernet, read_payload, save_checkpoint, write_payload
 from nestnas.supernet.data import digits_datasets
 from nestnas.supernet.train import train_supernet
 
@@ -237,9 +237,9 @@ STATE_CASES = {
 
 
 def _mutate_checkpoint(src, dst, mutate):
-    payload = torch.load(src, weights_only=True)
+    payload = read_payload(src)
     mutate(payload)
-    torch.save(payload, dst)
+    write_payload(dst, payload)
 
 
 @pytest.mark.parametrize("case", STATE_CASES)
@@ -295,7 +295,7 @@ def test_a_good_checkpoint_matches_its_schemas_and_resumes(trained, tmp_path):
     from nestnas.supernet.train import TrainStateSchema
 
     src, loader = trained
-    payload = torch.load(src, weights_only=True)
+    payload = read_payload(src)
     CheckpointSchema.model_validate(payload)
     TrainStateSchema.model_validate(payload["train"])
     copy = tmp_path / "copy.ckpt"

@@ -332,7 +332,7 @@ def test_mutated_search_states(world, data):
         record("search --state", _identity("state", m), outcome, m.what, wd)
 
 
-# Checkpoints are torch files, not JSON: mutate the payload's plain data (space, spec, training
+# Checkpoints are safetensors files, not JSON: mutate the payload's plain data (space, spec, training
 # state) and save it again, or damage the bytes.
 def _payload_mutation(draw, payload: dict):
     plain = {k: payload[k] for k in ("format", "version", "space", "spec", "train")}
@@ -367,9 +367,9 @@ def test_mutated_checkpoints(world, data):
             ckpt.write_bytes(raw[:at])
             what = f"truncate at byte {at}"
         else:
-            payload = torch.load(world.ckpt, weights_only=True)
+            payload = read_payload(world.ckpt)
             what = _payload_mutation(data.draw, payload)
-            torch.save(payload, ckpt)
+            write_payload(ckpt, payload)
         if command == "train":
             argv = ["train", "--family", "transformer", "--epochs", "1", "--out", ckpt, "--json"]
         else:
