@@ -9,12 +9,21 @@ Spec grammar: ``SOURCE[:OPTION=VALUE[,OPTION=VALUE...]]`` where SOURCE is
 - ``FILE.npz`` with ``x_train, y_train, x_val, y_val``, or ``x, y`` (split stratified);
 - ``FILE.csv``: a table with a header row; the ``label`` column (option ``label=NAME``) holds the
   classes, every other column is a numeric feature;
-- ``package.module:function``: a function that returns ``(train_dataset, val_dataset)``.
+- ``package.module:function``: a function that returns ``(train_dataset, val_dataset)``;
+- text: ``FILE.csv:text=COLUMN[,text2=COLUMN],label=COLUMN`` or ``FILE.jsonl`` (one JSON object
+  per line; columns default to ``text`` and ``label``), tokenised with a pretrained model's own
+  tokenizer (``tokenizer=DIR``, a model folder; ``load_data(..., model=DIR)`` fills it in; nothing
+  is downloaded). Each sample is one int64 tensor of shape (3, L): input ids, attention mask and
+  token type ids (zeros where the tokenizer has none), padded or truncated to ``max_length=L``
+  (default min(128, the model's position embeddings)). Labels are the sorted distinct values of
+  the label column (numbers sorted as numbers), or the model's own ``label2id`` order when its
+  label names are exactly the data's; `Data.classes` names them. ``encoding=NAME`` reads a file
+  that is not UTF-8 (e.g. ``encoding=mac_roman``).
 
 Options: ``val=F`` (validation share of a stratified split, default 0.2), ``label=NAME`` (CSV),
 ``shape=AxB...`` (reshape each sample of an ``.npz`` or CSV, e.g. ``shape=1x8x8`` for images).
 Labels are integers 0..K-1. Samples keep a per-sample shape ((C, H, W) images, (F,) tables, (T, D)
-tokens); the supernet family adapts to it (`Supernet.spec_for_data`).
+tokens, (3, L) packed text); the supernet family adapts to it (`Supernet.spec_for_data`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import io
+import json
 import math
 import os
 import re
@@ -38,13 +49,18 @@ from nestnas.errors import ConfigError, DataError
 
 FAMILIES = ("cnn", "transformer")
 DEFAULT_VAL = 0.2
-KINDS = ("digits", "images", "npz", "csv", "entry")
+KINDS = ("digits", "images", "npz", "csv", "entry", "text")
+_TEXT_OPTIONS = ("val", "text", "text2", "label", "max_length", "tokenizer", "encoding")
 _OPTIONS = {"digits": ("val",), "images": ("val",), "npz": ("val", "shape"), "csv": ("val", "shape", "label"),
-            "entry": ()}
+            "entry": (), "text": _TEXT_OPTIONS}
 _ENTRY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*")
-_OPTION_PART = re.compile(r"[a-z_]+=[^,=:]*(,[a-z_]+=[^,=:]*)*")
-EXPECTED = ("digits, a folder of class sub-folders, FILE.npz, FILE.csv[:label=COLUMN] or "
-            "package.module:function")
+_OPTION_PART = re.compile(r"[a-z_][a-z0-9_]*=[^,=:]*(,[a-z_][a-z0-9_]*=[^,=:]*)*")
+EXPECTED = ("digits, a folder of class sub-folders, FILE.npz, FILE.csv[:label=COLUMN], text as "
+            "FILE.csv:text=COLUMN,label=COLUMN or FILE.jsonl, or package.module:function")
+#: Padded length of text samples when the spec gives no max_length (capped by the model's positions).
+DEFAULT_MAX_LENGTH = 128
+# Families whose position table holds pad_token_id + 1 slots before the first position.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl")
 
 
 # --- the embedded default -------------------------------------------------------------------
@@ -115,6 +131,8 @@ def parse_spec(text: str | os.PathLike) -> DataSpec:
         kind = "digits"
     elif source.lower().endswith(".npz"):
         kind = "npz"
+    elif source.lower().endswith(".jsonl") or (source.lower().endswith(".csv") and "text" in options):
+        kind = "text"
     elif source.lower().endswith(".csv"):
         kind = "csv"
     elif _ENTRY.fullmatch(source) and not _is(Path.exists, source):
@@ -122,8 +140,8 @@ def parse_spec(text: str | os.PathLike) -> DataSpec:
     elif _is(Path.is_dir, source):
         kind = "images"
     else:
-        raise DataError(f"data spec {given!r} is not a known kind of data (no such folder, not .npz or .csv, "
-                        f"not module:function); expected {EXPECTED}")
+        raise DataError(f"data spec {given!r} is not a known kind of data (no such folder, not .npz, .csv or "
+                        f".jsonl, not module:function); expected {EXPECTED}")
     unknown = [k for k in options if k not in _OPTIONS[kind]]
     if unknown:
         raise DataError(f"data spec {given!r}: unknown option {unknown[0]!r} for {kind} data; allowed: "
@@ -131,6 +149,7 @@ def parse_spec(text: str | os.PathLike) -> DataSpec:
     spec = DataSpec(kind, source, options, given)
     _val_fraction(spec)  # checked before any reading
     _shape_option(spec)
+    _max_length_option(spec)
     return spec
 
 
@@ -166,6 +185,16 @@ def _shape_option(spec: DataSpec) -> tuple[int, ...] | None:
     if not shape or min(shape) < 1:
         raise DataError(f"data spec {spec.text!r}: shape={text!r}; expected positive sizes joined by x such as 1x8x8")
     return shape
+
+
+def _max_length_option(spec: DataSpec) -> int | None:
+    text = spec.options.get("max_length")
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 2:
+        raise DataError(f"data spec {spec.text!r}: max_length={text!r}; expected a whole number of tokens of at "
+                        "least 2 such as 128")
+    return int(text)
 
 
 # --- the loaded data ----------------------------------------------------------------------------
@@ -228,14 +257,19 @@ class Data:
                             f"{where} takes samples of shape {trained}")
 
 
-def load_data(data: Any = "digits", space=None, *, seed: int = 0, val_fraction: float | None = None) -> Data:
+def load_data(data: Any = "digits", space=None, *, seed: int = 0, val_fraction: float | None = None,
+              model: str | os.PathLike | None = None, max_length: int | None = None) -> Data:
     """Data from a spec (str or path, see the module doc), a `(train, val)` pair of torch
     datasets or loaders, or one dataset (split stratified, `val_fraction` default 0.2). `space`
-    gives the family's image size for image folders; `seed` the split."""
+    gives the family's image size for image folders; `seed` the split. For text data, `model`
+    is the pretrained model folder whose tokenizer (and position limit) is used and `max_length`
+    the padded length, where the spec names neither."""
     if isinstance(data, (str, os.PathLike)):
         spec = parse_spec(data)
         if val_fraction is not None and "val" in _OPTIONS[spec.kind] and "val" not in spec.options:
             spec = DataSpec(spec.kind, spec.source, {**spec.options, "val": repr(val_fraction)}, spec.text)
+        if spec.kind == "text":
+            spec = _with_text_options(spec, model, max_length)
         return _LOADERS[spec.kind](spec, space, seed)
     if isinstance(data, DataLoader):
         raise DataError("a single DataLoader cannot be split; give a (train, validation) pair of loaders "
@@ -494,8 +528,219 @@ def _load_entry(spec: DataSpec, space, seed: int) -> Data:
     return Data(result[0], result[1], *_describe(result[0], result[1], where), spec=str(spec), seed=seed)
 
 
+# --- text ----------------------------------------------------------------------------------------------
+
+def _with_text_options(spec: DataSpec, model, max_length: int | None) -> DataSpec:
+    """`spec` with the model folder (absolute, so the recorded spec reads the same tokenizer
+    again) and max_length filled in where it names none."""
+    options = dict(spec.options)
+    if model is not None:
+        folder = str(Path(model).resolve())
+        if "tokenizer" in options and Path(options["tokenizer"]).resolve() != Path(folder):
+            raise DataError(f"data spec {spec.text!r} names tokenizer={options['tokenizer']}, but the model is "
+                            f"{model}; give one of them")
+        if re.search(r"[,=:]", folder):
+            raise DataError(f"model folder {folder}: a data spec cannot name a path holding ',', '=' or ':'; "
+                            "move the model to a plainer path")
+        options["tokenizer"] = folder
+    elif "tokenizer" in options:
+        options["tokenizer"] = str(Path(options["tokenizer"]).resolve())
+    if max_length is not None:
+        if "max_length" in options and int(options["max_length"]) != max_length:
+            raise DataError(f"data spec {spec.text!r} gives max_length={options['max_length']}, and max_length "
+                            f"{max_length} was asked; give one of them")
+        options["max_length"] = str(int(max_length))
+    out = DataSpec(spec.kind, spec.source, options, spec.text)
+    _max_length_option(out)
+    return out
+
+
+def _read_text_file(spec: DataSpec, where: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows) of a CSV with a header row or of a JSON-lines file."""
+    path = Path(spec.source)
+    if not _is(Path.is_file, spec.source):
+        raise DataError(f"{where}: no such file {path}")
+    encoding = spec.options.get("encoding", "utf-8")
+    data = path.read_bytes()
+    try:
+        raw = data.decode(encoding)
+    except LookupError:
+        raise DataError(f"{where}: unknown encoding={encoding!r}; give a Python codec name such as utf-8, "
+                        "latin-1 or mac_roman") from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{where}: line {line} is not {encoding} (byte 0x{data[exc.start]:02x}); give the "
+                        "file's encoding, e.g. encoding=latin-1 or encoding=mac_roman") from None
+    if not raw.strip():
+        raise DataError(f"{where}: the file is empty; expected "
+                        + ("a header row naming the columns and one row per sample" if spec.source.lower().endswith(
+                            ".csv") else "one JSON object per line"))
+    if spec.source.lower().endswith(".csv"):
+        try:
+            table = list(csv.reader(io.StringIO(raw, newline="")))
+        except csv.Error as exc:
+            raise DataError(f"{where}: not a CSV table ({exc})") from None
+        columns = [h.strip() for h in table[0]]
+        rows = []
+        for line, row in enumerate(table[1:], start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(columns):
+                raise DataError(f"{where}: line {line} has {len(row)} fields; the header has {len(columns)}")
+            rows.append(dict(zip(columns, row)))
+        return columns, rows
+    columns, rows = [], []
+    for line, text in enumerate(raw.splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: line {line} is not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: line {line} is a JSON {type(row).__name__}; expected one object per line")
+        columns += [k for k in row if k not in columns]
+        rows.append(row)
+    return columns, rows
+
+
+def _load_tokenizer(folder: str, where: str):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError(f"{where}: text data is tokenised with transformers, which is not installed; install the "
+                          "hf extra: pip install 'nestnas[hf]'") from None
+    if not _is(Path.is_dir, folder):
+        raise DataError(f"{where}: tokenizer folder {folder} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 -- transformers raises OSError, ValueError, KeyError... for a bad folder
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise DataError(f"{where}: no usable tokenizer in {folder} (save one there with "
+                        f"tokenizer.save_pretrained; {type(exc).__name__}: {first})") from None
+
+
+def _model_facts(folder: str) -> tuple[int | None, int | None, dict[str, int] | None]:
+    """(positions the model can embed, labels of its classification head, its label2id) from
+    the folder's config.json; None where the folder does not say."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None, None
+    if not isinstance(config, dict):
+        return None, None, None
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and config.get("model_type") in _OFFSET_POSITIONS:
+        positions -= int(config.get("pad_token_id") or 0) + 1
+    positions = positions if isinstance(positions, int) and positions > 0 else None
+    heads = [a for a in config.get("architectures") or [] if isinstance(a, str) and a.endswith(
+        "ForSequenceClassification")]
+    label2id = config.get("label2id") if isinstance(config.get("label2id"), dict) else None
+    num_labels = None
+    if heads:
+        id2label = config.get("id2label")
+        num_labels = len(id2label) if isinstance(id2label, dict) and id2label else int(config.get("num_labels", 2))
+    return positions, num_labels, label2id
+
+
+def _text_classes(values: list[str], label2id: dict[str, int] | None) -> tuple[str, ...]:
+    """Class names in label order: the model's own label2id order when its names are exactly
+    the data's, else sorted (as numbers when every label is an integer)."""
+    present = set(values)
+    if label2id and set(label2id) == present and sorted(label2id.values()) == list(range(len(present))):
+        return tuple(sorted(present, key=lambda name: label2id[name]))
+    try:
+        return tuple(sorted(present, key=lambda v: (int(v), v)))
+    except ValueError:
+        return tuple(sorted(present))
+
+
+def _label_text(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, str)):
+        return str(value).strip()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None
+
+
+def _text_columns(spec: DataSpec, columns: list[str], where: str) -> tuple[str, str | None, str]:
+    text, text2 = spec.options.get("text", "text"), spec.options.get("text2")
+    label = spec.options.get("label", "label")
+    missing = [f"{column!r} ({option}={column})" for option, column in (("text", text), ("text2", text2),
+                                                                        ("label", label))
+               if column is not None and column not in columns]
+    if missing:
+        raise DataError(f"{where}: no column {', '.join(missing)}; the columns are {columns[:12]} (name them "
+                        "with text=, text2= and label=)")
+    return text, text2, label
+
+
+def _load_text(spec: DataSpec, space, seed: int) -> Data:
+    where = f"data {spec.text!r}"
+    folder = spec.options.get("tokenizer")
+    if folder is None:
+        raise DataError(f"{where}: text data is tokenised with the model's own tokenizer; give the model folder "
+                        "(--model DIR, load_data(..., model=DIR) or tokenizer=DIR)")
+    columns, rows = _read_text_file(spec, where)
+    text_col, text2_col, label_col = _text_columns(spec, columns, where)
+    if not rows:
+        raise DataError(f"{where}: the file has no data rows, only its header")
+    texts, pairs, labels = [], [], []
+    for i, row in enumerate(rows):
+        line = i + 2 if spec.source.lower().endswith(".csv") else i + 1
+        for col, out in ((text_col, texts), (text2_col, pairs)):
+            if col is None:
+                continue
+            value = row.get(col)
+            if not isinstance(value, str):
+                raise DataError(f"{where}: row {line}: column {col!r} holds {type(value).__name__} {value!r}; "
+                                "expected text")
+            out.append(value)
+        label = _label_text(row.get(label_col))
+        if not label:
+            raise DataError(f"{where}: row {line}: label {row.get(label_col)!r} in column {label_col!r}; expected "
+                            "a class name or integer")
+        labels.append(label)
+    positions, head_labels, label2id = _model_facts(folder)
+    max_length = _max_length_option(spec)
+    if positions is not None and max_length is not None and max_length > positions:
+        raise DataError(f"{where}: max_length={max_length} is beyond the model's {positions} position embeddings "
+                        f"({folder}/config.json); give max_length={positions} or less")
+    max_length = max_length or min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    classes = _text_classes(labels, label2id)
+    if head_labels is not None and head_labels != len(classes):
+        raise DataError(f"{where}: {len(classes)} classes {_short(np.asarray(classes))} in column {label_col!r}, but "
+                        f"the model's classification head has {head_labels} labels (num_labels in {folder}/"
+                        "config.json); give data with that many classes or a model without the head")
+    tokenizer = _load_tokenizer(folder, where)
+    x = tokenize_texts(tokenizer, texts, pairs or None, max_length)
+    index = {name: k for k, name in enumerate(classes)}
+    y = np.asarray([index[v] for v in labels], dtype=np.int64)
+    x_tr, y_tr, x_va, y_va = _split(x, y, _val_fraction(spec), seed, where)
+    k = _check_labels(y_tr, y_va, where)
+    fingerprint = _hash_arrays(x_tr, y_tr, x_va, y_va, np.frombuffer("\0".join(classes).encode(), np.uint8))
+    return Data(TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr)),
+                TensorDataset(torch.from_numpy(x_va), torch.from_numpy(y_va)), tuple(x.shape[1:]), k, fingerprint,
+                spec=str(spec), seed=seed, classes=classes)
+
+
+def tokenize_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int) -> np.ndarray:
+    """Texts (and second texts of sentence pairs) as one int64 array (N, 3, max_length): input
+    ids, attention mask, token type ids (zeros where the tokenizer makes none), padded and
+    truncated to `max_length` by `tokenizer` itself."""
+    encoded = tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np")
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    mask = np.asarray(encoded.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
+    types = np.asarray(encoded.get("token_type_ids", np.zeros_like(ids)), dtype=np.int64)
+    return np.ascontiguousarray(np.stack([ids, mask, types], axis=1))
+
+
 _LOADERS = {"digits": _load_digits, "npz": _load_npz, "csv": _load_csv, "images": _load_images,
-            "entry": _load_entry}
+            "entry": _load_entry, "text": _load_text}
 
 
 # --- datasets given as objects -------------------------------------------------------------------------
@@ -542,7 +787,8 @@ def data_for_checkpoint(net, checkpoint: str | os.PathLike, data: Any = None, *,
     record = checkpoint_data(checkpoint)
     where = f"checkpoint {checkpoint}"
     if data is not None:
-        loaded = load_data(data, net.space, seed=record["seed"] if record else seed)
+        loaded = load_data(data, net.space, seed=record["seed"] if record else seed,
+                           model=_recorded_model(data, record))
     elif record is None:
         loaded = load_data("digits", net.space, seed=seed)
     elif record["spec"] is None:
@@ -554,3 +800,16 @@ def data_for_checkpoint(net, checkpoint: str | os.PathLike, data: Any = None, *,
                             f"{loaded.fingerprint[:12]}, recorded {record['fingerprint'][:12]}); give the data")
     loaded.check_fits(net, where, record)
     return loaded
+
+
+def _recorded_model(data: Any, record: dict | None) -> str | None:
+    """The tokenizer folder of the checkpoint's own text data, for text data given without one."""
+    if not (record and record.get("spec") and isinstance(data, (str, os.PathLike))):
+        return None
+    try:
+        given, recorded = parse_spec(data), parse_spec(record["spec"])
+    except DataError:
+        return None
+    if given.kind != "text" or "tokenizer" in given.options or recorded.kind != "text":
+        return None
+    return recorded.options.get("tokenizer")
