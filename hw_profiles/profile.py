@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from nestnas.compile.runners import Measurement
 from nestnas.errors import ConfigError, ProfileError
 from nestnas.fileio import read_document, validate, write_json
+from nestnas.supernet.checkpoint import spec_problem
 from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.families import supernet_class
 from nestnas.supernet.space import SearchSpace
 
 SCHEMA_VERSION = 1
@@ -76,7 +78,9 @@ class ProfileSchema(BaseModel):
     created: str = ""
     fingerprint: dict[str, Any]
     space: dict[str, Any]
-    spec: dict[str, Annotated[int, Field(ge=1, le=MAX_SPEC)]]  # the supernet's constructor arguments
+    # The supernet's constructor arguments: any JSON (a family may keep e.g. a model's configuration);
+    # those whose default is an integer are checked on load to be integers in [1, MAX_SPEC].
+    spec: dict[str, JsonValue]
     batch_size: Annotated[int, Field(ge=1)]
     meta: MetaSchema = MetaSchema()
     measurements: dict[str, MeasurementSchema]
@@ -243,6 +247,11 @@ class DeviceProfile:
             space = profile.search_space()
         except (KeyError, TypeError, ValueError, ConfigError) as exc:  # the space's constructor checks it
             raise ProfileError(f"device profile {path}: field space: {str(exc).splitlines()[0]}") from None
+        problem = spec_problem(supernet_class(space.family), profile.spec, max_int=MAX_SPEC, unknown=False)
+        if problem:
+            name, reason = problem
+            raise ProfileError(f"device profile {path}: field spec.{name}: {reason} "
+                               f"(got {profile.spec[name]!r:.60})")
         for key, m in profile.measurements.items():
             try:
                 config = space.validate(SubnetConfig.from_dict(m.config))

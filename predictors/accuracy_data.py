@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from nestnas.errors import ConfigError, ProfileError
 from nestnas.fileio import read_document, validate, write_json
 from nestnas.supernet.base import Supernet
+from nestnas.supernet.checkpoint import spec_problem
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
+from nestnas.supernet.families import supernet_class
 from nestnas.supernet.space import SearchSpace
 
 FORMAT = "nestnas.accuracy_table"
@@ -29,7 +31,7 @@ class _EntrySchema(BaseModel):
 class _TableSchema(BaseModel):
     model_config = ConfigDict(strict=True)
     space: dict[str, Any]
-    spec: dict[str, Annotated[int, Field(ge=1)]]
+    spec: dict[str, JsonValue]  # integers where the family's default is one: checked on load
     checkpoint_sha256: str
     entries: dict[str, _EntrySchema]
 
@@ -62,6 +64,11 @@ class AccuracyTable:
         try:
             table = cls(data["space"], data["spec"], data["checkpoint_sha256"], data["entries"])
             space = table.search_space()
+            problem = spec_problem(supernet_class(space.family), table.spec, unknown=False)
+            if problem:
+                name, reason = problem
+                raise ProfileError(f"accuracy table {path}: field spec.{name}: {reason} "
+                                   f"(got {table.spec[name]!r:.60})")
             for key, e in table.entries.items():
                 if space.config_hash(SubnetConfig.from_dict(e["config"])) != key:
                     raise ProfileError(f"accuracy table {path}: entry {key} does not match its config")

@@ -29,7 +29,7 @@ out take the family constructor's defaults.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -47,9 +47,11 @@ __all__ = ["count_macs", "count_macs_encoded", "count_module", "onnx_macs"]
 # Counted from a built module
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def count_module(module: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+def count_module(module: nn.Module, example: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[int, int]:
     """(MACs per sample, parameters) of a static module, counted with forward hooks on one
-    run of `example` (batch 1 or more; MACs are divided by the batch)."""
+    run of `example` (batch 1 or more; MACs are divided by the batch): one tensor, or a dict of
+    the module's inputs in its `forward`'s order (`nestnas.supernet.inputs.example_inputs`)."""
+    inputs = tuple(example.values()) if isinstance(example, Mapping) else (example,)
     macs = 0
 
     def conv_hook(m: nn.Conv2d, inputs, out):
@@ -77,13 +79,13 @@ def count_module(module: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     was_training = module.training
     module.eval()
     try:
-        module(example)
+        module(*inputs)
     finally:
         for h in hooks:
             h.remove()
         module.train(was_training)
     params = sum(p.numel() for p in module.parameters())
-    return macs // example.shape[0], params
+    return macs // inputs[0].shape[0], params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,17 +100,16 @@ def _family(space: Any):
         raise ConfigError(f"no analytic MAC count for family {space.family!r}; allowed: {family_names()}") from None
 
 
-def _check_spec(family, spec: dict[str, Any]) -> dict[str, int]:
+def _check_spec(family, spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec` completed with the constructor's defaults; only fields whose default is an integer
+    are typed (a family's spec may hold other JSON values, e.g. a model configuration)."""
+    from nestnas.supernet.checkpoint import check_spec
+
     allowed = family.default_spec()
     extra = sorted(set(spec) - set(allowed))
     if extra:
         raise ConfigError(f"unknown spec field(s) {extra} for family {family.family!r}; allowed: {sorted(allowed)}")
-    out = {**allowed, **spec}
-    for name, value in out.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ConfigError(f"spec field {name!r}: expected a positive integer, got {value!r}")
-        out[name] = int(value)
-    return out
+    return check_spec(family, spec)
 
 
 def count_macs(space: SearchSpace, config: SubnetConfig, **spec: int) -> tuple[int, int]:
