@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from rich.table import Table
 
 from nestnas.predictors.macs import count_module
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
+from nestnas.supernet.inputs import example_inputs
 
 
 def describe_subnet(net: Supernet, config: SubnetConfig, val_loader, calib_loader, seed: int = 0) -> dict[str, Any]:
     """Accuracy (batch norm recalibrated), MACs and params of one subnet, plus its identity."""
     acc = subnet_accuracy(net, config, val_loader, calib_loader, seed=seed)
-    macs, params = count_module(net.extract(config), torch.zeros(net.input_shape(config)))
+    macs, params = count_module(net.extract(config), example_inputs(net.input_specs(config, 1), seed))
     return {"hash": net.space.config_hash(config), "config": config.to_dict(), "summary": config.summary(),
             "accuracy": acc, "macs": macs, "params": params}
 

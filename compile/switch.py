@@ -35,6 +35,12 @@ class BudgetSwitch(nn.Module):
             raise ConfigError(f"give one latency per subnet: {len(configs)} subnets, {len(latencies_ms)} latencies")
         self.net = net
         self.configs = [net.space.canonical(c) for c in configs]
+        specs = net.input_specs(self.configs[-1], 1) if hasattr(net, "input_specs") else ()
+        if len(specs) > 1 or any(s.dtype != "float32" for s in specs):
+            # The host module and the manifest pass one float tensor (resized per subnet).
+            shown = ", ".join(f"{s.name} ({s.dtype})" for s in specs)
+            raise ConfigError(f"a switchable bundle takes one float32 input; family {net.space.family!r} takes "
+                              f"{shown}: export its subnets as static bundles instead")
         self.latencies = tuple(float(v) for v in latencies_ms)
 
     @property
