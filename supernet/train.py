@@ -14,7 +14,7 @@ import os
 import time
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Callable, Iterable, Mapping
+from typing import Annotated, Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import pydantic
@@ -51,6 +51,61 @@ class _DefaultEpochs(Mapping):
 
 DEFAULT_EPOCHS: Mapping[str, int] = _DefaultEpochs()
 
+#: Learning-rate schedules after the linear warm-up: "cosine" (to zero), "linear" (to zero), "constant".
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family's default training recipe: what `train_supernet` (and `nestnas train`) use for
+    every option the caller leaves out. `epochs=None` takes the family's `default_epochs`."""
+
+    epochs: int | None = None
+    lr: float = 4e-3
+    weight_decay: float = 0.02
+    schedule: str = "cosine"
+    warmup: float = 0.05  # share of the optimiser steps
+    clip_grad: float | None = None  # max gradient norm; None: no clipping
+    batch_size: int = 64
+
+
+#: Supernets trained from scratch (the built-in families).
+SCRATCH = Recipe()
+#: Pretrained encoders fine-tuned as supernets (InstaTune / BERT fine-tuning): AdamW at a small
+#: rate, 10% warm-up then linear decay, gradients clipped at norm 1, 3 epochs.
+FINE_TUNING = Recipe(epochs=3, lr=1e-4, weight_decay=0.01, schedule="linear", warmup=0.1, clip_grad=1.0,
+                     batch_size=32)
+RECIPES = {"scratch": SCRATCH, "fine-tuning": FINE_TUNING}
+# Families trained from pretrained weights whose class does not declare `default_recipe`.
+_PRETRAINED_FAMILIES = {"hf-encoder": "fine-tuning"}
+
+
+def recipe_for(net: Supernet | type[Supernet]) -> Recipe:
+    """The default recipe of `net`'s family: its class's `default_recipe` (a `Recipe` or a name
+    in `RECIPES`) if it declares one, fine-tuning for pretrained families, else `SCRATCH`;
+    `epochs` filled in from the family's `default_epochs` where the recipe leaves it open."""
+    cls = net if isinstance(net, type) else type(net)
+    recipe = getattr(cls, "default_recipe", None) or _PRETRAINED_FAMILIES.get(cls.family, SCRATCH)
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise ConfigError(f"family {cls.family!r}: default_recipe {recipe!r} is not one of {sorted(RECIPES)}")
+        recipe = RECIPES[recipe]
+    if recipe.epochs is None:
+        recipe = dataclasses.replace(recipe, epochs=cls.default_epochs)
+    return recipe
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based) of `total`:
+    linear warm-up over the first `warmup` steps ((step + 1) / warmup, so the first step
+    already learns), then cosine or linear decay towards zero, or constant."""
+    ramp = min(1.0, (step + 1) / warmup)
+    if schedule == "cosine":  # as before schedules were selectable: decay counted from step 0
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if schedule == "linear":
+        return ramp if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+    return ramp
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -66,6 +121,8 @@ class TrainOptions:
     weight_decay: float = 0.02
     warmup_fraction: float = 0.05
     seed: int = 0
+    schedule: str = "cosine"
+    clip_grad: Optional[float] = None
 
     def __post_init__(self):
         for name in ("epochs", "grad_accum"):
@@ -78,6 +135,16 @@ class TrainOptions:
                               f"got {self.ladder_rungs}")
         if self.lr <= 0:
             raise ConfigError(f"training option 'lr' must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"training option 'weight_decay' must be 0 or more, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"training option 'schedule' is {self.schedule!r}; allowed: {list(SCHEDULES)}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"training option 'warmup' (share of the steps) must be in [0, 1), got "
+                              f"{self.warmup_fraction}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ConfigError(f"training option 'clip_grad' must be positive (or 0: no clipping), got "
+                              f"{self.clip_grad}")
 
 
 # --- the training state a checkpoint holds (checked before a resume uses it) ---------------
@@ -148,16 +215,20 @@ def sandwich_backward(net: Supernet, inputs: list[tuple[SubnetConfig, torch.Tens
 def train_supernet(
     net: Supernet,
     train_loader: DataLoader,
-    epochs: int,
+    epochs: int | None = None,
     sandwich: int = 2,
     distill: bool = True,
     sorted_ladder: bool = False,
-    grad_accum: int = 1,
+    grad_accum: int | None = None,
     seed: int = 0,
     callbacks: Iterable[Callback] = (),
     *,
-    lr: float = 4e-3,
-    weight_decay: float = 0.02,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    schedule: str | None = None,
+    warmup: float | None = None,
+    clip_grad: float | None = None,
+    accumulate: int | None = None,
     val_loader: DataLoader | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = True,
@@ -166,24 +237,37 @@ def train_supernet(
 ) -> TrainResult:
     """Train `net` in place with the sandwich rule.
 
+    Options left out come from the family's recipe (`recipe_for(net)`: for the built-in
+    families 4e-3, weight decay 0.02, cosine schedule, 5% warm-up, no clipping; for pretrained
+    encoders `FINE_TUNING`). `schedule` is one of `SCHEDULES` after a linear warm-up over the
+    share `warmup` of the optimiser steps; `clip_grad` the largest gradient norm (0: no
+    clipping); `grad_accum` (or its alias `accumulate`) batches per optimiser step.
+
     `callbacks` are called as ``cb(epoch, metrics)`` after every epoch. With `val_loader`, the
     largest and smallest subnets are evaluated each epoch (batch norm recalibrated on training
     batches). With `checkpoint`, the state is saved atomically after every epoch, and an
     existing checkpoint of the same run is resumed exactly when `resume` is true. `data` (a
     `nestnas.data.Data`) is recorded in the checkpoint; a resume on other data is refused.
     """
-    opts = TrainOptions(epochs, sandwich, distill, sorted_ladder, grad_accum=grad_accum, lr=lr,
-                        weight_decay=weight_decay, seed=seed)
+    recipe = recipe_for(net)
+    if accumulate is not None and grad_accum is not None and accumulate != grad_accum:
+        raise ConfigError(f"accumulate={accumulate} and grad_accum={grad_accum} name the same option; give one")
+    opts = TrainOptions(
+        recipe.epochs if epochs is None else epochs, sandwich, distill, sorted_ladder,
+        grad_accum=next((v for v in (grad_accum, accumulate) if v is not None), 1),
+        lr=recipe.lr if lr is None else lr, weight_decay=recipe.weight_decay if weight_decay is None else weight_decay,
+        warmup_fraction=recipe.warmup if warmup is None else warmup, seed=seed,
+        schedule=recipe.schedule if schedule is None else schedule,
+        clip_grad=recipe.clip_grad if clip_grad is None else (clip_grad or None))
     if len(train_loader) == 0:
         raise ConfigError("the training loader yields no batches")
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / opts.grad_accum)
     total = opts.epochs * steps_per_epoch
-    warmup = max(1, int(opts.warmup_fraction * total))
+    warmup_steps = max(1, int(opts.warmup_fraction * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+        optimizer, lambda s: lr_factor(opts.schedule, s, total, warmup_steps))
     result = TrainResult()
     start_epoch = 0
     if checkpoint is not None and resume and os.path.exists(checkpoint):
@@ -207,6 +291,8 @@ def train_supernet(
                 inputs = [(c, net.prepare_input(x, c)) for c in configs]
                 losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum))
                 if (i + 1) % opts.grad_accum == 0 or i + 1 == len(train_loader):
+                    if opts.clip_grad is not None:
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), opts.clip_grad)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
