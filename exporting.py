@@ -50,16 +50,20 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
                                      "predictor": latency.predictor.to_dict() if latency.predictor else None,
                                      "context": objectives.get("latency", {}).get("context", ""),
                                      "source": objectives.get("latency", {}).get("source", "predicted")}
-    return Subnet(name or info["hash"], net.extract(config), tuple(net.input_shape(config, batch)), info)
+    return Subnet(name or info["hash"], net.extract(config), tuple(net.input_specs(config, batch)), info)
 
 
 def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shape: Sequence[int] | None = None,
-           formats: Sequence[str] | None = None, tune_trials: int = 32, tune_seconds: float | None = None,
+           example_inputs: dict[str, Any] | Sequence[Any] | None = None, formats: Sequence[str] | None = None,
+           tune_trials: int = 32, tune_seconds: float | None = None,
            tune_strategy: str = "evolutionary", tune_transfer: bool = True,
            database: str | os.PathLike | None = None, batch_size: int | None = None, threads: int | None = None,
            measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Export one front candidate, a list of them, or a static `nn.Module` (with `input_shape`)
-    as bundles under `out_dir` (a single subject: `out_dir` is the bundle; several: one folder
+    """Export one front candidate, a list of them, or a static `nn.Module` as bundles under
+    `out_dir`. A module takes `input_shape` (one float32 input) or `example_inputs`: a dict
+    name -> tensor or array (`forward`'s positional arguments in the dict's order; they become the
+    check inputs) or a tuple of `InputSpec` (random check inputs; integer ranges recorded and
+    checked at load). Shapes are static. (A single subject: `out_dir` is the bundle; several: one folder
     each, `NN-HASH`). Candidates need the supernet `net`; passing their `front` builds them at its
     latency objective's typed batch size and records unit and predictor identity in the manifests.
     `formats` defaults to those installed (ONNX, and TVM with the tvm extra); manifests are signed
@@ -68,7 +72,7 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
     faster, weaker "replay-trace"; `tune_transfer`: a workload whose relative is tuned starts from
     its adapted schedules instead of a search round)
     shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
-    from nestnas.compile.bundle import Subnet, check_formats, export_bundles, installed_formats
+    from nestnas.compile.bundle import check_formats, export_bundles, installed_formats
     from nestnas.compile.tuning import TuneOptions
     from nestnas.search.front import Candidate, ParetoFront
 
@@ -77,8 +81,11 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
     if isinstance(what, ParetoFront):
         front, what = what, list(what.candidates)
     if isinstance(what, nn.Module):
-        subnets = [Subnet(out_dir.name or "model", what, _input_shape(input_shape), {})]
+        subnets = [_module_subnet(what, out_dir.name or "model", input_shape, example_inputs)]
     else:
+        if example_inputs is not None or input_shape is not None:
+            raise ConfigError("input_shape and example_inputs are for exporting an nn.Module; candidates take "
+                              "their inputs from the supernet")
         items = what if isinstance(what, (list, tuple)) else [what]
         if not items or not all(isinstance(c, Candidate) for c in items):
             raise ConfigError("export takes a Candidate, a list of Candidates, a ParetoFront or an nn.Module")
@@ -99,9 +106,33 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
                               progress=progress)
 
 
+def _module_subnet(module: nn.Module, name: str, input_shape, example_inputs):
+    """The `Subnet` of a user's module from its `input_shape` or its `example_inputs`."""
+    from nestnas.compile.bundle import Subnet
+    from nestnas.supernet.inputs import InputSpec
+
+    if example_inputs is None:
+        return Subnet(name, module, _input_shape(input_shape), {})
+    if input_shape is not None:
+        raise ConfigError("give input_shape or example_inputs, not both")
+    if isinstance(example_inputs, dict):
+        if not example_inputs:
+            raise ConfigError("example_inputs: give at least one input (a dict name -> tensor or array)")
+        for key, value in example_inputs.items():
+            if not isinstance(key, str) or not hasattr(value, "shape"):
+                raise ConfigError(f"example_inputs: {key!r} -> {type(value).__name__}; give a dict name -> tensor "
+                                  "or numpy array")
+        return Subnet(name, module, None, {}, examples=example_inputs)
+    specs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else ()
+    if not specs or not all(isinstance(s, InputSpec) for s in specs):
+        raise ConfigError("example_inputs: give a dict name -> tensor or array, or a tuple of InputSpec")
+    return Subnet(name, module, specs, {})
+
+
 def _input_shape(shape: Sequence[int] | None) -> tuple[int, ...]:
     if shape is None:
-        raise ConfigError("exporting a module needs its input_shape")
+        raise ConfigError("exporting a module needs its input_shape (one float input) or example_inputs "
+                          "(a dict name -> tensor)")
     try:
         dims = tuple(shape)
     except TypeError:
@@ -114,7 +145,7 @@ def _input_shape(shape: Sequence[int] | None) -> tuple[int, ...]:
 def load(bundle: str | os.PathLike, backend: str = "onnxruntime", threads: int | None = None, trust: bool = False):
     """The bundle's model as a callable (numpy in, numpy out), after verifying its manifest, its
     signature where a bundle key is configured (`trust=True` accepts an unsigned bundle), and
-    every checksum."""
+    every checksum. A bundle of several or typed inputs takes a dict of arrays by input name."""
     from nestnas.compile.bundle import load_bundle
 
     return load_bundle(bundle, backend, threads, trust)

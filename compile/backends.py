@@ -2,8 +2,9 @@
 comes out.
 
 `Backend.build` does the plumbing shared by every backend (check options, export to ONNX in a
-work folder, time the steps) and subclasses fill `_build(onnx_path, example)`. Adding a backend
-is one decorated class.
+work folder, time the steps) and subclasses fill `_build(onnx_path, inputs)`. Adding a backend
+is one decorated class. A model has typed inputs (`nestnas.supernet.inputs.InputSpec`, see
+`feeds`): one float32 ``input`` as before, or several of any dtype, fed as a dict by name.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from nestnas.compile.onnx_export import EXPORTERS, INPUT_NAME, export_onnx
+from nestnas.compile.feeds import as_specs, check_feed, declared_bounds, is_classic
+from nestnas.compile.onnx_export import EXPORTERS, export_onnx
 from nestnas.compile.tvm_util import host_target, native_warnings_dropped, require_tvm, use_threads
 from nestnas.errors import ConfigError
+from nestnas.supernet.inputs import InputSpec, specs_of
 
 BACKENDS: dict[str, type[Backend]] = {}
 
@@ -46,33 +49,44 @@ def get_backend(name: str, threads: int | None = None, **options: Any) -> Backen
 
 
 class CompiledModel:
-    """A built model: call it on a numpy array of `input_shape`, get the logits as numpy.
+    """A built model: call it on a numpy array of `input_shape` (one float32 input), or on a dict
+    of arrays by input name (typed inputs, `inputs`), get the logits as numpy.
 
+    `inputs` is a shape (one float32 input named ``input``) or a tuple of `InputSpec`;
+    `input_shape` is the shape of a model's only input, None for several. `bounds` (name ->
+    ``(low, high)``) are the ranges integer inputs are checked against before running.
     `build_seconds` holds the time of each build step (``export``, ``compile``); `onnx_path` is
     the exported file when the build was given a `workdir` to keep it in, else None.
     """
 
-    def __init__(self, backend: str, input_shape: tuple[int, ...]):
-        self.backend, self.input_shape = backend, tuple(input_shape)
+    def __init__(self, backend: str, inputs: Sequence[int] | Sequence[InputSpec],
+                 bounds: dict[str, tuple[int, int]] | None = None):
+        self.backend, self.inputs, self.bounds = backend, as_specs(inputs), dict(bounds or {})
+        self.input_shape = self.inputs[0].shape if len(self.inputs) == 1 else None
         self.onnx_path: Path | None = None
         self.build_seconds: dict[str, float] = {}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._run(self.check_input(x))
+    def __call__(self, x: Any) -> np.ndarray:
+        return self._run(self.feed(x))
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
-    def check_input(self, x: np.ndarray) -> np.ndarray:
-        """`x` as a contiguous float32 array, or a `ConfigError` if its shape does not fit."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape != self.input_shape:
-            raise ConfigError(f"input of shape {x.shape} does not fit this {self.backend} model "
-                              f"(expected {self.input_shape})")
-        return x
+    def feed(self, x: Any) -> dict[str, np.ndarray]:
+        """`x` (an array, or a dict by input name) as checked contiguous arrays by input name, or a
+        one-line `ConfigError` naming the input that does not fit (see `feeds.check_feed`)."""
+        return check_feed(self.inputs, x, self.backend, self.bounds)
+
+    def check_input(self, x: Any) -> np.ndarray:
+        """The one input of `x` as a contiguous array of its dtype, or a `ConfigError` if it does not fit."""
+        if len(self.inputs) != 1:
+            raise ConfigError(f"this {self.backend} model takes {len(self.inputs)} inputs; use feed()")
+        return next(iter(self.feed(x).values()))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(backend={self.backend!r}, input_shape={self.input_shape})"
+        if is_classic(self.inputs):
+            return f"{type(self).__name__}(backend={self.backend!r}, input_shape={self.input_shape})"
+        return f"{type(self).__name__}(backend={self.backend!r}, inputs={[s.name for s in self.inputs]})"
 
 
 class Backend:
@@ -92,15 +106,21 @@ class Backend:
         if self.options["exporter"] not in EXPORTERS:
             raise ConfigError(f"unknown ONNX exporter {self.options['exporter']!r}; allowed: {sorted(EXPORTERS)}")
 
-    def build(self, module: nn.Module, example: torch.Tensor, workdir: str | os.PathLike | None = None
-              ) -> CompiledModel:
+    def build(self, module: nn.Module, example: Any, workdir: str | os.PathLike | None = None,
+              seed: int = 0) -> CompiledModel:
         """Export `module` at `example`'s shape to ONNX (kept in `workdir` if given, else in a
-        temporary folder) and compile it for this backend."""
+        temporary folder) and compile it for this backend. `example` is a tensor (one float32
+        input), a dict name -> tensor (typed inputs: `forward`'s positional arguments in the dict's
+        order), a shape, or a tuple of `InputSpec` (random examples drawn from `seed`; the built
+        model then checks integer inputs against the specs' ranges)."""
+        specs, examples, bounded = example_of(example, seed)
         with _folder(workdir) as folder:
             start = time.perf_counter()
-            onnx_path = export_onnx(module, example, folder / "model.onnx", exporter=self.options["exporter"])
+            onnx_path = export_onnx(module, examples, folder / "model.onnx", exporter=self.options["exporter"],
+                                    input_names=[s.name for s in specs])
             exported = time.perf_counter()
-            compiled = self._build(onnx_path, example)
+            compiled = self._build(onnx_path, specs)
+            compiled.bounds = declared_bounds(specs) if bounded else {}
             compiled.build_seconds = {"export": exported - start, "compile": time.perf_counter() - exported}
             compiled.onnx_path = onnx_path if workdir is not None else None
         return compiled
@@ -110,11 +130,29 @@ class Backend:
         return {"backend": self.name, "threads": self.threads, **self.options,
                 "torch": torch.__version__, "onnx": onnx.__version__}
 
-    def _build(self, onnx_path: Path, example: torch.Tensor) -> CompiledModel:
+    def _build(self, onnx_path: Path, inputs: tuple[InputSpec, ...]) -> CompiledModel:
+        """Compile the exported file, whose graph inputs are `inputs` (in order)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(threads={self.threads}, options={self.options})"
+
+
+def example_of(example: Any, seed: int = 0) -> tuple[tuple[InputSpec, ...], tuple[torch.Tensor, ...], bool]:
+    """(specs, example tensors in order, whether the specs' integer ranges are declared) of what
+    `Backend.build` takes: a tensor, a dict name -> tensor or array, a shape, or a tuple of `InputSpec`."""
+    from nestnas.supernet.inputs import example_inputs
+
+    if isinstance(example, torch.Tensor):
+        return as_specs(tuple(example.shape)), (example,), False
+    if isinstance(example, dict):
+        if not example:
+            raise ConfigError("example inputs: give at least one input")
+        tensors = tuple(v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+                        for v in example.values())
+        return specs_of(dict(zip(example, tensors))), tensors, False
+    specs = as_specs(example)
+    return specs, tuple(example_inputs(specs, seed).values()), True
 
 
 def _check_threads(threads: int | None) -> int:
@@ -140,12 +178,18 @@ def _folder(workdir: str | os.PathLike | None) -> Iterator[Path]:
 class OrtModel(CompiledModel):
     """An ONNX Runtime inference session over the exported file."""
 
-    def __init__(self, session: Any, input_shape: tuple[int, ...]):
-        super().__init__("onnxruntime", input_shape)
+    def __init__(self, session: Any, inputs: Sequence[int] | Sequence[InputSpec],
+                 bounds: dict[str, tuple[int, int]] | None = None):
+        super().__init__("onnxruntime", inputs, bounds)
         self.session = session
+        # An input the graph does not use may be absent from it (the exporters drop it): fed, not passed.
+        self.graph_inputs = [i.name for i in session.get_inputs()]
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {INPUT_NAME: x})[0]
+    def session_feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: feed[n] for n in self.graph_inputs}
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, self.session_feed(feed))[0]
 
 
 @register_backend("onnxruntime")
@@ -154,12 +198,12 @@ class OrtBackend(Backend):
     intra-op threads and one inter-op thread (sequential execution), so that latencies measured
     on one device are comparable across subnets."""
 
-    def _build(self, onnx_path: Path, example: torch.Tensor) -> OrtModel:
+    def _build(self, onnx_path: Path, inputs: tuple[InputSpec, ...]) -> OrtModel:
         import onnxruntime as ort
 
         session = ort.InferenceSession(os.fspath(onnx_path), self._session_options(ort),
                                        providers=["CPUExecutionProvider"])
-        return OrtModel(session, tuple(example.shape))
+        return OrtModel(session, inputs)
 
     def _session_options(self, ort: Any) -> Any:
         opts = ort.SessionOptions()
@@ -182,24 +226,30 @@ class OrtBackend(Backend):
 class TvmModel(CompiledModel):
     """A Relax VM executable; `executable` can be saved with `export_library` for bundles."""
 
-    def __init__(self, executable: Any, input_shape: tuple[int, ...], threads: int):
-        super().__init__("tvm", input_shape)
+    def __init__(self, executable: Any, inputs: Sequence[int] | Sequence[InputSpec], threads: int,
+                 bounds: dict[str, tuple[int, int]] | None = None, graph_inputs: Sequence[str] | None = None):
+        super().__init__("tvm", inputs, bounds)
         tvm = require_tvm()
         self.executable, self.threads = executable, threads
         self.vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
         self.main = self.vm["main"]
+        # `main`'s parameters: the ONNX graph's inputs in order (an unused input may be absent).
+        self.graph_inputs = list(graph_inputs) if graph_inputs is not None else [s.name for s in self.inputs]
 
-    def to_device(self, x: np.ndarray) -> Any:
-        """Copy the input into a TVM tensor and size the runtime pool (outside any timing)."""
+    def to_device(self, x: Any) -> tuple[Any, ...]:
+        """Copy the inputs (an array or a checked feed) into TVM tensors, in `main`'s order, and
+        size the runtime pool (outside any timing)."""
         use_threads(self.threads)
-        return require_tvm().runtime.tensor(x)
+        feed = x if isinstance(x, dict) else self.feed(x)
+        tensor = require_tvm().runtime.tensor
+        return tuple(tensor(feed[n]) for n in self.graph_inputs)
 
-    def run_device(self, x: Any) -> Any:
-        out = self.main(x)
+    def run_device(self, args: Any) -> Any:
+        out = self.main(*args) if isinstance(args, tuple) else self.main(args)
         return out if hasattr(out, "numpy") else out[0]
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.run_device(self.to_device(x)).numpy()
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_device(self.to_device(feed)).numpy()
 
 
 @register_backend("tvm")
@@ -217,17 +267,25 @@ class TvmBackend(Backend):
         require_tvm()  # fail at construction, with the install hint, not at the first build
         super().__init__(threads, **options)
 
-    def _build(self, onnx_path: Path, example: torch.Tensor) -> TvmModel:
+    def _build(self, onnx_path: Path, inputs: tuple[InputSpec, ...]) -> TvmModel:
         tvm = require_tvm()
         from tvm.relax.frontend.onnx import from_onnx
 
-        shape = tuple(example.shape)
+        model = onnx.load(os.fspath(onnx_path))
+        graph_inputs = graph_input_names(model)
+        by_name = {s.name: s for s in inputs}
         with native_warnings_dropped():
-            mod = from_onnx(onnx.load(os.fspath(onnx_path)), shape_dict={INPUT_NAME: list(shape)},
-                            dtype_dict={INPUT_NAME: "float32"}, keep_params_in_input=False)
+            mod = from_onnx(model, shape_dict={n: list(by_name[n].shape) for n in graph_inputs},
+                            dtype_dict={n: by_name[n].dtype for n in graph_inputs}, keep_params_in_input=False)
             executable = tvm.compile(mod, target=host_target(self.threads))
-        return TvmModel(executable, shape, self.threads)
+        return TvmModel(executable, inputs, self.threads, graph_inputs=graph_inputs)
 
     def fingerprint(self) -> dict[str, Any]:
         tvm = require_tvm()
         return {**super().fingerprint(), "version": tvm.__version__, "target": str(host_target(self.threads))}
+
+
+def graph_input_names(model: onnx.ModelProto) -> list[str]:
+    """The graph's runtime inputs in order (initializers listed as inputs by old exporters excluded)."""
+    weights = {init.name for init in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in weights]

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from nestnas.compile.backends import OrtModel, TvmModel
-from nestnas.compile.onnx_export import INPUT_NAME
 from nestnas.compile.stats import rel_median_ci, summarize
 from nestnas.errors import ConfigError, ProfileError
 
@@ -224,12 +223,13 @@ class ProgramRunner(Runner):
 
 @register_runner("onnxruntime")
 class OrtRunner(Runner):
-    """Calls the session directly with a prepared feed: no input checks inside the timing."""
+    """Calls the session directly with a prepared feed: no input checks inside the timing. `x` is
+    an array, or a dict of arrays by input name for a model of typed inputs."""
 
     model_type = OrtModel
 
-    def _prepare(self, compiled: OrtModel, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {INPUT_NAME: compiled.check_input(x)}
+    def _prepare(self, compiled: OrtModel, x: Any) -> dict[str, np.ndarray]:
+        return compiled.session_feed(compiled.feed(x))
 
     def _call(self, compiled: OrtModel, feed: dict[str, np.ndarray]) -> Any:
         return compiled.session.run(None, feed)
@@ -237,12 +237,12 @@ class OrtRunner(Runner):
 
 @register_runner("tvm")
 class TvmRunner(Runner):
-    """Input copied to a TVM tensor and the thread pool sized once, before timing."""
+    """Inputs copied to TVM tensors and the thread pool sized once, before timing."""
 
     model_type = TvmModel
 
-    def _prepare(self, compiled: TvmModel, x: np.ndarray) -> Any:
-        return compiled.to_device(compiled.check_input(x))
+    def _prepare(self, compiled: TvmModel, x: Any) -> Any:
+        return compiled.to_device(compiled.feed(x))
 
     def _call(self, compiled: TvmModel, x: Any) -> Any:
         return compiled.run_device(x)
@@ -250,16 +250,19 @@ class TvmRunner(Runner):
 
 @register_runner("torch")
 class TorchRunner(Runner):
-    """Eager PyTorch under `inference_mode`, with torch's current thread settings."""
+    """Eager PyTorch under `inference_mode`, with torch's current thread settings. `x` is an
+    array (one float input) or a dict of arrays, `forward`'s positional arguments in order."""
 
     model_type = torch.nn.Module
 
-    def _prepare(self, compiled: torch.nn.Module, x: Any) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    def _prepare(self, compiled: torch.nn.Module, x: Any) -> tuple[torch.Tensor, ...]:
+        if isinstance(x, dict):
+            return tuple(torch.as_tensor(np.ascontiguousarray(v)) for v in x.values())
+        return (torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)),)
 
-    def _call(self, compiled: torch.nn.Module, x: torch.Tensor) -> Any:
+    def _call(self, compiled: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> Any:
         with torch.inference_mode():
-            return compiled(x)
+            return compiled(*x)
 
 
 # --- dynamic and switchable bundles (`nestnas bench`) ------------------------------------------

@@ -1,5 +1,5 @@
 """`python -m nestnas.compile.verify BUNDLE BACKEND`: load a bundle's artifact in this (fresh)
-process, manifest, signature and checksums first, run the check input and print the largest
+process, manifest, signature and checksums first, run the check input(s) and print the largest
 difference from torch."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nestnas.compile.bundle import CHECK_INPUT, CHECK_OUTPUT, load_bundle, read_array, verify_checksums
+from nestnas.compile.bundle import CHECK_OUTPUT, check_inputs, load_bundle, read_array, verify_checksums
 
 
 def main(argv: list[str]) -> int:
     bundle, backend = Path(argv[0]), argv[1]
     manifest = verify_checksums(bundle)
     model = load_bundle(bundle, backend)
-    x, want = read_array(bundle, manifest, CHECK_INPUT), read_array(bundle, manifest, CHECK_OUTPUT)
+    x, want = check_inputs(bundle, manifest), read_array(bundle, manifest, CHECK_OUTPUT)
     print(json.dumps({"backend": backend, "max_abs_diff": float(np.abs(model(x) - want).max())}))
     return 0
 

@@ -63,7 +63,7 @@ def remeasure(profile: DeviceProfile, keys: list[str], passes: int = 1, seed: in
 
     def measure(i: int, key: str) -> float:
         config = SubnetConfig.from_dict(profile.measurements[key]["config"])
-        return measure_module(backend, runner, net.extract(config), net.input_shape(config, profile.batch_size),
+        return measure_module(backend, runner, net.extract(config), net.input_specs(config, profile.batch_size),
                               seed + i)["median_ms"]
 
     return {k: float(np.median(v)) for k, v in interleaved_sweeps(keys, measure, passes).items()}

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from nestnas.compile import get_backend, get_runner
+from nestnas.compile.feeds import as_specs, is_classic
 from nestnas.errors import ConfigError, ProfileError
 from nestnas.hw_profiles.blocks import all_parts, build_part
 from nestnas.hw_profiles.budget import ProfilingTimeLimit, check_minutes
 from nestnas.hw_profiles.profile import DeviceProfile, ProfileRecord, host_fingerprint
 from nestnas.hw_profiles.sampling import check_sample_count, space_filling_sample
 from nestnas.supernet.base import Supernet, build_supernet
+from nestnas.supernet.inputs import InputSpec, example_inputs
 from nestnas.supernet.space import SearchSpace
 
 MIN_SMALLEST_MS = 0.5  # the smallest subnet must take this long for a trustworthy measurement
@@ -39,13 +41,16 @@ MAX_THREADS = 256
 Progress = Callable[[str, int, int], None]
 
 
-def measure_module(backend, runner, module: torch.nn.Module, shape: tuple[int, ...], seed: int,
-                   max_attempts: int | None = None) -> dict[str, Any]:
-    """Build `module` for `backend` at input `shape` and time it with `runner` (random input);
-    `max_attempts` lowers the runner's retry cap."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    compiled = backend.build(module, x)
-    m = runner.measure(compiled, x.numpy(), max_attempts=max_attempts)
+def measure_module(backend, runner, module: torch.nn.Module, shape: tuple[int, ...] | tuple[InputSpec, ...],
+                   seed: int, max_attempts: int | None = None) -> dict[str, Any]:
+    """Build `module` for `backend` at input `shape` (one float32 input) or at typed inputs (a
+    tuple of `InputSpec`, e.g. `net.input_specs(config, batch)`) and time it with `runner` on
+    random inputs drawn from `seed`; `max_attempts` lowers the runner's retry cap."""
+    specs = as_specs(shape)
+    examples = {k: v.numpy() for k, v in example_inputs(specs, seed).items()}  # what build draws too
+    compiled = backend.build(module, specs, seed=seed)
+    x = examples[specs[0].name] if is_classic(specs) else examples
+    m = runner.measure(compiled, x, max_attempts=max_attempts)
     return m.to_dict()
 
 
@@ -72,7 +77,7 @@ def choose_batch_size(net: Supernet, backend, runner, seed: int = 0) -> int:
     target = 1.2 * MIN_SMALLEST_MS
     batch = 1
     while batch < MAX_BATCH:
-        ms = measure_module(backend, runner, module, net.input_shape(config, batch), seed)["median_ms"]
+        ms = measure_module(backend, runner, module, net.input_specs(config, batch), seed)["median_ms"]
         if ms >= target:
             break
         # Latency grows at most linearly in the batch, so the linear estimate never overshoots.
@@ -206,8 +211,8 @@ def profile_device(
             if budget.spent():
                 return False
             t0, cap = time.perf_counter(), budget.attempts_cap()
-            module, shape = build(item)
-            stats = measure_module(be, runner, module, shape, seed + offset + i + 7919 * step, cap)
+            module, inputs = build(item)  # inputs: a shape or a tuple of InputSpec (build_part may give either)
+            stats = measure_module(be, runner, module, inputs, seed + offset + i + 7919 * step, cap)
             record = merge_passes([*prior(key), stats])
             restart[kind].discard(key)
             if kind == "subnets":
@@ -226,7 +231,7 @@ def profile_device(
 
     def sweeps() -> bool:
         for step in range(passes):
-            if not (sweep("subnets", lambda c: (net.extract(c), net.input_shape(c, batch)), "subnet_seconds", 1, 0,
+            if not (sweep("subnets", lambda c: (net.extract(c), net.input_specs(c, batch)), "subnet_seconds", 1, 0,
                           step)
                     and sweep("blocks", lambda recipe: build_part(net, recipe, batch), "block_seconds", 10, 100_000,
                               step)):
