@@ -185,13 +185,9 @@ def measured_latency_objective(net, backend: str = "onnxruntime", batch_size: in
     be = get_backend(backend, threads=threads, exporter="torchscript")
     runner = get_runner(backend)
 
-    def inputs(config: SubnetConfig):
-        specs = net.input_specs(config, batch_size)
-        # One float tensor: its shape, as measure_module has always taken; typed inputs otherwise.
-        return specs[0].shape if len(specs) == 1 and specs[0].dtype == "float32" else specs
-
     def fn(configs: list[SubnetConfig]) -> list[float]:
-        return [measure_module(be, runner, net.extract(c), inputs(c), seed)["median_ms"] for c in configs]
+        return [measure_module(be, runner, net.extract(c), net.input_specs(c, batch_size), seed)["median_ms"]
+                for c in configs]
 
     fingerprint = be.fingerprint()
     ctx = f"{net.space.fingerprint()}|{sorted(fingerprint.items())}|batch={batch_size}"
