@@ -84,42 +84,85 @@ def _read_config(text: str, space):
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (resumed if it exists).")],
-    family: Family = DEFAULT_FAMILY,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs \\[default: the family's recipe].",
-                                                  show_default=False)] = None,
+    family: Annotated[Optional[str], typer.Option(
+        help=f"Supernet family: {' or '.join(family_names())} \\[default: {DEFAULT_FAMILY}; hf-encoder with "
+             "--model].", show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        help="A pretrained transformers model folder (save_pretrained: BERT, RoBERTa, DistilBERT, ViT) to "
+             "fine-tune as a supernet (family hf-encoder); text data is tokenised with its own tokenizer.",
+        show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs \\[default: the family's recipe; 3 "
+                                                              "when fine-tuning --model].", show_default=False)] = None,
     sandwich: Annotated[int, typer.Option(min=0,
                                           help="Subnets trained per step besides the largest and smallest.")] = 2,
     distill: Annotated[bool, typer.Option(help="Train subnets on the largest subnet's soft predictions.")] = True,
     sorted_ladder: Annotated[bool, typer.Option(help="Draw subnets from a sorted ladder of nested subnets "
                                                      "(SortedNet) instead of at random.")] = False,
-    grad_accum: Annotated[int, typer.Option(min=1, help="Batches per optimiser step.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine schedule).")] = 4e-3,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", "--accumulate", min=1,
+                                            help="Batches per optimiser step (gradient accumulation).")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Training batch size \\[default: 64; 32 when "
+                                                                  "fine-tuning --model].", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate of AdamW \\[default: 4e-3; 1e-4 "
+                                                              "when fine-tuning --model].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay \\[default: 0.02; 0.01 "
+                                                                        "when fine-tuning --model].",
+                                                          show_default=False)] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="Learning-rate schedule after the warm-up: cosine, linear or "
+                                                         "constant \\[default: cosine; linear when fine-tuning "
+                                                         "--model].", show_default=False)] = None,
+    warmup: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Share of the optimiser steps spent "
+                                                                            "warming the learning rate up linearly "
+                                                                            "\\[default: 0.05; 0.1 when fine-tuning "
+                                                                            "--model].", show_default=False)] = None,
+    clip_grad: Annotated[Optional[float], typer.Option(min=0.0, help="Largest gradient norm, 0 for no clipping "
+                                                                     "\\[default: 0; 1.0 when fine-tuning --model].",
+                                                       show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option(min=2, help="Tokens per text sample, padded or truncated "
+                                                                  "\\[default: min(128, the model's positions)].",
+                                                      show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT if it holds an unfinished run.")] = True,
-    data: Annotated[str, typer.Option("--data", help="Data: digits, a folder of class sub-folders, FILE.npz, "
-                                                     "FILE.csv:label=COLUMN or package.module:function (see the "
-                                                     "README).")] = "digits",
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Data: digits, a folder of class sub-folders, FILE.npz, FILE.csv:label=COLUMN, text as "
+                       "FILE.csv:text=COLUMN,label=COLUMN or FILE.jsonl (with --model), or package.module:function "
+                       "(see the README) \\[default: digits; required with --model].", show_default=False)] = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Train a supernet on a data set (default: the embedded digits) and write a checkpoint that
-    records the data."""
+    """Train a supernet on a data set (default: the embedded digits), or fine-tune a pretrained
+    transformers model folder as one (--model), and write a checkpoint that records the data."""
     check_output(out, "--out")
     import torch
 
     from nestnas.supernet import SearchSpace, build_supernet
     from nestnas.supernet.data import load_data
     from nestnas.supernet.evaluate import subnet_accuracy
-    from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
+    from nestnas.supernet.families import supernet_class
+    from nestnas.supernet.train import recipe_for, train_supernet
 
-    space = SearchSpace.for_family(family)
-    epochs = epochs or DEFAULT_EPOCHS[family]
     torch.manual_seed(seed)
-    dataset = load_data(data, space, seed=seed)
-    train_loader, val_loader = dataset.loaders(batch_size)
-    net = build_supernet(space, **dataset.spec_for(space))
+    if model is not None:
+        if family not in (None, PRETRAINED_FAMILY):
+            raise ConfigError(f"--family {family} cannot be fine-tuned from --model; a model folder becomes the "
+                              f"{PRETRAINED_FAMILY} family (leave --family out)")
+        family = PRETRAINED_FAMILY
+        recipe = recipe_for(supernet_class(family))
+        net, dataset, (train_loader, val_loader) = _pretrained_supernet(model, data, max_length, seed,
+                                                                        batch_size or recipe.batch_size)
+        space = net.space
+    else:
+        if max_length is not None:
+            raise ConfigError("--max-length applies to text data, which needs the model folder that tokenises it "
+                              "(--model DIR)")
+        family = family or DEFAULT_FAMILY
+        space = SearchSpace.for_family(family)
+        recipe = recipe_for(supernet_class(family))
+        dataset = load_data(data or "digits", space, seed=seed)
+        train_loader, val_loader = dataset.loaders(batch_size or recipe.batch_size)
+        net = build_supernet(space, **dataset.spec_for(space))
+    epochs = epochs or recipe.epochs
     result = train_supernet(net, train_loader, epochs, sandwich=sandwich, distill=distill,
                             sorted_ladder=sorted_ladder, grad_accum=grad_accum, seed=seed, lr=lr,
+                            weight_decay=weight_decay, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
                             checkpoint=out, resume=resume, progress=not as_json, data=dataset)
     summary = {
         "checkpoint": str(out), "family": family, "epochs": epochs, "train_seconds": result.seconds,
@@ -128,9 +171,32 @@ def train(
         "val_acc_largest": subnet_accuracy(net, space.largest(), val_loader, train_loader, seed=seed),
         "val_acc_smallest": subnet_accuracy(net, space.smallest(), val_loader, train_loader, seed=seed),
     }
+    if model is not None:
+        summary.update(model=str(model), classes=list(dataset.classes or ()))
     _report(summary, as_json, f"checkpoint {out}: largest {100 * summary['val_acc_largest']:.2f}%, "
                               f"smallest {100 * summary['val_acc_smallest']:.2f}% validation accuracy "
                               f"({result.seconds:.0f} s of training)")
+
+
+#: The family a pretrained model folder becomes (`nestnas train --model`).
+PRETRAINED_FAMILY = "hf-encoder"
+
+
+def _pretrained_supernet(model: Path, data: str | None, max_length: int | None, seed: int, batch_size: int):
+    """(supernet, data, loaders) of a pretrained model folder: the folder loaded, the data read
+    (text tokenised with the folder's own tokenizer), the model made elastic with its heads and
+    neurons ranked on a few training batches."""
+    from nestnas.supernet.data import load_data
+    from nestnas.supernet.hf_encoder import elasticize, load_pretrained
+
+    if data is None:
+        raise ConfigError("--model needs --data: the task to fine-tune on, e.g. FILE.csv:text=COLUMN,label=COLUMN "
+                          "or FILE.jsonl")
+    pretrained = load_pretrained(model)
+    dataset = load_data(data, None, seed=seed, model=model, max_length=max_length)
+    loaders = dataset.loaders(batch_size)
+    net = elasticize(pretrained, loaders[0], num_labels=dataset.num_classes)
+    return net, dataset, loaders
 
 
 @app.command("eval")

@@ -57,6 +57,8 @@ _ENTRY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*")
 _OPTION_PART = re.compile(r"[a-z_][a-z0-9_]*=[^,=:]*(,[a-z_][a-z0-9_]*=[^,=:]*)*")
 EXPECTED = ("digits, a folder of class sub-folders, FILE.npz, FILE.csv[:label=COLUMN], text as "
             "FILE.csv:text=COLUMN,label=COLUMN or FILE.jsonl, or package.module:function")
+#: The inputs a packed text sample (3, L) stacks along its first dimension, in order.
+PACKED_TEXT = ("input_ids", "attention_mask", "token_type_ids")
 #: Padded length of text samples when the spec gives no max_length (capped by the model's positions).
 DEFAULT_MAX_LENGTH = 128
 # Families whose position table holds pad_token_id + 1 slots before the first position.
