@@ -18,7 +18,8 @@ from nestnas.errors import ConfigError
 DEFAULT_FAMILY = "cnn"
 
 # Built-in families: name -> module that registers it on import.
-_BUILTIN = {"cnn": "nestnas.supernet.cnn", "transformer": "nestnas.supernet.transformer"}
+_BUILTIN = {"cnn": "nestnas.supernet.cnn", "transformer": "nestnas.supernet.transformer",
+            "hf-encoder": "nestnas.supernet.hf_encoder"}
 #: Environment variable naming modules (comma-separated) that register families of the user's:
 #: the command line imports them before it looks a family up.
 PLUGINS_ENV = "NESTNAS_FAMILIES"
