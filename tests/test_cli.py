@@ -110,7 +110,7 @@ def test_bad_checkpoints_give_one_line(checkpoint, tmp_path):
 def test_unknown_family_writes_nothing(tmp_path):
     out = tmp_path / "x.ckpt"
     assert_user_error(nestnas("train", "--family", "rnn", "--out", out), "unknown supernet family 'rnn'",
-                      "['cnn', 'transformer']")
+                      "['cnn', 'hf-encoder', 'transformer']")
     assert list(tmp_path.iterdir()) == []
 
 
