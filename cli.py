@@ -279,10 +279,52 @@ def _parse_resolutions(text: str | None, family: str) -> dict:
     return {"resolution_choices": values}
 
 
+def _profiled_space(family: str | None, resolution: str | None, model: Path | None, checkpoint: Path | None):
+    """(family, space, spec) that `profile` measures: a built-in space (and the constructor's
+    default spec), or the space and spec of a model folder or of a checkpoint."""
+    from nestnas.supernet import SearchSpace
+
+    if model is None and checkpoint is None:
+        family = family or DEFAULT_FAMILY
+        return family, SearchSpace.for_family(family, **_parse_resolutions(resolution, family)), None
+    if model is not None and checkpoint is not None:
+        raise ConfigError("give --model or --checkpoint, not both")
+    option = "--model" if model is not None else "--checkpoint"
+    if resolution is not None:
+        raise ConfigError(f"--resolution sets a built-in space; with {option} the space is the "
+                          f"{'model' if model is not None else 'checkpoint'}'s")
+    if model is not None:
+        from nestnas.supernet.hf_encoder import FAMILY, elasticize, load_pretrained
+
+        if family not in (None, FAMILY):
+            raise ConfigError(f"--family {family}: a model folder (--model) makes a {FAMILY!r} supernet "
+                              "(leave --family out)")
+        # Latency does not depend on the weights: no ranking (the profiler builds from the spec).
+        net = elasticize(load_pretrained(model), rank=False)
+    else:
+        from nestnas.supernet.checkpoint import load_supernet
+
+        net = load_supernet(checkpoint)
+    if family is not None and family != net.family:
+        raise ConfigError(f"--family {family}: {option} {checkpoint} is a {net.family!r} supernet "
+                          "(leave --family out)")
+    return net.family, net.space, net.spec()
+
+
 @app.command()
 def profile(
     backend: Annotated[str, typer.Option(help="Runtime to measure on: onnxruntime or tvm.")] = "onnxruntime",
-    family: Family = DEFAULT_FAMILY,
+    family: Annotated[Optional[str], typer.Option(
+        help=f"Supernet family: {' or '.join(family_names())} \\[default: {DEFAULT_FAMILY}; hf-encoder with "
+             "--model; the checkpoint's with --checkpoint].", show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        help="A pretrained transformers model folder (BERT, RoBERTa, DistilBERT, ViT): profile the hf-encoder "
+             "supernet made from it (its space and sizes; latency does not depend on the weights).",
+        show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="A supernet checkpoint (any family): profile its space and model spec, so that the profile fits "
+             "searches of it (e.g. a fine-tuned --model with its own number of labels).",
+        show_default=False)] = None,
     resolution: Annotated[Optional[str], typer.Option(help="CNN input resolutions to profile, comma-separated "
                                                            "\\[default: the space's own].")] = None,
     samples: Annotated[int, typer.Option(help="Subnets to measure (space-filling sample): 2 to the space's "
@@ -322,13 +364,12 @@ def profile(
     from nestnas.errors import ProfileError
     from nestnas.hw_profiles.devices import default_profile_path
     from nestnas.hw_profiles.profiler import profile_device
-    from nestnas.supernet import SearchSpace
 
-    space = SearchSpace.for_family(family, **_parse_resolutions(resolution, family))
+    family, space, spec = _profiled_space(family, resolution, model, checkpoint)
     out = out or default_profile_path(name, backend, family)
     check_output(out, "--out")
     with StageBar("profile", not as_json, err_console) as bar:
-        result = profile_device(space, backend, samples, seed, out=out, name=name, batch_size=batch_size,
+        result = profile_device(space, backend, samples, seed, out=out, name=name, spec=spec, batch_size=batch_size,
                                 threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
                                 passes=passes, exporter=exporter, progress=bar, max_minutes=max_minutes)
     run = result.meta["last_run"]

@@ -334,3 +334,74 @@ def test_a_switchable_bundle_refuses_typed_inputs(tmp_path):
     with pytest.raises(ConfigError, match="one float32 input.*input_ids \\(int64\\)"):
         export_switchable(net, [net.space.smallest(), net.space.largest()], tmp_path / "sw")
     assert not (tmp_path / "sw").exists()
+
+
+# --- the hf-encoder family from a model folder ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from hf_models import write_bert_folder
+
+    return write_bert_folder(tmp_path_factory.mktemp("bert") / "tiny-bert", num_labels=2)
+
+
+def test_profile_a_model_folder_from_the_cli(bert_folder, tmp_path, capsys):
+    from nestnas.cli import main
+    from nestnas.supernet.hf_encoder import elasticize, load_pretrained
+
+    out = tmp_path / "bert.json"
+    argv = ["profile", "--model", str(bert_folder), "--samples", "3", "--batch-size", "1", "--passes", "1",
+            "--no-blocks", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["family"] == "hf-encoder" and summary["subnets"] == 3
+    profile = DeviceProfile.load(out)
+    net = elasticize(load_pretrained(bert_folder), rank=False)
+    assert profile.space == net.space.to_dict() and profile.spec == net.spec()
+    assert profile.spec["hf_config"]["hidden_size"] == 32
+    seq_lens = {m.config["seq_len"] for m in profile.measurements.values()}
+    assert seq_lens <= set(net.space.seq_len_choices)
+    assert main(argv) == 0  # resumed: nothing new to measure, the same spec after the JSON round trip
+    assert json.loads(capsys.readouterr().out)["measured"] == 0
+
+    for bad, words in ((["--model", str(tmp_path / "missing")], "does not exist"),
+                       (["--model", str(bert_folder), "--family", "cnn"], "makes a 'hf-encoder' supernet"),
+                       (["--checkpoint", str(tmp_path / "none.ckpt")], "checkpoint not found"),
+                       (["--model", str(bert_folder), "--resolution", "32"], "--resolution"),
+                       (["--model", str(bert_folder), "--checkpoint", str(out)], "not both")):
+        assert main(["profile", *bad, "--samples", "3", "--out", str(tmp_path / "x.json")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert words in err and err.count("error:") == 1, err
+        assert not (tmp_path / "x.json").exists()
+
+
+def test_an_hf_checkpoint_round_trips_and_evaluates(bert_folder, tmp_path, capsys):
+    from nestnas.cli import main
+    from nestnas.supernet.data import load_data
+    from nestnas.supernet.hf_encoder import elasticize, load_pretrained
+
+    words = ["good film", "bad movie", "great acting", "awful plot", "i liked it", "i hated it", "very fun",
+             "very boring"]
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f"{w},{'pos' if i % 2 == 0 else 'neg'}\n"
+                                            for i, w in enumerate(words * 3)))
+    data = load_data(f"{csv}:text=text,label=label", None, seed=0, model=bert_folder, max_length=16)
+    net = elasticize(load_pretrained(bert_folder), num_labels=data.num_classes, seq_len_choices=(8, 16))
+    ckpt = tmp_path / "bert.ckpt"
+    save_checkpoint(net, ckpt, data=data)
+    back = load_supernet(ckpt)
+    assert back.spec() == net.spec() and back.space == net.space
+    for (k, a), b in zip(net.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    config = net.space.sample(2)
+    x = next(iter(data.loaders(4)[1]))[0]
+    torch.testing.assert_close(back(back.prepare_input(x, config), config),
+                               net.eval()(net.prepare_input(x, config), config), rtol=0, atol=0)
+    assert main(["eval", "--checkpoint", str(ckpt), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows) == {"largest", "smallest"}
+    for name, row in rows.items():
+        config = getattr(net.space, name)()
+        assert 0 <= row["accuracy"] <= 1
+        assert (row["macs"], row["params"]) == count_macs(net.space, config, **net.spec())
