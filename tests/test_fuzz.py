@@ -29,6 +29,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nestnas.supernet.checkpoint import read_payload, write_payload
+
 import fuzz_docs as fz
 from fuzz_docs import LEDGER, Mutation, mutations, record, run_cli
 
