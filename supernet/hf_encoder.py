@@ -22,6 +22,7 @@ architecture adapters of `nestnas.supernet.hf_adapters`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -29,7 +30,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -963,8 +964,24 @@ def load_pretrained(folder: str | Path):
                           f"{list(SUPPORTED_ARCHITECTURES)}")
     transformers = _transformers()
     try:
-        model = getattr(transformers, architecture).from_pretrained(path, local_files_only=True)
+        with _quiet(transformers):
+            model = getattr(transformers, architecture).from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"model folder {str(path)!r}: cannot load the {architecture} weights: {first}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet(transformers) -> Iterator[None]:
+    """No weight-loading progress bars or info lines from transformers; its settings are restored."""
+    log = transformers.utils.logging
+    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
