@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from nestnas.predictors.macs import count_module
+from nestnas.predictors.macs import count_macs, count_module
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
@@ -17,7 +17,10 @@ from nestnas.supernet.inputs import example_inputs
 def describe_subnet(net: Supernet, config: SubnetConfig, val_loader, calib_loader, seed: int = 0) -> dict[str, Any]:
     """Accuracy (batch norm recalibrated), MACs and params of one subnet, plus its identity."""
     acc = subnet_accuracy(net, config, val_loader, calib_loader, seed=seed)
-    macs, params = count_module(net.extract(config), example_inputs(net.input_specs(config, 1), seed))
+    try:  # the family's analytic counts: what searches and fronts report (hooks miss functional attention)
+        macs, params = count_macs(net.space, config, **net.spec())
+    except NotImplementedError:
+        macs, params = count_module(net.extract(config), example_inputs(net.input_specs(config, 1), seed))
     return {"hash": net.space.config_hash(config), "config": config.to_dict(), "summary": config.summary(),
             "accuracy": acc, "macs": macs, "params": params}
 
