@@ -36,6 +36,7 @@ _EXPORTS = {
     "rewrite": "nestnas.compile.dynamic", "load_dynamic": "nestnas.compile.dynamic",
     "DynamicProgram": "nestnas.compile.dynamic", "RewriteError": "nestnas.compile.dynamic",
     "BudgetSwitch": "nestnas.compile.switch",
+    "elasticize": "nestnas.supernet.hf_encoder", "load_pretrained": "nestnas.supernet.hf_encoder",
 }
 
 __all__ = sorted([*_EXPORTS, "search"]) + ["__version__"]
