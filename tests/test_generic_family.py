@@ -327,6 +327,22 @@ def test_describe_subnet_and_measured_latency_on_onnxruntime():
     assert len(values) == 2 and all(v > 0 for v in values)
 
 
+def test_profile_a_checkpoint_from_the_cli(tmp_path, capsys):
+    from nestnas.cli import main
+
+    net = make_net()
+    ckpt = tmp_path / "tokens.ckpt"
+    save_checkpoint(net, ckpt)
+    out = tmp_path / "p.json"
+    assert main(["profile", "--checkpoint", str(ckpt), "--samples", "3", "--batch-size", "2", "--passes", "1",
+                 "--no-blocks", "--threads", "1", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == FAMILY
+    profile = DeviceProfile.load(out)
+    assert profile.spec == net.spec() and profile.space == net.space.to_dict() and len(profile.measurements) == 3
+    assert main(["profile", "--checkpoint", str(ckpt), "--family", "cnn", "--out", str(tmp_path / "x.json")]) == 1
+    assert "is a 'test-tokens' supernet" in capsys.readouterr().err
+
+
 def test_a_switchable_bundle_refuses_typed_inputs(tmp_path):
     from nestnas.compile.switch import export_switchable
 
