@@ -228,6 +228,19 @@ def test_resumed_training_is_bit_identical(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_a_checkpoint_written_by_torch_save_is_still_read(tmp_path):
+    net = make_net()
+    old = tmp_path / "old.ckpt"  # as nestnas wrote checkpoints before safetensors (format version 1)
+    torch.save({"format": "nestnas.supernet", "version": 1, "space": net.space.to_dict(), "spec": net.spec(),
+                "model": net.state_dict(), "train": None}, old)
+    back = load_supernet(old)
+    assert back.spec() == net.spec() and all(torch.equal(a, b) for a, b in
+                                             zip(net.state_dict().values(), back.state_dict().values()))
+    torch.save({"format": "nestnas.supernet", "version": 2, "model": {}}, old)
+    with pytest.raises(CheckpointError, match="has version 2"):
+        load_supernet(old)
+
+
 def test_corrupt_and_foreign_checkpoints_are_one_line(tmp_path):
     good = tmp_path / "good.ckpt"
     save_checkpoint(make_net(), good)
