@@ -148,7 +148,7 @@ def example_of(example: Any, seed: int = 0) -> tuple[tuple[InputSpec, ...], tupl
     if isinstance(example, dict):
         if not example:
             raise ConfigError("example inputs: give at least one input")
-        tensors = tuple(v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+        tensors = tuple(v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
                         for v in example.values())
         return specs_of(dict(zip(example, tensors))), tensors, False
     specs = as_specs(example)

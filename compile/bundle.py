@@ -104,8 +104,8 @@ class Subnet:
 
     def __post_init__(self) -> None:
         if self.examples is not None:
-            self.examples = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
-                             for k, v in self.examples.items()}
+            self.examples = {k: v.detach().cpu() if isinstance(v, torch.Tensor)
+                             else torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.examples.items()}
             self.inputs = specs_of(self.examples)
         else:
             self.inputs = as_specs(self.input_shape)
