@@ -594,6 +594,8 @@ class ElasticHFEncoder(Supernet):
         return ids, mask, types
 
     def _pixels(self, inputs) -> torch.Tensor:
+        if isinstance(inputs, dict) and "pixel_values" not in inputs:
+            raise ConfigError(f"image inputs need 'pixel_values'; got {sorted(inputs)}")
         x = inputs["pixel_values"] if isinstance(inputs, dict) else inputs
         d = self.dims
         want = (d.num_channels, d.image_size, d.image_size)

@@ -277,6 +277,9 @@ def test_load_pretrained_reads_a_local_folder_and_says_what_is_wrong(tmp_path, m
                                                               "model_type": "gpt2"}))
     with pytest.raises(ConfigError, match=r"'GPT2LMHeadModel' is not supported; supported: \['BertModel'"):
         load_pretrained(tmp_path / "gpt")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="cannot load the BertForSequenceClassification weights"):
+        load_pretrained(folder)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[hf\]'"):
         load_pretrained(folder)
