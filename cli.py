@@ -186,16 +186,24 @@ def _pretrained_supernet(model: Path, data: str | None, max_length: int | None, 
     """(supernet, data, loaders) of a pretrained model folder: the folder loaded, the data read
     (text tokenised with the folder's own tokenizer), the model made elastic with its heads and
     neurons ranked on a few training batches."""
-    from nestnas.supernet.data import load_data
+    from nestnas.supernet.data import load_data, parse_spec
     from nestnas.supernet.hf_encoder import elasticize, load_pretrained
 
     if data is None:
         raise ConfigError("--model needs --data: the task to fine-tune on, e.g. FILE.csv:text=COLUMN,label=COLUMN "
                           "or FILE.jsonl")
+    text = parse_spec(data).kind == "text"
+    if max_length is not None and not text:
+        raise ConfigError(f"--max-length applies to text data; --data {data} is not text")
     pretrained = load_pretrained(model)
-    dataset = load_data(data, None, seed=seed, model=model, max_length=max_length)
+    # images are resized to the model's own size, which its (unranked) supernet's space knows
+    space = None if text else elasticize(pretrained, rank=False).space
+    dataset = load_data(data, space, seed=seed, model=model, max_length=max_length)
     loaders = dataset.loaders(batch_size)
-    net = elasticize(pretrained, loaders[0], num_labels=dataset.num_classes)
+    # text subnets run at a quarter, half and all of the data's padded length
+    seq_lens = sorted({max(1, round(dataset.sample_shape[1] * f)) for f in (0.25, 0.5, 1.0)}) if text else None
+    net = elasticize(pretrained, loaders[0], num_labels=dataset.num_classes, seq_len_choices=seq_lens,
+                     source=str(model.resolve()))
     return net, dataset, loaders
 
 

@@ -57,6 +57,9 @@ _ENTRY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*")
 _OPTION_PART = re.compile(r"[a-z_][a-z0-9_]*=[^,=:]*(,[a-z_][a-z0-9_]*=[^,=:]*)*")
 EXPECTED = ("digits, a folder of class sub-folders, FILE.npz, FILE.csv[:label=COLUMN], text as "
             "FILE.csv:text=COLUMN,label=COLUMN or FILE.jsonl, or package.module:function")
+# Files of which a saved tokenizer has at least one (fast, WordPiece, BPE, SentencePiece).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
+                    "sentencepiece.bpe.model", "merges.txt")
 #: The inputs a packed text sample (3, L) stacks along its first dimension, in order.
 PACKED_TEXT = ("input_ids", "attention_mask", "token_type_ids")
 #: Padded length of text samples when the spec gives no max_length (capped by the model's positions).
@@ -247,12 +250,15 @@ class Data:
                 "classes": list(self.classes) if self.classes is not None else None}
 
     def check_fits(self, net, where: str = "the supernet", record: dict | None = None) -> None:
-        """Refuse (`DataError`) data whose sample shape or class count does not fit `net`."""
+        """Refuse (`DataError`) data whose sample shape or class count does not fit `net`: the
+        spec the family asks for this data must agree with `net.spec()` on every field it sets
+        (a family whose model comes from elsewhere, like hf-encoder, sets only some)."""
         try:
             wanted = type(net).spec_for_data(net.space, self.sample_shape, self.num_classes)
         except DataError as exc:
             wanted = {"error": str(exc)}
-        if wanted != net.spec():
+        have = net.spec()
+        if any(k not in have or have[k] != v for k, v in wanted.items()):
             trained = (f"{tuple(record['sample_shape'])} and {record['num_classes']} classes" if record
                        else f"{tuple(net.sample_shape())} and the classes of its spec {net.spec()}")
             raise DataError(f"{self.name} has samples of shape {self.sample_shape} and {self.num_classes} classes; "
@@ -614,12 +620,19 @@ def _load_tokenizer(folder: str, where: str):
                           "hf extra: pip install 'nestnas[hf]'") from None
     if not _is(Path.is_dir, folder):
         raise DataError(f"{where}: tokenizer folder {folder} does not exist")
+    hint = "save the model's tokenizer there with tokenizer.save_pretrained(folder)"
+    # transformers 5 builds a tokenizer of special tokens alone from a folder without one: look first
+    if not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+        raise DataError(f"{where}: no usable tokenizer in {folder} (none of {', '.join(_TOKENIZER_FILES[:3])}...); "
+                        f"{hint}")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 -- transformers raises OSError, ValueError, KeyError... for a bad folder
         first = (str(exc).splitlines() or [""])[0][:160]
-        raise DataError(f"{where}: no usable tokenizer in {folder} (save one there with "
-                        f"tokenizer.save_pretrained; {type(exc).__name__}: {first})") from None
+        raise DataError(f"{where}: no usable tokenizer in {folder} ({type(exc).__name__}: {first}); {hint}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise DataError(f"{where}: no usable tokenizer in {folder} (its vocabulary holds special tokens only); {hint}")
+    return tokenizer
 
 
 def _model_facts(folder: str) -> tuple[int | None, int | None, dict[str, int] | None]:
