@@ -139,14 +139,14 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if len(value) == 1 and _TENSOR in value:
         name = value[_TENSOR]
         if not isinstance(name, str) or name not in tensors:
-            raise ValueError(f"it names a tensor {name!r:.60} the file does not hold")
+            raise ValueError(f"names a tensor {name!r:.60} the file does not hold")
         return tensors[name]
     if len(value) == 1 and _TUPLE in value and isinstance(value[_TUPLE], list):
         return tuple(_decode(v, tensors) for v in value[_TUPLE])
     if len(value) == 1 and _ITEMS in value and isinstance(value[_ITEMS], list):
         items = value[_ITEMS]
         if not all(isinstance(p, list) and len(p) == 2 for p in items):
-            raise ValueError("a tagged mapping is not a list of pairs")
+            raise ValueError("holds a tagged mapping that is not a list of pairs")
         return {_decode(k, tensors): _decode(v, tensors) for k, v in items}
     return {k: _decode(v, tensors) for k, v in value.items()}
 
@@ -205,9 +205,16 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file ({type(exc).__name__}: "
                               f"{(str(exc).splitlines() or [''])[0][:80]})") from None
     try:
-        payload = _decode(parse_json(meta[_METADATA_KEY]), tensors)
-    except (ValueError, RecursionError) as exc:
+        document = parse_json(meta[_METADATA_KEY])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is not JSON "
+                              f"({str(exc).splitlines()[0][:80]})") from None
+    try:
+        payload = _decode(document, tensors)
+    except ValueError as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt: its metadata {str(exc).splitlines()[0][:80]}") from None
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is nested too deeply to read") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is not a JSON object")
     return {**payload, "format": FORMAT, "version": VERSION}

@@ -279,8 +279,12 @@ def test_corrupt_and_foreign_checkpoints_are_one_line(tmp_path):
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta["nestnas"] = meta["nestnas"].replace('{"__tensor__":"embed.weight"}', '{"__tensor__":"nowhere"}')
     save_file(tensors, tmp_path / "dangling.ckpt", metadata=meta)
-    with pytest.raises(CheckpointError, match="corrupt: its metadata"):
+    with pytest.raises(CheckpointError, match="corrupt: its metadata names a tensor 'nowhere' the file does not"):
         load_supernet(tmp_path / "dangling.ckpt")
+    meta["nestnas"] = meta["nestnas"][:-1]  # the JSON cut short
+    save_file(tensors, tmp_path / "cut.ckpt", metadata=meta)
+    with pytest.raises(CheckpointError, match="corrupt: its metadata is not JSON"):
+        load_supernet(tmp_path / "cut.ckpt")
 
 
 def test_counts_take_a_json_spec():
