@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from nestnas.compile.backends import OrtModel, TvmModel, get_backend, graph_input_names
-from nestnas.compile.feeds import as_specs, describe, is_classic
+from nestnas.compile.feeds import as_specs, declared_bounds, describe, is_classic
 from nestnas.compile.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from nestnas.compile.runners import get_runner
 from nestnas.compile.signing import (
@@ -338,11 +338,11 @@ def _input_entries(sub: Subnet) -> dict[str, Any]:
     """The manifest's ``input`` (one float input, as always) or ``inputs`` entry."""
     if is_classic(sub.inputs):
         return {"input": {"name": INPUT_NAME, "shape": list(sub.input_shape), "dtype": "float32"}}
-    entries = []
+    entries, bounds = [], declared_bounds(sub.inputs) if sub.bounded else {}
     for spec, check in zip(sub.inputs, sub.check_files()):
         entry = {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape), "check": check}
-        if sub.bounded and spec.high is not None and spec.dtype in ("int64", "int32"):
-            entry.update(low=spec.low, high=spec.high)
+        if spec.name in bounds:
+            entry.update(low=bounds[spec.name][0], high=bounds[spec.name][1])
         entries.append(entry)
     return {"inputs": entries}
 

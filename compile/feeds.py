@@ -53,8 +53,11 @@ def describe(specs: Sequence[InputSpec]) -> str:
 
 
 def declared_bounds(specs: Sequence[InputSpec]) -> dict[str, tuple[int, int]]:
-    """The ``[low, high)`` of each integer input of declared specs, by name."""
-    return {s.name: (s.low, s.high) for s in specs if s.dtype in ("int64", "int32") and s.high is not None}
+    """The ``[low, high)`` of each integer input of declared specs, by name. A range of one value
+    (``low == high - 1``) only says how examples are drawn (an attention mask of ones), not which
+    values the model takes (a padded mask holds zeros too), so it bounds nothing."""
+    return {s.name: (s.low, s.high) for s in specs
+            if s.dtype in ("int64", "int32") and s.high is not None and s.high - s.low > 1}
 
 
 def check_feed(specs: Sequence[InputSpec], x: Any, backend: str,

@@ -12,6 +12,7 @@ import torch
 import nestnas
 from nestnas.compile import get_backend, get_runner
 from nestnas.compile.bundle import Subnet, bundle_batch, installed_formats, measure_bundle, read_manifest
+from nestnas.compile.feeds import declared_bounds
 from nestnas.errors import ArtifactError, ConfigError
 from nestnas.fileio import write_json
 from nestnas.hw_profiles.profiler import measure_module
@@ -144,17 +145,18 @@ def test_float_inputs_of_different_shapes_match_torch(floats, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edit, fragment", [
-    (lambda x: {k: v for k, v in x.items() if k != "mask"}, "input 'mask' is missing; this {} model takes "
-                                                            "input_ids (int64 (2, 16)), mask"),
-    (lambda x: {**x, "labels": x["mask"]}, "unknown input 'labels'"),
-    (lambda x: {**x, "mask": x["mask"].astype(np.float32)}, "input 'mask' holds float32 values; this {} model "
-                                                            "takes int64 (integers)"),
-    (lambda x: {**x, "mask": x["mask"][:, :8]}, "input 'mask' of shape (2, 8) does not fit this {} model "
-                                                "(expected (2, 16); shapes are static)"),
-    (lambda x: {**x, "input_ids": x["input_ids"] + VOCAB}, "input 'input_ids' holds"),
-    (lambda x: {**x, "token_type_ids": x["token_type_ids"] - 1}, "input 'token_type_ids' holds -1; this {} model "
-                                                                 "takes values in [0, 2)"),
-    (lambda x: x["input_ids"], "this {} model takes 3 inputs"),
+    pytest.param(lambda x: {k: v for k, v in x.items() if k != "mask"},
+                 "input 'mask' is missing; this {} model takes input_ids (int64 (2, 16)), mask", id="missing"),
+    pytest.param(lambda x: {**x, "labels": x["mask"]}, "unknown input 'labels'", id="unknown"),
+    pytest.param(lambda x: {**x, "mask": x["mask"].astype(np.float32)},
+                 "input 'mask' holds float32 values; this {} model takes int64 (integers)", id="dtype"),
+    pytest.param(lambda x: {**x, "mask": x["mask"][:, :8]},
+                 "input 'mask' of shape (2, 8) does not fit this {} model (expected (2, 16); shapes are static)",
+                 id="shape"),
+    pytest.param(lambda x: {**x, "input_ids": x["input_ids"] + VOCAB}, "input 'input_ids' holds", id="past-vocab"),
+    pytest.param(lambda x: {**x, "token_type_ids": x["token_type_ids"] - 1},
+                 "input 'token_type_ids' holds -1; this {} model takes values in [0, 2)", id="negative"),
+    pytest.param(lambda x: x["input_ids"], "this {} model takes 3 inputs", id="bare-array"),
 ])
 def test_inputs_that_do_not_fit_are_one_line(text, backend, edit, fragment):
     model = nestnas.load(text["bundle"], backend)
@@ -249,3 +251,14 @@ def test_an_input_the_graph_drops_is_fed_but_not_passed(backend):
 def test_the_torch_runner_takes_a_dict_of_inputs():
     xs = numpy(text_inputs(0))
     assert get_runner("torch", max_seconds=0.1).measure(TextClassifier().eval(), xs).median_ms > 0
+
+
+def test_a_constant_spec_draws_examples_but_bounds_nothing():
+    """A mask drawn as all ones (low == high - 1) still takes a padded mask with zeros."""
+    specs = (TEXT_SPECS[0], InputSpec("mask", (BATCH, SEQ), "int64", 1, 2), TEXT_SPECS[2])
+    assert declared_bounds(specs) == {"input_ids": (0, VOCAB), "token_type_ids": (0, 2)}
+    module = TextClassifier().eval()
+    built = get_backend("onnxruntime", threads=1, exporter="torchscript").build(module, specs)
+    xs = text_inputs(4)
+    assert (xs["mask"] == 0).any()
+    np.testing.assert_allclose(built(numpy(xs)), module(*xs.values()).detach().numpy(), rtol=0, atol=ATOL)
