@@ -405,7 +405,7 @@ def test_profile_a_model_folder_from_the_cli(bert_folder, tmp_path, capsys):
                        (["--model", str(bert_folder), "--checkpoint", str(out)], "not both")):
         assert main(["profile", *bad, "--samples", "3", "--out", str(tmp_path / "x.json")]) == 1
         err = capsys.readouterr().err.strip()
-        assert words in err and err.count("error:") == 1, err
+        assert words in err and "\n" not in err, err
         assert not (tmp_path / "x.json").exists()
 
 
@@ -441,9 +441,6 @@ def test_an_hf_checkpoint_round_trips_exactly(hf_checkpoint):
                                net.eval()(net.prepare_input(x, config), config), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="supernet/data.py Data.check_fits compares the hf family's partial "
-                                       "spec_for_data ({'num_labels': n}) with its whole spec, so it refuses the "
-                                       "checkpoint's own data")
 def test_eval_of_an_hf_checkpoint(hf_checkpoint, capsys):
     from nestnas.cli import main
 
