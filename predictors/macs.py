@@ -50,7 +50,9 @@ __all__ = ["count_macs", "count_macs_encoded", "count_module", "onnx_macs"]
 def count_module(module: nn.Module, example: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[int, int]:
     """(MACs per sample, parameters) of a static module, counted with forward hooks on one
     run of `example` (batch 1 or more; MACs are divided by the batch): one tensor, or a dict of
-    the module's inputs in its `forward`'s order (`nestnas.supernet.inputs.example_inputs`)."""
+    the module's inputs in its `forward`'s order (`nestnas.supernet.inputs.example_inputs`).
+    Hooks see modules only: attention computed by functions (not `nestnas.supernet.attention.Attention`,
+    e.g. the hf-encoder's) is not counted; the family's analytic `count_macs` is."""
     inputs = tuple(example.values()) if isinstance(example, Mapping) else (example,)
     macs = 0
 
