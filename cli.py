@@ -795,6 +795,8 @@ def _export_switchable(net, front, chosen, out: Path, fmts: list[str], threads, 
 def _bundle_table(manifests: list[dict], folders: list[str]) -> None:
     from rich.table import Table
 
+    from nestnas.compile.bundle import bundle_batch
+
     table = Table(title="bundles (latency in ms at the bundle's batch; predicted from the front)")
     for col in ("bundle", "batch", "accuracy", "MACs", "predicted", "ONNX Runtime", "TVM", "folder"):
         table.add_column(col, justify="left" if col in ("bundle", "folder") else "right")
@@ -803,10 +805,10 @@ def _bundle_table(manifests: list[dict], folders: list[str]) -> None:
         pred = m.get("predicted_latency")
         def fmt(b, measured=measured):
             return f"{measured[b]['median_ms']:.3f}" if b in measured else "-"
-        table.add_row(m.get("hash", m["name"]), str(m["input"]["shape"][0]),
+        table.add_row(m.get("hash", m["name"]), str(bundle_batch(m)),
                       f"{100 * m['accuracy']['value']:.2f}%" if "accuracy" in m else "-",
                       f"{m['macs'] / 1e6:.2f}M" if "macs" in m else "-",
-                      f"{pred['ms']:.3f}" if pred and pred.get("batch") == m["input"]["shape"][0] else "-",
+                      f"{pred['ms']:.3f}" if pred and pred.get("batch") == bundle_batch(m) else "-",
                       fmt("onnxruntime"), fmt("tvm"), folder)
     console.print(table)
 
@@ -912,7 +914,7 @@ def bench(
     compare with its manifest and the predicted latency. A dynamic bundle is timed per input of
     --inputs (median and p10-p90 over the inputs, per path, and how often each branch was
     taken); a switchable bundle per subnet, each run with its own latency as the budget."""
-    from nestnas.compile.bundle import measure_bundle, verify_checksums
+    from nestnas.compile.bundle import bundle_batch, measure_bundle, verify_checksums
     from nestnas.compile.runners import bundle_kind
     from nestnas.compile.signing import check_signature
 
@@ -940,7 +942,7 @@ def bench(
     now = measure_bundle(bundle, [{"onnxruntime": "onnx", "tvm": "tvm"}[b] for b in backends] or None,
                          threads=threads, trust=trust)
     pred = manifest.get("predicted_latency") or {}
-    batch = manifest["input"]["shape"][0]
+    batch = bundle_batch(manifest)
     rows = []
     for backend, m in now.items():
         before = manifest.get("measured", {}).get(backend, {})

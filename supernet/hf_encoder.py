@@ -546,7 +546,7 @@ class ElasticHFEncoder(Supernet):
 
     def input_specs(self, config=None, batch=1):
         """Text: int64 ``input_ids`` (below the vocabulary size), ``attention_mask`` (ones) and,
-        where the model has token types, ``token_type_ids`` (zeros), each (batch, seq_len); ViT:
+        where the model has token types, ``token_type_ids`` (below the type vocabulary), each (batch, seq_len); ViT:
         float32 ``pixel_values``."""
         config = self.resolve(config)
         d = self.dims
@@ -556,7 +556,7 @@ class ElasticHFEncoder(Supernet):
         specs = [InputSpec("input_ids", shape, "int64", 0, d.vocab_size),
                  InputSpec("attention_mask", shape, "int64", 1, 2)]
         if d.type_vocab_size:
-            specs.append(InputSpec("token_type_ids", shape, "int64", 0, 1))
+            specs.append(InputSpec("token_type_ids", shape, "int64", 0, d.type_vocab_size))
         return tuple(specs)
 
     def prepare_input(self, x, config=None):
@@ -748,7 +748,7 @@ class ElasticHFEncoder(Supernet):
                 return module, (batch, d.num_channels, d.image_size, d.image_size)
             specs = [InputSpec("input_ids", (batch, t), "int64", 0, d.vocab_size)]
             if d.type_vocab_size:
-                specs.append(InputSpec("token_type_ids", (batch, t), "int64", 0, 1))
+                specs.append(InputSpec("token_type_ids", (batch, t), "int64", 0, d.type_vocab_size))
             return module, tuple(specs)
         if kind == "layer":
             _, i, t, h, f = recipe
