@@ -196,9 +196,10 @@ def _pretrained_supernet(model: Path, data: str | None, max_length: int | None, 
     if max_length is not None and not text:
         raise ConfigError(f"--max-length applies to text data; --data {data} is not text")
     pretrained = load_pretrained(model)
-    # images are resized to the model's own size, which its (unranked) supernet's space knows
-    space = None if text else elasticize(pretrained, rank=False).space
+    # the unranked supernet's space knows the model's image size and whether it takes text or images
+    space = elasticize(pretrained, rank=False).space
     dataset = load_data(data, space, seed=seed, model=model, max_length=max_length)
+    dataset.spec_for(space)  # data of the wrong kind for this model: one line, before any ranking
     loaders = dataset.loaders(batch_size)
     # text subnets run at a quarter, half and all of the data's padded length
     seq_lens = sorted({max(1, round(dataset.sample_shape[1] * f)) for f in (0.25, 0.5, 1.0)}) if text else None

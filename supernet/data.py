@@ -148,6 +148,9 @@ def parse_spec(text: str | os.PathLike) -> DataSpec:
         raise DataError(f"data spec {given!r} is not a known kind of data (no such folder, not .npz, .csv or "
                         f".jsonl, not module:function); expected {EXPECTED}")
     unknown = [k for k in options if k not in _OPTIONS[kind]]
+    if kind == "csv" and unknown and all(k in _TEXT_OPTIONS for k in unknown):
+        raise DataError(f"data spec {given!r}: option {unknown[0]!r} is for text data; name the text column with "
+                        "text=COLUMN to read the CSV as text")
     if unknown:
         raise DataError(f"data spec {given!r}: unknown option {unknown[0]!r} for {kind} data; allowed: "
                         f"{list(_OPTIONS[kind]) or 'none'}")

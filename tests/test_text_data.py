@@ -139,6 +139,8 @@ def test_bad_text_data_is_one_line(tmp_path, folder):
                                                                           "the file's encoding, e.g. encoding=latin-1"),
         (f"{tmp_path / 'latin.csv'}:text=review,label=sentiment,encoding=klingon", folder, "unknown encoding"),
         (f"{spec},shape=3x3", folder, "unknown option 'shape' for text data"),
+        (f"{path}:label=sentiment,max_length=8", folder, "option 'max_length' is for text data; name the text "
+                                                         "column with text=COLUMN"),
     ]
     for text, model, message in cases:
         with pytest.raises(DataError) as info:
@@ -343,6 +345,7 @@ def test_train_model_bad_input_is_one_line_and_writes_nothing(task, tmp_path, ca
         (("--model", tmp_path / "nowhere", "--data", spec), "does not exist"),
         (("--data", spec), "give the model folder (--model DIR"),
         (("--max-length", "16"), "--max-length applies to text data"),
+        (("--model", folder, "--data", "digits"), "the hf-encoder family takes text samples packed as (3, length)"),
         (("--model", folder, "--data", spec, "--schedule", "step"), "schedule"),
     ]
     for args, message in cases:
