@@ -220,14 +220,7 @@ class TuningDatabase:
             else:
                 cold.append(k)
         if extra and not report["skipped_for_time"]:
-            best = {k: self.best_seconds(unique[k]) for k in todo}
-            share = {k: 0.0 for k in todo}
-            for c in calls:  # each subnet counts once, whatever its size
-                spent = {k: best.get(k, 0.0) * n for k, n in c.items()}
-                whole = sum(spent.values())
-                for k in todo:
-                    if k in c and whole > 0:
-                        share[k] += spent[k] / whole
+            share = time_shares({k: self.best_seconds(unique[k]) for k in todo}, calls)
             rounds = allocate_rounds(share, extra, cap=max(1, 4 * options.trials // ROUND - 1))
             report["extra_rounds"] = {k: r for k, r in rounds.items() if r}
             done = len(todo)
@@ -362,6 +355,21 @@ class _Session:
         for t in tasks:
             self._add(t.dispatched[0])
         return sum(_count(self.database, t) for t in tasks) - before
+
+
+def time_shares(best: dict[str, float | None], calls: list[dict[str, float]]) -> dict[str, float]:
+    """Workload -> its share of each subnet's time (best seconds x calls over the subnet's total),
+    summed over subnets; each subnet counts once, whatever its size. A workload of `best` with no
+    measured schedule (None: every candidate failed to build or run) takes no time."""
+    seconds = {k: v or 0.0 for k, v in best.items()}
+    share = {k: 0.0 for k in best}
+    for c in calls:
+        spent = {k: seconds.get(k, 0.0) * n for k, n in c.items()}
+        whole = sum(spent.values())
+        for k in best:
+            if k in c and whole > 0:
+                share[k] += spent[k] / whole
+    return share
 
 
 def allocate_rounds(share: dict[str, float], rounds: int, cap: int) -> dict[str, int]:

@@ -202,6 +202,18 @@ def test_rounds_follow_the_share_of_time_with_a_cap():
     assert allocate_rounds({"a": 0.5, "b": 0.5}, 3, cap=9) in ({"a": 2, "b": 1}, {"a": 1, "b": 2})
 
 
+def test_time_shares_skip_workloads_no_schedule_was_measured_for():
+    from nestnas.compile.tuning import time_shares
+
+    # Two subnets; "gather" (an int64 embedding lookup, say) got no measured schedule at all.
+    calls = [{"matmul": 2.0, "gather": 1.0}, {"matmul": 1.0, "norm": 4.0}]
+    share = time_shares({"matmul": 1e-3, "gather": None, "norm": 1e-4}, calls)
+    assert share["gather"] == 0.0
+    assert share["matmul"] == pytest.approx(1.0 + 1e-3 / (1e-3 + 4e-4))
+    assert share["norm"] == pytest.approx(4e-4 / (1e-3 + 4e-4))
+    assert time_shares({"a": None}, [{"a": 3.0}]) == {"a": 0.0}  # a subnet of nothing measured counts for none
+
+
 @pytest.mark.tvm
 @pytest.mark.slow  # MetaSchedule rounds (~30 s)
 def test_extra_tuning_rounds_go_to_the_workloads_that_take_the_time(tmp_path, monkeypatch):
