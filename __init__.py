@@ -15,7 +15,7 @@ _EXPORTS = {
     "CNNConfig": "nestnas.supernet.config", "TransformerConfig": "nestnas.supernet.config",
     "ElasticCNN": "nestnas.supernet.cnn", "ElasticTransformer": "nestnas.supernet.transformer",
     "train_supernet": "nestnas.supernet.train", "Recipe": "nestnas.supernet.train",
-    "FINE_TUNING": "nestnas.supernet.train", "recipe_for": "nestnas.supernet.train",
+    "recipe_for": "nestnas.supernet.train",
     "load_supernet": "nestnas.supernet.checkpoint",
     "save_checkpoint": "nestnas.supernet.checkpoint", "digits_loaders": "nestnas.supernet.data",
     "recalibrate_bn": "nestnas.supernet.evaluate", "subnet_accuracy": "nestnas.supernet.evaluate",
