@@ -314,6 +314,9 @@ def _check_labels(y_train: np.ndarray, y_val: np.ndarray, where: str) -> int:
                         f"{y_train.size} and {y_val.size}")
     present = np.unique(y_train)
     k = int(present[-1]) + 1
+    if len(present) == 1:
+        raise DataError(f"{where}: every training sample has label {_short(present)}: a classifier needs at least "
+                        "two classes (is the file sorted by label, and cut short?)")
     if present[0] < 0 or len(present) != k or len(present) < 2:
         raise DataError(f"{where}: labels must be the integers 0..K-1 (K >= 2), each present in training; got "
                         f"{_short(present)}")

@@ -190,6 +190,7 @@ def bad_specs(tmp_path):
     np.savez(tmp_path / "half.npz", x_train=x, y_train=labels)
     np.savez(tmp_path / "shifted.npz", x=x, y=labels + 1)
     np.savez(tmp_path / "floaty.npz", x=x, y=labels.astype(np.float32))
+    np.savez(tmp_path / "one_class.npz", x=x, y=np.zeros_like(labels))  # e.g. a file sorted by label, cut short
     write_csv(tmp_path / "t.csv", images, labels, label="target")
     (tmp_path / "wrong_data_mod.py").write_text("from torch.utils.data import TensorDataset\nimport torch\n"
                                                 "def one():\n    return TensorDataset(torch.zeros(4, 2))\n")
@@ -201,6 +202,7 @@ def bad_specs(tmp_path):
         (str(tmp_path / "half.npz"), "expected arrays x_train, y_train, x_val, y_val (or x, y)"),
         (str(tmp_path / "shifted.npz"), "labels must be the integers 0..K-1"),
         (str(tmp_path / "floaty.npz"), "labels must be integers 0..K-1"),
+        (str(tmp_path / "one_class.npz"), "every training sample has label [0]: a classifier needs at least two"),
         (str(tmp_path / "t.csv"), "no label column 'label'"),
         (f"{tmp_path / 't.csv'}:label=nope", "no label column 'nope'"),
         (f"{tmp_path / 't.csv'}:label=target,shape=3x3", "shape=3x3 holds 9 values"),
