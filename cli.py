@@ -187,7 +187,7 @@ def _pretrained_supernet(model: Path, data: str | None, max_length: int | None, 
     (text tokenised with the folder's own tokenizer), the model made elastic with its heads and
     neurons ranked on a few training batches."""
     from nestnas.supernet.data import load_data, parse_spec
-    from nestnas.supernet.hf_encoder import elasticize, load_pretrained
+    from nestnas.supernet.hf_encoder import elasticize, load_pretrained, pretrained_space
 
     if data is None:
         raise ConfigError("--model needs --data: the task to fine-tune on, e.g. FILE.csv:text=COLUMN,label=COLUMN "
@@ -196,8 +196,7 @@ def _pretrained_supernet(model: Path, data: str | None, max_length: int | None, 
     if max_length is not None and not text:
         raise ConfigError(f"--max-length applies to text data; --data {data} is not text")
     pretrained = load_pretrained(model)
-    # the unranked supernet's space knows the model's image size and whether it takes text or images
-    space = elasticize(pretrained, rank=False).space
+    space = pretrained_space(pretrained)  # the model's image size, and whether it takes text or images
     dataset = load_data(data, space, seed=seed, model=model, max_length=max_length)
     dataset.spec_for(space)  # data of the wrong kind for this model: one line, before any ranking
     loaders = dataset.loaders(batch_size)

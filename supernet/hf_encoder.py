@@ -913,6 +913,20 @@ def default_space(d: EncoderDims, depth_choices=None, head_choices=None, ffn_cho
         seq_len_choices=seqs, image_size=d.image_size if d.kind == "image" else None)
 
 
+def _facts(model) -> tuple[str, dict[str, Any], bool, EncoderDims]:
+    """(architecture, plain-JSON config, whether a pooler is kept, dimensions) of `model`."""
+    architecture = check_architecture(type(model).__name__)
+    hf_config = json.loads(model.config.to_json_string(use_diff=False))
+    bare = architecture == BARE_CLASS.get(hf_config.get("model_type"))
+    pooler = getattr(model, "pooler", None) is not None if bare else True
+    return architecture, hf_config, pooler, describe(hf_config, architecture, pooler)
+
+
+def pretrained_space(model) -> HFEncoderSpace:
+    """The default space `elasticize(model)` makes, without copying any weight."""
+    return default_space(_facts(model)[3])
+
+
 def elasticize(model, data: Iterable | None = None, *, n_batches: int = 4, num_labels: int | None = None,
                depth_choices=None, head_choices=None, ffn_choices=None, seq_len_choices=None, source: str = "",
                rank: bool = True) -> ElasticHFEncoder:
@@ -922,11 +936,7 @@ def elasticize(model, data: Iterable | None = None, *, n_batches: int = 4, num_l
     comparison). `model` is not modified. A bare encoder, or a classifier asked for another
     `num_labels`, gets a fresh classifier of `num_labels` (default: the model's, else 2).
     Choices left None take `default_space`'s."""
-    architecture = check_architecture(type(model).__name__)
-    hf_config = json.loads(model.config.to_json_string(use_diff=False))
-    bare = architecture == BARE_CLASS.get(hf_config.get("model_type"))
-    pooler = getattr(model, "pooler", None) is not None if bare else True
-    d = describe(hf_config, architecture, pooler)
+    architecture, hf_config, pooler, d = _facts(model)
     own = int(model.config.num_labels) if d.trained_head else None
     num_labels = int(num_labels or own or 2)
     space = default_space(d, depth_choices, head_choices, ffn_choices, seq_len_choices)

