@@ -537,13 +537,22 @@ def search(
     checkpoint: Annotated[Path, typer.Option(help="Trained supernet checkpoint (accuracy on the validation "
                                                   "split of its data, batch norm recalibrated).")],
     out: Annotated[Path, typer.Option(help="Pareto front file to write (JSON).")],
-    profile: Annotated[Optional[Path], typer.Option(help="Device profile: latency from its default "
-                                                          "predictor.")] = None,
+    profile: Annotated[Optional[list[str]], typer.Option(help="Device profile: latency from its default "
+                                                               "predictor. Repeat for a fleet (objective "
+                                                               "latency@DEVICE per profile; NAME=FILE names the "
+                                                               "device \\[default: the profile's name]).",
+                                                          show_default=False)] = None,
     predictor: Annotated[Optional[Path], typer.Option(help="Saved latency predictor (instead of --profile).")] = None,
     objectives: Annotated[str, typer.Option(help="Comma-separated: accuracy, latency, macs, params.")] =
         "accuracy,latency",
-    budget: Annotated[Optional[list[str]], typer.Option(help="Constraint such as latency=5 (ms), macs=20M or "
-                                                             "accuracy>=0.9; repeatable.")] = None,
+    budget: Annotated[Optional[list[str]], typer.Option(help="Constraint such as latency=5 (ms), "
+                                                             "latency@DEVICE=20 (one device of a fleet), "
+                                                             "macs=20M or accuracy>=0.9; repeatable.")] = None,
+    per_device: Annotated[bool, typer.Option("--per-device", help="With several profiles: one front per device "
+                                                                  "from one run (accuracy evaluated once per "
+                                                                  "subnet); a device's latency budget bounds its "
+                                                                  "front only. Without it: one joint front.")] =
+        False,
     evals: Annotated[int, typer.Option(min=4, help="Distinct subnets to evaluate (true evaluations).")] = 500,
     algorithm: Annotated[str, typer.Option(help="nsga2, linas, agemoea, unsga3 or random.")] = "nsga2",
     pop_size: Annotated[int, typer.Option(min=4, help="Population (LINAS: subnets evaluated per "
@@ -574,7 +583,11 @@ def search(
 
     names = [n.strip() for n in objectives.split(",") if n.strip()]
     directions = {"accuracy": "max", "latency": "min", "macs": "min", "params": "min"}
-    budgets = [parse_budget(b, directions) for b in budget or []]
+    fleet, aliases = _search_fleet(profile or [], per_device)
+    if fleet:
+        del directions["latency"]
+        directions.update({f"latency@{d}": "min" for d, _ in fleet})
+    budgets = [parse_budget(b, directions, aliases) for b in budget or []]
     if any(n not in METRICS for n in names):
         raise ConfigError(f"--objectives: unknown objective {next(n for n in names if n not in METRICS)!r}; "
                           f"allowed: {list(METRICS)}")
@@ -588,21 +601,26 @@ def search(
             if first != other and (a == b or a in b.parents):
                 raise ConfigError(f"{first} {a} and {other} {b} collide (the same file, or one inside the other); "
                                   "give each its own file")
-    if profile is not None:
+    if profile:
         from nestnas.hw_profiles.profile import DeviceProfile
+        from nestnas.search.presets import profile_entries
 
-        _warn_incomplete(DeviceProfile.load(profile), profile)
+        for _, path in profile_entries(profile):
+            _warn_incomplete(DeviceProfile.load(path), path)
     with warnings.catch_warnings(record=True) as fitted:  # e.g. a latency predictor fitted on unstable medians
         warnings.simplefilter("always")
-        net, objs, extra = objectives_from_files(names, checkpoint, profile=profile, predictor=predictor,
-                                                 budget_metrics=[b.metric for b in budgets], seed=seed, data=data)
+        net, objs, extra = objectives_from_files(names, checkpoint, profile=(profile[0] if len(profile or []) == 1
+                                                                             else profile or None),
+                                                 predictor=predictor, budget_metrics=[b.metric for b in budgets],
+                                                 seed=seed, data=data)
     for w in fitted:
         err_console.print(f"warning: {w.message}", markup=False)
     with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
             SearchProgress(not as_json, evals, err_console) as bar:
         warnings.simplefilter("always")
         front = run_search(net.space, objs, budgets, algorithm=algorithm, evals=evals, pop_size=pop_size, seed=seed,
-                           extra_metrics=extra, cache=db, state=state, inner_evals=inner_evals, progress=bar)
+                           extra_metrics=extra, cache=db, state=state, inner_evals=inner_evals, progress=bar,
+                           per_device=per_device)
     for w in caught:
         err_console.print(f"warning: {w.message}", markup=False)
     from nestnas.predictors.store import sha256_file
@@ -610,12 +628,15 @@ def search(
     front.meta["checkpoint"] = {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}
     front.save(out, plot=plot)
     if as_json:
-        print(json.dumps({"front": str(out), "plot": str(plot) if plot else None, "size": len(front),
-                          "evaluated": len(front.evaluated), "hypervolume": front.hypervolume,
-                          "cache_hit_rate": front.meta["cache"]["hit_rate"], "seconds": front.meta["seconds"],
-                          "knee": front.knee().to_dict()}, indent=2))
+        summary = {"front": str(out), "plot": str(plot) if plot else None, "size": len(front),
+                   "evaluated": len(front.evaluated), "hypervolume": front.hypervolume,
+                   "cache_hit_rate": front.meta["cache"]["hit_rate"], "seconds": front.meta["seconds"],
+                   "knee": front.knee().to_dict()}
+        if front.devices:
+            summary["devices"] = _device_summaries(front)
+        print(json.dumps(summary, indent=2))
         return
-    console.print(front.table())
+    _print_fronts(front)
     cache_meta = front.meta["cache"]
     console.print(f"{len(front.evaluated)} subnets evaluated in {front.meta['seconds']:.0f} s; cache hits "
                   f"{cache_meta['hits']} of {cache_meta['hits'] + cache_meta['misses']} "
@@ -626,20 +647,31 @@ def search(
 @app.command()
 def show(
     front: Annotated[Path, typer.Argument(help="Pareto front file written by `nestnas search`.")],
+    device: Annotated[Optional[str], typer.Option(help="Show only this device's front (a fleet front).")] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Print a saved Pareto front as a table (knee marked)."""
+    """Print a saved Pareto front as a table (knee marked); a per-device front as one table per
+    device."""
     from nestnas.search import ParetoFront
 
     loaded = ParetoFront.load(front)
+    if device is not None:
+        loaded.for_device(device)  # a device that matches no front: one line
     if as_json:
-        print(json.dumps({"hypervolume": loaded.hypervolume, "reference": loaded.reference,
-                          "knee": loaded.knee().hash, "candidates": [c.to_dict() for c in loaded]}, indent=2))
+        chosen = loaded.for_device(device) if device is not None else loaded
+        summary = {"hypervolume": chosen.hypervolume, "reference": chosen.reference,
+                   "knee": chosen.knee().hash, "candidates": [c.to_dict() for c in chosen]}
+        if device is None and loaded.devices:
+            summary["per_device"] = loaded.per_device
+            summary["devices"] = {d: {**s, "candidates": [c.to_dict() for c in loaded.for_device(d)]}
+                                  for d, s in _device_summaries(loaded).items()}
+        print(json.dumps(summary, indent=2))
         return
-    console.print(loaded.table())
-    meta = loaded.meta
+    _print_fronts(loaded, device)
+    shown = loaded.for_device(device) if device is not None else loaded
+    meta = shown.meta
     console.print(f"{meta.get('algorithm', '?')} with seed {meta.get('seed', '?')}; reference point "
-                  f"{loaded.reference}; budgets: {', '.join(meta.get('budgets', [])) or 'none'}")
+                  f"{shown.reference}; budgets: {', '.join(meta.get('budgets', [])) or 'none'}")
 
 
 def _parse_pick(text: str, front) -> list:
@@ -656,6 +688,43 @@ def _parse_pick(text: str, front) -> list:
     if bad or not picks:
         raise ConfigError(f"--pick {text!r}: the front has {len(front)} subnets (indices 0..{len(front) - 1})")
     return [front[i] for i in picks]
+
+
+def _search_fleet(profiles: list[str], per_device: bool) -> tuple[list, dict]:
+    """The fleet of `nestnas search` ((device, path) per profile; [] for one profile or none) and
+    budget aliases (one profile: `latency@ITS-DEVICE` is `latency`)."""
+    from nestnas.search.presets import fleet_devices
+
+    if not profiles:
+        if per_device:
+            raise ConfigError("--per-device needs two or more --profile options (one per device)")
+        return [], {}
+    fleet = fleet_devices(profiles)
+    if len(fleet) == 1:
+        if per_device:
+            raise ConfigError("--per-device needs two or more --profile options (one per device)")
+        return [], {f"latency@{fleet[0][0]}": "latency"}
+    return fleet, {}
+
+
+def _device_summaries(front) -> dict:
+    out = {}
+    for device in front.devices:
+        sub = front.for_device(device)
+        out[device] = {"size": len(sub), "hypervolume": sub.hypervolume, "knee": sub.knee().hash,
+                       "batch_size": sub.info("latency").batch_size}
+    return out
+
+
+def _print_fronts(front, device: str | None = None) -> None:
+    """One table per device for a per-device front (or the device asked), else the front's table."""
+    if device is not None:
+        console.print(front.for_device(device).table())
+    elif front.per_device:
+        for name in front.devices:
+            console.print(front.for_device(name).table())
+    else:
+        console.print(front.table())
 
 
 @app.command()
@@ -696,6 +765,9 @@ def export(
     data: Annotated[Optional[str], typer.Option("--data", help="Measure the manifests' accuracy on this data's "
                                                                "validation split (a spec as for train) \\[default: "
                                                                "the front's accuracy].", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device of a fleet front: pick from its front, build at its "
+                                                       "batch and record it in the manifest (see `nestnas show`).")]
+        = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
@@ -716,7 +788,9 @@ def export(
     else:
         fmts = [f.strip() for f in formats.split(",") if f.strip()]
     fmts = list(check_formats(fmts))
-    loaded = ParetoFront.load(front)
+    from nestnas.exporting import device_front
+
+    loaded = device_front(ParetoFront.load(front), device, f"front {front}")
     ckpt = checkpoint or Path(loaded.meta.get("checkpoint", {}).get("path", ""))
     if not str(ckpt) or not ckpt.is_file():
         raise ConfigError(f"--checkpoint: give the supernet checkpoint the front {front} was searched with")
@@ -735,7 +809,7 @@ def export(
         result = run_export(chosen if len(chosen) > 1 else chosen[0], out, net=net, front=loaded, formats=fmts,
                             tune_trials=tune_trials, tune_seconds=tune_seconds, tune_strategy=tune_strategy,
                             tune_transfer=tune_transfer, database=tune_db,
-                            batch_size=batch_size, threads=threads, seed=seed, progress=bar)
+                            batch_size=batch_size, threads=threads, seed=seed, progress=bar, device=device)
     if as_json:
         print(json.dumps(result, indent=2))
         return

@@ -26,8 +26,10 @@ def default_tuning_database() -> Path:
     return user_dir().parent / "tuning" / name
 
 
-def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, name: str | None = None):
-    """A `compile.bundle.Subnet` for a front candidate: the extracted module and its manifest facts."""
+def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, name: str | None = None,
+                     device: str | None = None):
+    """A `compile.bundle.Subnet` for a front candidate: the extracted module and its manifest facts
+    (with `device`, or a front taken for one device, the device it was chosen for)."""
     from nestnas.compile.bundle import Subnet
     from nestnas.predictors.macs import count_macs
     from nestnas.search.objectives import MetricInfo
@@ -50,7 +52,26 @@ def candidate_subnet(net, candidate, front=None, batch_size: int | None = None, 
                                      "predictor": latency.predictor.to_dict() if latency.predictor else None,
                                      "context": objectives.get("latency", {}).get("context", ""),
                                      "source": objectives.get("latency", {}).get("source", "predicted")}
+    device = device or (front.meta.get("device") if front is not None else None)
+    if device:
+        pred = latency.predictor
+        info["device"] = {"name": device, "backend": pred.backend if pred else "",
+                          "threads": pred.threads if pred else None, "batch": latency.batch_size,
+                          "predictor": pred.to_dict() if pred else None}
     return Subnet(name or info["hash"], net.extract(config), tuple(net.input_specs(config, batch)), info)
+
+
+def device_front(front, device: str | None, where: str = "the front"):
+    """The front to pick from and build for: `front` itself for one device, else device `device`'s
+    front (`ParetoFront.for_device`); a fleet front without `device` is refused, naming its devices."""
+    if front is None:
+        if device is not None:
+            raise ConfigError(f"device {device!r}: give the front it was searched in (front=...)")
+        return None
+    if front.devices and device is None:
+        raise ConfigError(f"{where} holds {len(front.devices)} devices; choose one with --device NAME: "
+                          f"{front.devices}")
+    return front if device is None else front.for_device(device)
 
 
 def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shape: Sequence[int] | None = None,
@@ -58,7 +79,8 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
            tune_trials: int = 32, tune_seconds: float | None = None,
            tune_strategy: str = "evolutionary", tune_transfer: bool = True,
            database: str | os.PathLike | None = None, batch_size: int | None = None, threads: int | None = None,
-           measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> dict:
+           measure: bool = True, seed: int = 0, progress: Callable[[str, int, int], None] | None = None,
+           device: str | None = None) -> dict:
     """Export one front candidate, a list of them, or a static `nn.Module` as bundles under
     `out_dir`. A module takes `input_shape` (one float32 input) or `example_inputs`: a dict
     name -> tensor or array (`forward`'s positional arguments in the dict's order; they become the
@@ -71,7 +93,9 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
     (`tune_trials` per unique workload on average, 0 = off; `tune_strategy` "evolutionary" or the
     faster, weaker "replay-trace"; `tune_transfer`: a workload whose relative is tuned starts from
     its adapted schedules instead of a search round)
-    shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports."""
+    shares one database, by default `$NESTNAS_HOME/tuning/...`, across this and later exports.
+    A front of several devices needs `device`: candidates are taken from (and built at the batch of)
+    that device's front, and the manifests record the device."""
     from nestnas.compile.bundle import check_formats, export_bundles, installed_formats
     from nestnas.compile.tuning import TuneOptions
     from nestnas.search.front import Candidate, ParetoFront
@@ -79,7 +103,10 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
     formats = check_formats(installed_formats()[0] if formats is None else formats)
     out_dir = Path(out_dir)
     if isinstance(what, ParetoFront):
-        front, what = what, list(what.candidates)
+        front = device_front(what, device)
+        what = list(front.candidates)
+    elif front is not None or device is not None:
+        front = device_front(front, device)
     if isinstance(what, nn.Module):
         subnets = [_module_subnet(what, out_dir.name or "model", input_shape, example_inputs)]
     else:
@@ -93,7 +120,10 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
             raise ConfigError("exporting candidates needs the supernet they were searched on (net=...)")
         if front is not None and front.space.fingerprint() != net.space.fingerprint():
             raise ConfigError("the front was searched on another search space than this supernet's")
-        subnets = [candidate_subnet(net, c, front, batch_size) for c in items]
+        if front is not None:  # candidates of a fleet front, seen on the chosen device
+            by_hash = {c.hash: c for c in front.evaluated}
+            items = [by_hash.get(c.hash, c) for c in items]
+        subnets = [candidate_subnet(net, c, front, batch_size, device=device) for c in items]
     if len(subnets) == 1:
         dirs = [out_dir]
     else:

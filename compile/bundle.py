@@ -355,8 +355,8 @@ def _manifest(sub: Subnet, staged: dict, formats, tune: TuneOptions, tuning: dic
         "formats": list(formats), "files": {f: FILES[f] for f in formats},
         **_input_entries(sub),
         "output": {"name": OUTPUT_NAME},
-        **{k: info.pop(k) for k in ("config", "hash", "family", "macs", "params", "accuracy", "predicted_latency")
-           if k in info},
+        **{k: info.pop(k) for k in ("config", "hash", "family", "macs", "params", "accuracy", "predicted_latency",
+                                    "device") if k in info},
         "extra": info, "threads": threads, "versions": versions(),
         "verified": {"tolerance": tolerance(np.load(staged["folder"] / CHECK_OUTPUT, allow_pickle=False)),
                      "onnxruntime_max_abs_diff": staged["onnx_diff"]},

@@ -21,7 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nestnas.errors import ArtifactError, ConfigError
 from nestnas.fileio import atomic_path, read_document, validate, write_standard_json
-from nestnas.search.objectives import BUDGET_OPS, Budget, MetricInfo, as_budgets, total_violation
+from nestnas.search.objectives import (
+    BUDGET_OPS,
+    Budget,
+    MetricInfo,
+    as_budgets,
+    base_metric,
+    device_of,
+    total_violation,
+)
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
 
@@ -177,7 +185,9 @@ class ParetoFront:
         budgets = as_budgets(budgets)
         names = [o["name"] for o in objectives]
         values = np.array([[c.metrics[n] for n in names] for c in evaluated]).reshape(len(evaluated), len(names))
-        feasible = np.array([_feasible(c.metrics, budgets) for c in evaluated], dtype=bool)
+        # In per-device mode a budget on one device's latency bounds that device's front only.
+        applied = [b for b in budgets if not (meta.get("per_device") and device_of(b.metric))]
+        feasible = np.array([_feasible(c.metrics, applied) for c in evaluated], dtype=bool)
         idx = np.flatnonzero(feasible)
         front = idx[non_dominated(normalise(values[idx], objectives, reference))] if len(idx) else idx
         # One representative per objective vector; equal vectors add nothing to a front.
@@ -216,6 +226,70 @@ class ParetoFront:
     @property
     def hypervolume(self) -> float:
         return hypervolume(self.values(), self.objectives, self.reference)
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices of a fleet front (from its `latency@DEVICE` objectives, in order); [] for a
+        front of one device (see `device`)."""
+        return [d for d in (device_of(n) for n in self.names) if d]
+
+    @property
+    def per_device(self) -> bool:
+        """True for a front searched in per-device mode (one front per device from one run)."""
+        return bool(self.meta.get("per_device"))
+
+    @property
+    def device(self) -> str | None:
+        """The device of a single-device front: the one it was taken for (`for_device`), else its
+        latency predictor's device; None where unknown or for a fleet front."""
+        if self.devices:
+            return None
+        latency = self.info("latency")
+        return self.meta.get("device") or (latency.predictor.device if latency and latency.predictor else None) \
+            or None
+
+    def for_device(self, name: str) -> ParetoFront:
+        """Device `name`'s front as an ordinary single-device front: its `latency@name` objective
+        renamed `latency` (predictor identity naming the device), the other devices' latencies left
+        out, budgets on other devices dropped, `meta["device"] = name`. In per-device mode it is the
+        non-dominated set of the shared archive in (the other objectives, that device's latency),
+        under that device's budgets and the others; for a joint front it is the joint front's
+        subnets (good across the fleet) seen on that device. A single-device front answers its own
+        device with itself."""
+        devices = self.devices
+        if not devices:
+            if name == self.device:
+                return self
+            raise ConfigError(f"--device {name!r} matches no front; devices: {[self.device] if self.device else []}")
+        if name not in devices:
+            raise ConfigError(f"--device {name!r} matches no front; devices: {devices}")
+        key = f"latency@{name}"
+        others = {f"latency@{d}" for d in devices if d != name}
+
+        def rename(metric: str) -> str:
+            return base_metric(metric) if metric == key else metric
+
+        objectives = []
+        for o in self.objectives:
+            if o["name"] in others:
+                continue
+            if o["name"] == key:
+                o = {**o, "name": "latency"}
+                if o.get("predictor"):
+                    o["predictor"] = {**o["predictor"], "device": name}
+            objectives.append(o)
+        budgets = [Budget(rename(b.metric), b.op, b.value, b.text) for b in self.budgets if b.metric not in others]
+        reference = {rename(k): v for k, v in self.reference.items() if k not in others}
+        evaluated = [Candidate(c.config, c.hash, {rename(k): v for k, v in c.metrics.items() if k not in others},
+                               tuple(rename(m) for m in c.measured if m not in others),
+                               tuple(rename(m) for m in c.predicted if m not in others)) for c in self.evaluated]
+        meta = {k: v for k, v in self.meta.items() if k not in ("devices", "per_device")}
+        meta.update(device=name, budgets=[str(b) for b in budgets], fleet=devices)
+        if self.per_device:
+            return ParetoFront.from_archive(self.space, objectives, budgets, reference, evaluated, meta)
+        first = objectives[0]
+        order = sorted(self.front, key=lambda i: first_sign(first) * evaluated[i].metrics[first["name"]])
+        return ParetoFront(self.space, objectives, budgets, reference, evaluated, order, meta)
 
     def info(self, name: str) -> MetricInfo | None:
         """The typed facts (unit, batch size, predictor identity) of objective `name`, or None
@@ -309,7 +383,8 @@ class ParetoFront:
     def table(self, title: str | None = None):
         from rich.table import Table
 
-        table = Table(title=title or f"Pareto front: {len(self)} subnets of {len(self.evaluated)} evaluated, "
+        of = f" of device {self.meta['device']}" if self.meta.get("device") else ""
+        table = Table(title=title or f"Pareto front{of}: {len(self)} subnets of {len(self.evaluated)} evaluated, "
                                      f"hypervolume {self.hypervolume:.4f}")
         table.add_column("#", justify="right")
         for o in self.objectives:
@@ -335,6 +410,9 @@ class ParetoFront:
         names = self.names
         if len(names) < 2:
             raise ConfigError("a front plot needs at least two objectives")
+        if self.devices:
+            self._plot_devices(path, plt)
+            return
         acc = next((o for o in self.objectives if o["direction"] == "max"), self.objectives[0])
         cost = next(o for o in self.objectives if o is not acc)
         third = next((o for o in self.objectives if o is not acc and o is not cost), None)
@@ -358,6 +436,34 @@ class ParetoFront:
         ax.set_title(f"{len(self.evaluated)} subnets evaluated, hypervolume {self.hypervolume:.4f}")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+
+
+    def _plot_devices(self, path, plt) -> None:
+        """One step curve per device (its own colour), accuracy against latency on a log axis."""
+        acc = next((o for o in self.objectives if not device_of(o["name"])), None)
+        if acc is None:
+            raise ConfigError("a fleet front plot needs an objective besides the devices' latencies")
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+        for i, device in enumerate(self.devices):
+            sub = self.for_device(device)
+            front = sorted(sub.candidates, key=lambda c: c.metrics["latency"])
+            x = np.array([c.metrics["latency"] for c in front])
+            y = np.array([c.metrics[acc["name"]] for c in front])
+            info = sub.info("latency")
+            label = f"{device}: {len(front)} subnets" + (f", batch {info.batch_size}" if info.batch_size else "")
+            ax.step(x, y, where="post", color=f"C{i}", lw=1.4, label=label)
+            ax.scatter(x, y, s=22, color=f"C{i}", zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency (ms per batch of each device's profile, predicted; log scale)")
+        ax.set_ylabel(axis_label(acc))
+        mode = "one front per device" if self.per_device else "the joint front on each device"
+        ax.set_title(f"{len(self.evaluated)} subnets evaluated, {mode}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right", fontsize=8, title="device")
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -28,6 +28,26 @@ from nestnas.supernet.space import SearchSpace
 
 DIRECTIONS = ("min", "max")
 SOURCES = ("measured", "predicted", "computed")
+# A metric of one device of a fleet is `BASE@DEVICE` (e.g. `latency@pi5`); a device name is a profile name.
+DEVICE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+METRIC_PATTERN = rf"[a-z][a-z0-9_]*(?:@{DEVICE_PATTERN})?"
+
+
+def device_of(name: str) -> str | None:
+    """The device a metric name carries (`latency@pi5` -> `pi5`), None for a plain metric."""
+    return name.split("@", 1)[1] if "@" in name else None
+
+
+def base_metric(name: str) -> str:
+    """The metric without its device (`latency@pi5` -> `latency`)."""
+    return name.split("@", 1)[0]
+
+
+def check_device_name(name: str, where: str = "device") -> str:
+    if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
+        raise ConfigError(f"{where} {name!r}: a device name is letters, digits, '.', '_' and '-', starting with a "
+                          "letter or digit")
+    return name
 
 
 @dataclass(frozen=True)
@@ -100,8 +120,9 @@ class Objective:
     predictor: PredictorId | None = None
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
-            raise ConfigError(f"objective name {self.name!r}: use lower-case letters, digits and _")
+        if not re.fullmatch(METRIC_PATTERN, self.name):
+            raise ConfigError(f"objective name {self.name!r}: use lower-case letters, digits and _, optionally "
+                              "followed by @DEVICE (letters, digits, '.', '_', '-'), e.g. latency@pi5")
         if self.direction not in DIRECTIONS:
             raise ConfigError(f"objective {self.name}: direction {self.direction!r}; allowed: {list(DIRECTIONS)}")
         if self.source not in SOURCES:
@@ -167,12 +188,13 @@ def predicted_accuracy_objective(predictor, context: str = "") -> Objective:
 
 
 def latency_objective(predictor, *, unit: str = "ms", batch_size: int | None = None, context: str = "",
-                      identity: PredictorId | None = None) -> Objective:
+                      identity: PredictorId | None = None, name: str = "latency") -> Objective:
     """Latency predicted by a fitted `LatencyPredictor` (units of its profile: ms per batch of
-    `batch_size`, the profile's batch size; exported bundles are built at that batch)."""
+    `batch_size`, the profile's batch size; exported bundles are built at that batch). `name` is
+    `latency`, or `latency@DEVICE` for one device of a fleet search."""
     space = predictor.space
     identity = identity or PredictorId(getattr(predictor, "kind", ""))
-    return Objective("latency", lambda cs: predictor.predict(_encoded(space, cs)), "min", unit, "predicted",
+    return Objective(name, lambda cs: predictor.predict(_encoded(space, cs)), "min", unit, "predicted",
                      f"{space.fingerprint()}|{context}", batch_size=batch_size, predictor=identity)
 
 
@@ -264,15 +286,24 @@ def total_violation(metrics: dict[str, float], budgets) -> float:
     return total
 
 
-def parse_budget(text: str, directions: dict[str, str]) -> Budget:
-    """`latency=5`, `latency<=5`, `macs=20M`, `accuracy>=0.9`. With `=`, the bound points the way
-    the metric improves (an upper bound on a minimised metric, a lower bound on a maximised one)."""
-    m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|=)\s*([0-9.eE+-]+)([kKMG]?)\s*", text)
+def parse_budget(text: str, directions: dict[str, str], aliases: dict[str, str] | None = None) -> Budget:
+    """`latency=5`, `latency<=5`, `latency@pi5=20`, `macs=20M`, `accuracy>=0.9`. With `=`, the bound
+    points the way the metric improves (an upper bound on a minimised metric, a lower bound on a
+    maximised one). `aliases` maps other names to metrics of `directions` (e.g. `latency@pi5` to
+    `latency` in a search of that one device)."""
+    aliases = aliases or {}
+    m = re.fullmatch(rf"\s*([a-z_]+(?:@{DEVICE_PATTERN})?)\s*(<=|>=|=)\s*([0-9.eE+-]+)([kKMG]?)\s*", text)
     if not m:
         raise ConfigError(f"budget {text!r}: expected METRIC=VALUE, METRIC<=VALUE or METRIC>=VALUE "
-                          "(e.g. latency=5, macs=20M, accuracy>=0.9)")
+                          "(e.g. latency=5, latency@pi5=20, macs=20M, accuracy>=0.9)")
     name, op, number, suffix = m.groups()
+    name = aliases.get(name, name)
     if name not in directions:
+        device = device_of(name)
+        known = [*directions, *aliases]
+        devices = sorted({device_of(n) for n in known if device_of(n) and base_metric(n) == base_metric(name)})
+        if device is not None and (devices or base_metric(name) in directions):
+            raise ConfigError(f"budget {text!r}: unknown device {device!r}; devices: {devices}")
         raise ConfigError(f"budget {text!r}: unknown metric {name!r}; allowed: {sorted(directions)}")
     try:
         value = float(number) * _SUFFIX.get(suffix, 1.0)

@@ -25,7 +25,7 @@ from nestnas.fileio import read_document, validate, write_standard_json
 from nestnas.search.algorithms import ALGORITHMS, get_algorithm
 from nestnas.search.cache import EvalCache
 from nestnas.search.front import Candidate, ParetoFront, hypervolume
-from nestnas.search.objectives import Budget, Objective, parse_budget, total_violation
+from nestnas.search.objectives import Budget, Objective, device_of, parse_budget, total_violation
 from nestnas.search.problem import Evaluator
 from nestnas.supernet.space import SearchSpace
 
@@ -58,11 +58,19 @@ def search(
     inner_evals: int = 5000,
     kappa: float = 1.0,
     progress: Progress | None = None,
+    per_device: bool = False,
 ) -> ParetoFront:
     """Search `space` for the Pareto front of `objectives` under `constraints`, spending at most
     about `evals` distinct subnet evaluations (a generation in flight is finished). `extra_metrics`
     are evaluated alongside (e.g. for a budget) without being optimised. With `state`, the run is
-    saved every generation and resumed from that file if it exists."""
+    saved every generation and resumed from that file if it exists.
+
+    Several devices are several `latency@DEVICE` objectives. By default they make one joint front
+    (subnets good across the fleet; every budget applies). With `per_device`, one run optimises
+    all of them together and yields one front per device (`ParetoFront.for_device`), each the
+    non-dominated set of the shared archive in that device's latency and the other objectives: the
+    true evaluations (accuracy) are those of one search. A budget on one device's latency then
+    bounds that device's front only; budgets on other metrics bound the search."""
     objectives = list(objectives)
     if not objectives:
         raise ConfigError("give at least one objective")
@@ -75,6 +83,11 @@ def search(
     for b in budgets:
         if b.metric not in directions:
             raise ConfigError(f"budget {b} is on {b.metric!r}, which is not evaluated; allowed: {sorted(directions)}")
+    devices = [d for d in (device_of(o.name) for o in objectives) if d]
+    if per_device and not devices:
+        raise ConfigError("per_device needs latency@DEVICE objectives, one per device (e.g. several profiles)")
+    # per-device mode: a device's latency budget bounds its own front, never the shared search
+    searched = [b for b in budgets if not (per_device and device_of(b.metric))]
     algo = get_algorithm(algorithm)
     size = space.size()
     for option, value, bound in (("pop_size", pop_size, MAX_POP_SIZE), ("evals", evals, MAX_EVALS)):
@@ -88,10 +101,12 @@ def search(
     settings = {"space": space.fingerprint(), "objectives": [m.cache_key for m in objectives],
                 "extra": [m.cache_key for m in metrics[len(objectives):]], "budgets": [str(b) for b in budgets],
                 "algorithm": algorithm, "evals": evals, "pop_size": pop_size, "seed": seed}
+    if per_device:
+        settings["per_device"] = True
     options = {k: v for k, v in {"inner_evals": inner_evals, "kappa": kappa}.items() if k in algo.options}
     settings.update(options)
     saved = _load_state(Path(state), settings, space) if state is not None and Path(state).exists() else None
-    run = _Run(space, objectives, metrics, budgets, cache, settings, state, saved, progress)
+    run = _Run(space, objectives, metrics, searched, cache, settings, state, saved, progress)
     t0 = time.perf_counter()
     algo.drive(run, evals=evals, pop_size=pop_size, seed=seed, **options)
     run.save_state()
@@ -103,8 +118,17 @@ def search(
             "seconds": time.perf_counter() - t0, "resumed": saved is not None,
             "reference_rule": f"per objective, the worse of the largest and smallest subnets, moved {REF_MARGIN:g} "
                               "of their difference further towards worse"}
+    if devices:
+        meta.update(devices=devices, per_device=per_device)
     front = ParetoFront.from_archive(space, [o.describe() for o in objectives], budgets, run.reference,
                                      run.candidates(), meta)
+    for device in devices if per_device else []:
+        if not front.for_device(device).front:
+            own = [b for b in budgets if device_of(b.metric) in (None, device)]
+            closest = min(front.evaluated, key=lambda c: total_violation(c.metrics, own))
+            shown = ", ".join(f"{b.metric} {closest.metrics[b.metric]:.4g}" for b in own)
+            raise SearchError(f"device {device}: no subnet meets {' and '.join(str(b) for b in own)} among "
+                              f"{len(front.evaluated)} evaluated; the closest is {closest.hash} with {shown}")
     if not front.front:
         closest = min(front.evaluated, key=lambda c: total_violation(c.metrics, budgets))
         shown = ", ".join(f"{b.metric} {closest.metrics[b.metric]:.4g}" for b in budgets)
