@@ -346,8 +346,15 @@ def profile(
                                                       show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads, 1 to 256 \\[default: all cores].",
                                                    show_default=False)] = None,
-    blocks: Annotated[bool, typer.Option(help="Also measure every distinct block for the lookup-table "
-                                              "predictor.")] = True,
+    blocks: Annotated[Optional[bool], typer.Option(help="Also measure every distinct block for the lookup-table "
+                                                        "predictor \\[default: yes; no with --transfer].",
+                                                   show_default=False)] = None,
+    transfer: Annotated[bool, typer.Option(help="Transfer profile: measure only --samples informative subnets "
+                                                "(e.g. 20) and fit this device's latency from them with every "
+                                                "shipped and user profile of the same space as priors.")] = False,
+    prior: Annotated[Optional[list[Path]], typer.Option(help="With --transfer: a prior profile to add to the "
+                                                             "discovered ones (repeatable).",
+                                                        show_default=False)] = None,
     remeasure_unstable: Annotated[bool, typer.Option(help="On resume, measure again what was flagged as too "
                                                           "noisy (after everything missing).")] = True,
     passes: Annotated[Optional[int], typer.Option(help="Sweeps over all subnets and blocks, 1 to 10; each "
@@ -376,10 +383,18 @@ def profile(
     family, space, spec = _profiled_space(family, resolution, model, checkpoint)
     out = out or default_profile_path(name, backend, family)
     check_output(out, "--out")
+    if prior and not transfer:
+        raise ConfigError("--prior applies to a transfer profile: add --transfer")
+    priors = None
+    if transfer:
+        from nestnas.hw_profiles.transfer import discover_priors
+
+        priors = [*discover_priors(space, exclude=out), *(prior or [])] if prior else True
     with StageBar("profile", not as_json, err_console) as bar:
         result = profile_device(space, backend, samples, seed, out=out, name=name, spec=spec, batch_size=batch_size,
                                 threads=threads, blocks=blocks, remeasure_unstable=remeasure_unstable,
-                                passes=passes, exporter=exporter, progress=bar, max_minutes=max_minutes)
+                                passes=passes, exporter=exporter, progress=bar, max_minutes=max_minutes,
+                                transfer=priors)
     run = result.meta["last_run"]
     medians = sorted(m.median_ms for m in result.measurements.values())
     flagged = sum(not m.stable for m in result.measurements.values())
@@ -388,9 +403,14 @@ def profile(
                "min_ms": medians[0] if medians else None, "max_ms": medians[-1] if medians else None,
                "subnet_seconds": result.meta.get("subnet_seconds"), "block_seconds": result.meta.get("block_seconds"),
                **run}
+    kind_note = ""
+    if "transfer" in result.meta:
+        summary["transfer"] = result.meta["transfer"]
+        kind_note = (f" (transfer profile; priors: "
+                     f"{', '.join(p['name'] for p in result.meta['transfer']['priors'])})")
     span = f"{medians[0]:.3f} to {medians[-1]:.3f} ms" if medians else "no subnet yet"
-    _report(summary, as_json, f"profile {out}: {summary['subnets']} subnets, {summary['blocks']} blocks at batch "
-                              f"{summary['batch_size']}; {span}; {flagged} flagged as unstable")
+    _report(summary, as_json, f"profile {out}{kind_note}: {summary['subnets']} subnets, {summary['blocks']} blocks "
+                              f"at batch {summary['batch_size']}; {span}; {flagged} flagged as unstable")
     if not run["complete"]:
         progress = (f"the {max_minutes:g}-minute budget ran out after {run['done']} of {run['total']} measurements; "
                     f"{out} is incomplete (rerun the same command to continue)")

@@ -34,5 +34,6 @@ def list_profiles() -> list[dict[str, Any]]:
             rows.append({"origin": origin, "path": str(path), "name": p.name, "backend": p.backend,
                          "family": p.family, "subnets": len(p.measurements), "blocks": len(p.blocks),
                          "batch_size": p.batch_size, "cpu": p.fingerprint.get("cpu"),
-                         "threads": p.fingerprint.get("threads"), "created": p.created})
+                         "threads": p.fingerprint.get("threads"), "created": p.created,
+                         "transfer": isinstance(p.meta.get("transfer"), dict)})
     return rows

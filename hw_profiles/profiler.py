@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from nestnas.hw_profiles.budget import ProfilingTimeLimit, check_minutes
 from nestnas.hw_profiles.profile import DeviceProfile, ProfileRecord, host_fingerprint
 from nestnas.hw_profiles.sampling import check_sample_count, space_filling_sample
 from nestnas.supernet.base import Supernet, build_supernet
+from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.inputs import InputSpec, example_inputs
 from nestnas.supernet.space import SearchSpace
 
@@ -131,12 +132,13 @@ def profile_device(
     spec: dict[str, Any] | None = None,
     batch_size: int | None = None,
     threads: int | None = None,
-    blocks: bool = True,
+    blocks: bool | None = None,
     remeasure_unstable: bool = True,
     passes: int | None = None,
     exporter: str = "torchscript",
     progress: Progress | None = None,
     max_minutes: float | None = None,
+    transfer: bool | Sequence[str | Path | DeviceProfile] | None = None,
 ) -> DeviceProfile:
     """Profile `n_samples` space-filling subnets of `space` (plus, with `blocks`, every distinct
     part of the space for a lookup table) on `backend`. With `out`, the profile is saved after
@@ -161,13 +163,22 @@ def profile_device(
     adds coverage first and never leaves the profile with fewer measurements than before.
     ``meta["last_run"]`` reports the run (`ProfilingTimeLimit.report`). `progress(text, done, total)` is
     called after every measurement, `text` naming the kind, the pace with retries, the estimated
-    finish and the budget's end."""
+    finish and the budget's end.
+
+    `transfer` makes a transfer profile (`nestnas.hw_profiles.transfer`): True takes as priors every
+    profile of `space` among the shipped and user ones (`out` excluded), a list takes those paths
+    or DeviceProfiles. The `n_samples` subnets are then chosen to be informative in the priors'
+    latency, ``meta["transfer"]`` records the priors, and `blocks` defaults to False (the table
+    costs hundreds of measurements, the point of a transfer profile is a few). A transfer profile
+    is resumed with the priors it records."""
     passes = default_passes(backend) if passes is None else passes
     check_options(space, n_samples, passes, batch_size, threads, max_minutes)
+    blocks = not transfer if blocks is None else blocks
     be = get_backend(backend, threads=threads, exporter=exporter)
     runner = get_runner(backend)
     budget = ProfilingTimeLimit(max_minutes, runner.max_attempts)
-    configs = space_filling_sample(space, n_samples, seed)  # before anything is written
+    # Before anything is written: the sample (a pure function of the inputs, priors included).
+    transfer_meta, configs = _choose_configs(space, n_samples, seed, out, transfer)
     torch.manual_seed(seed)
     net = build_supernet(space, **(spec or {})).eval()
     fingerprint = {**host_fingerprint(), **be.fingerprint()}
@@ -180,6 +191,9 @@ def profile_device(
                                 batch_size=batch, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 meta={"seed": seed, "sampling": "space-filling (Latin hypercube over size level)",
                                       "runner": runner.fingerprint()})
+        if transfer_meta is not None:
+            profile.meta["sampling"] = "informative (farthest-point in the priors' predicted log latency)"
+            profile.meta["transfer"] = transfer_meta
     profile.meta["passes"] = max(passes, profile.meta.get("passes", 1))
     profile.meta["complete"] = False  # until this run ends (a killed run leaves it so)
     batch = profile.batch_size
@@ -246,6 +260,34 @@ def profile_device(
     profile.meta["last_run"] = budget.report(done, total, len(profile.measurements), finished)
     save()
     return profile
+
+
+def _choose_configs(space: SearchSpace, n_samples: int, seed: int, out, transfer
+                    ) -> tuple[dict[str, Any] | None, list[SubnetConfig]]:
+    """(``meta["transfer"]`` or None, the configs to measure). A transfer run resumed from `out`
+    keeps the priors recorded there; a full profile at `out` is not continued as a transfer one,
+    nor a transfer profile as a full one."""
+    from nestnas.hw_profiles import transfer as tr
+
+    existing = tr.existing_profile(out)
+    if existing is not None and tr.is_transfer(existing) != bool(transfer):
+        fix = "save the transfer run to another path" if transfer else "rerun with --transfer to continue it"
+        raise ProfileError(f"existing profile {out} is {'a transfer' if not transfer else 'a full'} profile; {fix}")
+    if not transfer:
+        return None, space_filling_sample(space, n_samples, seed)
+    if existing is not None:
+        existing.check_space(space, where=f"existing profile {out}")
+        priors = tr.load_priors(existing, where=f"existing profile {out}")
+    else:
+        priors = tr.resolve_priors(space, transfer, exclude=out)
+    # The priors' predictions come from the predictors package (a deliberate upward import: the
+    # profiler only asks it for numbers, lazily).
+    from nestnas.predictors.transfer import DEFAULT_METHOD, prior_log_latency, prior_predictors
+
+    predictors = prior_predictors([(ref.sha256, prior) for ref, prior in priors], seed=seed)
+    configs = tr.informative_sample(space, n_samples, seed, lambda X: prior_log_latency(predictors, X))
+    meta = {"method": DEFAULT_METHOD, "pool": tr.POOL_SIZE, "priors": [ref.to_dict() for ref, _ in priors]}
+    return meta, configs
 
 
 def _resume(out, space, net, fingerprint, batch_size) -> DeviceProfile | None:

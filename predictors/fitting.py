@@ -32,14 +32,19 @@ def split_hashes(keys, holdout: float, seed: int = 0) -> tuple[list[str], list[s
 
 def available_kinds(profile: DeviceProfile) -> list[str]:
     """The latency predictors a profile supports: the table-based ones only when it holds every
-    distinct block of its space (a profile may have been stopped while measuring blocks)."""
+    distinct block of its space (a profile may have been stopped while measuring blocks), the
+    transfer one only on a transfer profile (which names its priors)."""
     from nestnas.hw_profiles.blocks import all_parts
     from nestnas.hw_profiles.profiler import block_table
+    from nestnas.hw_profiles.transfer import is_transfer
     from nestnas.supernet.base import build_supernet
 
-    parts = all_parts(build_supernet(profile.search_space(), **profile.spec))
-    complete = bool(profile.blocks) and set(parts) <= set(block_table(profile))
-    return [k for k in LATENCY_KINDS if complete or k == "ensemble"]
+    complete = False
+    if profile.blocks:
+        parts = all_parts(build_supernet(profile.search_space(), **profile.spec))
+        complete = set(parts) <= set(block_table(profile))
+    allowed = {"ensemble", *(("lut", "hybrid") if complete else ()), *(("transfer",) if is_transfer(profile) else ())}
+    return [k for k in LATENCY_KINDS if k in allowed]
 
 
 def score_latency(profile: DeviceProfile, kinds, train: list[str], held: list[str], seed: int = 0) -> dict[str, Any]:
@@ -59,9 +64,14 @@ MIN_CV_FIT = 8  # subnets each cross-validation fit needs at least
 def choose_kind(profile: DeviceProfile, kinds, train: list[str], seed: int = 0, folds: int = 4) -> tuple[str, dict]:
     """The latency predictor to use for `profile`, chosen by K-fold cross-validation on the
     training subnets only (held-out subnets stay unseen): highest share within +-10%, then
-    lowest MAPE. Returns (kind, kind -> mean CV metrics)."""
+    lowest MAPE; on a transfer profile, the transfer predictor. Returns (kind, kind -> mean CV
+    metrics)."""
     kinds = list(kinds)
     keys = sorted(train)
+    if "transfer" in kinds:
+        # A transfer profile's few subnets cannot cross-validate much; the transfer predictor beats
+        # the same subnets without priors at every count measured (tools/bench_predictors.py --transfer).
+        return "transfer", {}
     if len(kinds) == 1 or len(keys) < 2 * MIN_CV_FIT:
         # Too few subnets to cross-validate: the table-based hybrid, the best on every shipped profile.
         return ("hybrid" if "hybrid" in kinds else kinds[0]), {}
@@ -129,6 +139,9 @@ def fit_and_select(profile: DeviceProfile, kind: str = "auto", holdout: float | 
         raise ConfigError(f"kind {kind!r}: unknown latency predictor; allowed: {['auto', *LATENCY_KINDS]}")
     kinds = available_kinds(profile)
     if kind != "auto" and kind not in kinds:
+        if kind == "transfer":
+            raise ConfigError(f"kind 'transfer' needs a transfer profile (`nestnas profile --transfer`); profile "
+                              f"{profile.name!r} is a full one; allowed here: {kinds}")
         raise ConfigError(f"kind {kind!r} needs every block measured, which profile {profile.name!r} lacks "
                           f"(resume its profiling run); allowed here: {kinds}")
     usable, warning = fitting_hashes(profile)

@@ -13,6 +13,9 @@ median latency in ms (or the shared-weight accuracy). Three latency predictors:
   their spread.
 - ``hybrid``: the table's estimate times a learned residual: ridge and boosted trees on the
   config features and the log table estimate, fitted to log(measured / table estimate).
+- ``transfer``: for a transfer profile (a few subnets of a new device): a ridge of log latency on
+  the log predictions of other devices' default predictors (`priors`) and log MACs
+  (`nestnas.predictors.transfer`; `members` names the method, by default ``("anchored",)``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from nestnas.errors import ConfigError
 from nestnas.predictors.features import check_encoded, config_features, nesting_features
 from nestnas.supernet.space import SearchSpace
 
-LATENCY_KINDS = ("lut", "ensemble", "hybrid")
+LATENCY_KINDS = ("lut", "ensemble", "hybrid", "transfer")
 MEMBERS = ("ridge", "gbt", "mlp")
 # The residual of the table is small and smooth: the MLP only adds variance there.
 DEFAULT_MEMBERS = {"ensemble": MEMBERS, "hybrid": ("ridge", "gbt")}
@@ -98,22 +101,28 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
 
     Parameters are stored as given (scikit-learn contract). `spec` is the supernet's
     constructor spec (`net.spec()`), needed for MACs; `block_table` maps part keys to median
-    ms (`DeviceProfile.block_table()`), needed by ``lut`` and ``hybrid``."""
+    ms (`DeviceProfile.block_table()`), needed by ``lut`` and ``hybrid``; `priors` are fitted
+    latency predictors of other devices of the same space, needed by ``transfer``."""
 
     def __init__(self, space: SearchSpace, kind: str = "hybrid", spec: dict | None = None,
-                 block_table: dict[str, float] | None = None, members: tuple[str, ...] | None = None, seed: int = 0):
+                 block_table: dict[str, float] | None = None, members: tuple[str, ...] | None = None, seed: int = 0,
+                 priors: tuple | None = None):
         self.space = space
         self.kind = kind
         self.spec = spec
         self.block_table = block_table
         self.members = members
         self.seed = seed
+        self.priors = priors
 
     def _check_params(self) -> None:
         if self.kind not in LATENCY_KINDS:
             raise ConfigError(f"unknown latency predictor kind {self.kind!r}; allowed: {list(LATENCY_KINDS)}")
         if self.kind in ("lut", "hybrid") and not self.block_table:
             raise ConfigError(f"latency predictor kind {self.kind!r} needs a block table (profile with blocks)")
+        if self.kind == "transfer" and not self.priors:
+            raise ConfigError("latency predictor kind 'transfer' needs the priors' fitted predictors (a transfer "
+                              "profile names them)")
 
     def _spec(self) -> dict:
         return self.spec if self.spec is not None else default_spec(self.space)
@@ -139,6 +148,12 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
         if self.kind in ("lut", "hybrid"):
             A = self.lut_terms(X)
             self.lut_coef_ = nnls(A / y[:, None], np.ones_like(y))[0]  # minimises relative error
+        if self.kind == "transfer":
+            from nestnas.predictors.transfer import DEFAULT_METHOD, TransferFit, prior_log_latency
+
+            method = (self.members or (DEFAULT_METHOD,))[0]
+            self.transfer_ = TransferFit(method, self.seed, self.space.n_var).fit(
+                prior_log_latency(self.priors, X), self._design(X), np.log(y))
         if self.kind in ("ensemble", "hybrid"):
             F, target = self._design(X), np.log(y)
             if self.kind == "hybrid":
@@ -164,6 +179,12 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
         X = check_encoded(self.space, X)
         if self.kind == "lut":
             mean, std = self._lut_fitted(X), np.zeros(len(X))
+        elif self.kind == "transfer":
+            from nestnas.predictors.transfer import prior_log_latency
+
+            log_mean, log_std = self.transfer_.predict(prior_log_latency(self.priors, X), self._design(X))
+            mean = np.exp(log_mean)
+            std = mean * log_std
         else:
             log_mean, log_std = self.ensemble_.predict(self._design(X))
             if self.kind == "hybrid":

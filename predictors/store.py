@@ -3,7 +3,9 @@
 A saved predictor is JSON: its hyper-parameters, the file it was fitted on (a device profile or
 an accuracy table) with that file's sha256, and the hashes of the subnets it was fitted on.
 Loading re-reads the data file, refuses it if the checksum differs, and refits: every member is
-seeded, so the refitted predictor is the one that was saved, and no user file is unpickled.
+seeded, so the refitted predictor is the one that was saved, and no user file is unpickled. A
+predictor fitted on a transfer profile also names that profile's priors by name and sha256;
+loading verifies them (through the profile's own record, which finds a moved prior by checksum).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class DataRef(BaseModel):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class PriorSchema(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class PredictorSchema(BaseModel):
     """A saved predictor (see `save_predictor`); checked on load."""
 
@@ -41,13 +49,20 @@ class PredictorSchema(BaseModel):
     data: DataRef
     train_hashes: list[str]
     heldout_metrics: dict[str, Any] = {}
+    priors: list[PriorSchema] = []  # a transfer profile's priors
 
 
 def fit_latency(profile: DeviceProfile, kind: str, train_hashes: list[str], seed: int = 0) -> LatencyPredictor:
     space = profile.search_space()
     X, y = profile.to_xy(train_hashes)
     table = block_table(profile) if kind in ("lut", "hybrid") else None
-    return LatencyPredictor(space, kind=kind, spec=profile.spec, block_table=table, seed=seed).fit(X, y)
+    priors = None
+    if kind == "transfer":
+        from nestnas.predictors.transfer import transfer_priors
+
+        priors = transfer_priors(profile, seed)
+    return LatencyPredictor(space, kind=kind, spec=profile.spec, block_table=table, seed=seed,
+                            priors=priors).fit(X, y)
 
 
 def fit_accuracy(table: AccuracyTable, train_hashes: list[str], seed: int = 0) -> AccuracyPredictor:
@@ -62,11 +77,23 @@ def save_predictor(path: str | os.PathLike, target: str, data_path: str | os.Pat
         ref = os.path.relpath(data_path.resolve(), path.resolve().parent)
     except ValueError:  # another drive
         ref = str(data_path.resolve())
-    write_json(path, {
+    record = {
         "format": FORMAT, "version": VERSION, "target": target, "kind": kind, "seed": seed,
         "data": {"path": ref, "sha256": sha256_file(data_path)}, "train_hashes": train_hashes,
         "heldout_metrics": metrics or {},
-    })
+    }
+    if target == "latency":
+        priors = _prior_names(DeviceProfile.load(data_path))
+        if priors:
+            record["priors"] = priors
+    write_json(path, record)
+
+
+def _prior_names(profile: DeviceProfile) -> list[dict[str, str]]:
+    transfer = profile.meta.get("transfer")
+    if not isinstance(transfer, dict):
+        return []
+    return [{"name": str(p.get("name")), "sha256": str(p.get("sha256"))} for p in transfer.get("priors", [])]
 
 
 def load_predictor(path: str | os.PathLike) -> tuple[LatencyPredictor | AccuracyPredictor, dict[str, Any]]:
@@ -83,7 +110,12 @@ def load_predictor(path: str | os.PathLike) -> tuple[LatencyPredictor | Accuracy
     hashes = record["train_hashes"]
     try:
         if record["target"] == "latency":
-            predictor = fit_latency(DeviceProfile.load(data_path), record["kind"], hashes, record["seed"])
+            profile = DeviceProfile.load(data_path)
+            if record.get("priors", []) != _prior_names(profile):
+                raise ArtifactError(f"predictor file {path} names priors {[p['name'] for p in record['priors']]} "
+                                    f"but {data_path} records {[p['name'] for p in _prior_names(profile)]}; "
+                                    "fit again")
+            predictor = fit_latency(profile, record["kind"], hashes, record["seed"])
         else:
             predictor = fit_accuracy(AccuracyTable.load(data_path), hashes, record["seed"])
     except (KeyError, ProfileError, ConfigError) as exc:  # e.g. a hash the data does not hold, too few subnets

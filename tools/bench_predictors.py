@@ -14,10 +14,22 @@ Profiles are read from (and resumed into) `--profile-dir`, by default the shippe
 `hw_profiles/data/`, so an existing complete profile is scored without measuring again; the
 profiling wall time reported is the one recorded in the profile.
 
+With ``--transfer`` it benchmarks transfer profiles instead (it only fits, never measures):
+leave one device out over the CNN fleet (`FLEET` in `--profile-dir`, or the files given with
+``--fleet``). Each device D in turn is new and the others are the priors. 100 of D's subnets are
+held out (seeded); the priors' default predictors are fitted with those configs removed from them,
+so no prior saw a held-out config; from D's remaining subnets n = 5, 10, 20, 50 are chosen,
+informatively as `profile_device(transfer=...)` would (farthest-point in the priors' predicted
+log latency) or at random (mean of RANDOM_DRAWS draws), and scored on the 100 held out against
+the same n subnets without transfer (the ensemble, today's default on a profile without blocks)
+and against the full profile (today's default predictor on all of D's other subnets).
+Target with n = 20: >= 90% within +-10% and tau >= 0.9.
+
 Reproduce (repository root, `pip install -e ".[tvm]"`)::
 
     python tools/bench_predictors.py                       # uses/creates hw_profiles/data/*.json
     python tools/bench_predictors.py --backends onnxruntime --profile-dir /tmp/profiles
+    python tools/bench_predictors.py --transfer --out bench_transfer.json
 """
 
 from __future__ import annotations
@@ -81,6 +93,7 @@ def repeatability(profile: DeviceProfile, keys: list[str], seed: int) -> dict[st
 
 def run(backend: str, family: str, profile_dir: Path, seed: int, blocks: bool, console: Console,
         exporter: str | None = None) -> list[dict]:
+    name = "xeon-2c-ort" if backend == "onnxruntime" else f"xeon-2c-{backend}"  # devices named by runtime
     path = profile_dir / f"xeon-2c-{backend}-{family}.json"
     if exporter is None:  # an existing profile is resumed with the exporter it was measured with
         exporter = (DeviceProfile.load(path).fingerprint.get("exporter", "torchscript") if path.exists()
@@ -88,7 +101,7 @@ def run(backend: str, family: str, profile_dir: Path, seed: int, blocks: bool, c
     t0 = time.perf_counter()
     # A flag after two time-capped attempts is a property of the device, not bad luck: retrying it
     # on every rerun costs minutes (TVM) and changes nothing.
-    profile = profile_device(SearchSpace.for_family(family), backend, N_TRAIN + N_HELD, seed, out=path, name="xeon-2c",
+    profile = profile_device(SearchSpace.for_family(family), backend, N_TRAIN + N_HELD, seed, out=path, name=name,
                              blocks=blocks, remeasure_unstable=False, exporter=exporter)
     console.print(f"{backend}/{family}: profile {path} ready in {time.perf_counter() - t0:.0f} s "
                   f"(batch {profile.batch_size})")
@@ -130,6 +143,131 @@ def print_table(console: Console, rows: list[dict]) -> None:
     console.print(table)
 
 
+# --- transfer profiles: leave one device out over the fleet ----------------------------------
+FLEET = ("xeon-2c-onnxruntime-cnn.json", "xeon-2c-tvm-cnn.json", "xeon-2c-ort-1t-b32-onnxruntime-cnn.json",
+         "xeon-2c-ort-b32-onnxruntime-cnn.json")
+TRANSFER_NS = (5, 10, 20, 50)
+RANDOM_DRAWS = 5
+TARGET_TRANSFER_WITHIN, TARGET_TRANSFER_TAU, TARGET_N = 0.90, 0.90, 20
+
+
+def transfer_device(new: Path, priors: list[Path], seed: int) -> list[dict]:
+    """Every variant's held-out scores for device `new` with `priors` as the fleet's others."""
+    import numpy as np
+
+    from nestnas.fileio import sha256_file
+    from nestnas.hw_profiles.transfer import informative_indices
+    from nestnas.predictors import LatencyPredictor
+    from nestnas.predictors.fitting import fit_and_select
+    from nestnas.predictors.metrics import prediction_metrics
+    from nestnas.predictors.transfer import TRANSFER_METHODS, prior_log_latency, prior_predictors
+
+    d = DeviceProfile.load(new)
+    space = d.search_space()
+    stable = sorted(k for k, m in d.measurements.items() if m.stable)
+    order = np.random.default_rng(seed).permutation(len(stable))
+    held = [stable[i] for i in order[:N_HELD]]
+    rest = [stable[i] for i in order[N_HELD:]]
+    fitted = prior_predictors([(sha256_file(p), DeviceProfile.load(p)) for p in priors], exclude=frozenset(held),
+                              seed=seed)
+    X_held, y_held = d.to_xy(held)
+    X_rest, y_rest = d.to_xy(rest)
+    Z_rest = prior_log_latency(fitted, X_rest)
+    rows = []
+
+    def score(variant: str, n: int, predictor) -> None:
+        rows.append({"device": d.name, "backend": d.backend, "threads": d.fingerprint.get("threads"),
+                     "batch_size": d.batch_size, "variant": variant,
+                     **prediction_metrics(y_held, predictor.predict(X_held)), "n": n, "n_heldout": N_HELD})
+
+    def transfer(idx, method):
+        return LatencyPredictor(space, "transfer", spec=d.spec, members=(method,), priors=tuple(fitted),
+                                seed=seed).fit(X_rest[idx], y_rest[idx])
+
+    FEW_METHODS = [m for m in TRANSFER_METHODS if m != "stacked"]  # noqa: N806 (stacked is for the priors)
+    inform = informative_indices(Z_rest, max(TRANSFER_NS))  # greedy: each n's choice is a prefix of the next
+    for n in TRANSFER_NS:
+        idx = inform[:n]
+        for method in FEW_METHODS:
+            score(f"transfer:{method} informative", n, transfer(idx, method))
+        score("no transfer (ensemble) informative", n,
+              LatencyPredictor(space, "ensemble", spec=d.spec, seed=seed).fit(X_rest[idx], y_rest[idx]))
+        for method in FEW_METHODS:
+            draws = []
+            for r in range(RANDOM_DRAWS):
+                ridx = np.random.default_rng([seed, n, r]).choice(len(rest), n, replace=False)
+                draws.append(prediction_metrics(y_held, transfer(ridx, method).predict(X_held)))
+            rows.append({**rows[-1], "variant": f"transfer:{method} random",
+                         **{k: float(np.mean([m[k] for m in draws])) for k in draws[0] if k != "n"}})
+        draws = []
+        for r in range(RANDOM_DRAWS):
+            ridx = np.random.default_rng([seed, n, r]).choice(len(rest), n, replace=False)
+            draws.append(prediction_metrics(y_held, LatencyPredictor(space, "ensemble", spec=d.spec, seed=seed)
+                                            .fit(X_rest[ridx], y_rest[ridx]).predict(X_held)))
+        rows.append({**rows[-1], "variant": "no transfer (ensemble) random",
+                     **{k: float(np.mean([m[k] for m in draws])) for k in draws[0] if k != "n"}})
+    full = DeviceProfile(**{**d.__dict__, "measurements": {k: d.measurements[k] for k in rest}})
+    chosen = fit_and_select(full, "auto", holdout=None, seed=seed)
+    score(f"full profile ({chosen.kind})", len(rest), chosen.predictor)
+    return rows
+
+
+def run_transfer(fleet: list[Path], seed: int, out: Path, console: Console) -> int:
+    from nestnas.predictors.transfer import DEFAULT_METHOD
+
+    missing = [str(p) for p in fleet if not p.is_file()]
+    if missing:
+        console.print(f"fleet profile(s) missing: {', '.join(missing)}")
+        return 1
+    t0 = time.perf_counter()
+    rows = []
+    for i, new in enumerate(fleet):
+        rows += transfer_device(new, fleet[:i] + fleet[i + 1:], seed)
+        console.print(f"{new.name}: done ({time.perf_counter() - t0:.0f} s)")
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows if not r["variant"].startswith("full")))
+    table = Table(title=f"transfer: leave one device out, {N_HELD} held-out subnets per device "
+                        "(within +-10% / Kendall tau / MAPE %)")
+    for col in ("device", "variant", *[f"n={n}" for n in TRANSFER_NS]):
+        table.add_column(col, justify="left" if col in ("device", "variant") else "right")
+
+    def cell(r):
+        return f"{100 * r['within_10pct']:.0f}% / {r['kendall_tau']:.3f} / {r['mape']:.1f}"
+
+    for dev in devices:
+        for v in variants:
+            by_n = {r["n"]: r for r in rows if r["device"] == dev and r["variant"] == v}
+            table.add_row(dev, v, *[cell(by_n[n]) for n in TRANSFER_NS])
+        full = next(r for r in rows if r["device"] == dev and r["variant"].startswith("full"))
+        table.add_row(dev, f"{full['variant']}, n={full['n']}", cell(full), "", "", "", end_section=True)
+    for v in variants:
+        table.add_row("median", v, *[
+            f"{100 * statistics.median(r['within_10pct'] for r in rows if r['variant'] == v and r['n'] == n):.0f}% / "
+            f"{statistics.median(r['kendall_tau'] for r in rows if r['variant'] == v and r['n'] == n):.3f} / "
+            f"{statistics.median(r['mape'] for r in rows if r['variant'] == v and r['n'] == n):.1f}"
+            for n in TRANSFER_NS])
+    console.print(table)
+    default = f"transfer:{DEFAULT_METHOD} informative"
+    at = {r["device"]: r for r in rows if r["variant"] == default and r["n"] == TARGET_N}
+    summary = {dev: {"within_10pct": r["within_10pct"], "kendall_tau": r["kendall_tau"], "mape": r["mape"],
+                     "met": r["within_10pct"] >= TARGET_TRANSFER_WITHIN and r["kendall_tau"] >= TARGET_TRANSFER_TAU}
+               for dev, r in at.items()}
+    med_w = statistics.median(s["within_10pct"] for s in summary.values())
+    med_t = statistics.median(s["kendall_tau"] for s in summary.values())
+    summary["median"] = {"within_10pct": med_w, "kendall_tau": med_t,
+                         "met": med_w >= TARGET_TRANSFER_WITHIN and med_t >= TARGET_TRANSFER_TAU}
+    for dev, s in summary.items():
+        console.print(f"{default}, n={TARGET_N}, {dev}: {100 * s['within_10pct']:.0f}% within +-10%, "
+                      f"tau {s['kendall_tau']:.3f} (target {100 * TARGET_TRANSFER_WITHIN:.0f}% and "
+                      f"{TARGET_TRANSFER_TAU}: {'met' if s['met'] else 'NOT met'})")
+    write_json(out, {"meta": {"host": host_fingerprint(), "seed": seed, "n_heldout": N_HELD, "ns": TRANSFER_NS,
+                              "random_draws": RANDOM_DRAWS, "fleet": [str(p) for p in fleet],
+                              "default_method": DEFAULT_METHOD, "seconds": time.perf_counter() - t0},
+                     "rows": rows, "summary": summary})
+    console.print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", default="onnxruntime,tvm")
@@ -140,8 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tvm-blocks", action="store_true", help="also measure every block on TVM (slow)")
     ap.add_argument("--tvm-exporter", choices=("torchscript", "dynamo"),
                     help="exporter for new TVM profiles [default: an existing profile's, else torchscript]")
+    ap.add_argument("--transfer", action="store_true", help="benchmark transfer profiles (leave one device out)")
+    ap.add_argument("--fleet", type=Path, nargs="+", help=f"fleet profiles for --transfer [default: {FLEET} in "
+                                                           "--profile-dir]")
     args = ap.parse_args(argv)
     console = Console(width=160)
+    if args.transfer:
+        fleet = args.fleet or [args.profile_dir / f for f in FLEET]
+        return run_transfer(fleet, args.seed, args.out, console)
     rows = []
     for backend in args.backends.split(","):
         for family in args.families.split(","):
