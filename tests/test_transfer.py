@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from nestnas.errors import ArtifactError, ProfileError
+from nestnas.errors import ArtifactError, ConfigError, ProfileError
 from nestnas.fileio import sha256_file
 from nestnas.hw_profiles import DeviceProfile, profile_device
 from nestnas.hw_profiles.transfer import informative_sample, load_priors
-from nestnas.predictors import load_predictor
+from nestnas.predictors import LatencyPredictor, load_predictor
 from nestnas.predictors.fitting import fit_and_select
 from nestnas.predictors.metrics import prediction_metrics
 from nestnas.predictors.store import fit_latency, save_predictor
@@ -91,6 +91,30 @@ def test_transfer_profile_beats_the_same_points_without_transfer(fleet):
     assert with_priors["mape"] < without["mape"], (with_priors, without)
     assert with_priors["within_10pct"] >= without["within_10pct"], (with_priors, without)
     assert with_priors["kendall_tau"] >= without["kendall_tau"] - 0.05, (with_priors, without)
+
+
+def test_transfer_predictor_follows_the_estimator_contract_and_serves_a_search(fleet):
+    _, prior, full, transfer = fleet
+    t = DeviceProfile.load(transfer)
+    X, y = t.to_xy()
+    priors = prior_predictors([(sha256_file(prior), DeviceProfile.load(prior))])
+    predictor = LatencyPredictor(SPACE, kind="transfer", spec=t.spec, priors=priors)
+    assert predictor.get_params()["priors"] is priors and not hasattr(predictor, "n_features_in_")
+    with pytest.raises(Exception, match="not fitted"):
+        predictor.predict(X)
+    assert predictor.fit(X, y) is predictor
+    Xf, _ = full.to_xy()
+    mean, std = predictor.predict(Xf, return_std=True)
+    assert mean.shape == std.shape == (len(Xf),) and np.all(mean > 0) and np.all(std >= 0)
+    with pytest.raises(ConfigError, match="needs the priors"):
+        LatencyPredictor(SPACE, kind="transfer", spec=t.spec).fit(X, y)
+    with pytest.raises(ConfigError, match="needs a transfer profile"):
+        fit_and_select(DeviceProfile.load(prior), "transfer", holdout=None)
+    from nestnas.search.presets import profile_latency
+
+    objective = profile_latency(transfer, space=SPACE)  # what a search does with --profile TRANSFER.json
+    assert objective.predictor.kind == "transfer"
+    np.testing.assert_array_equal(objective.fn(full.configs()), fit_and_select(t, holdout=None).predictor.predict(Xf))
 
 
 def test_provenance_is_recorded_and_verified(fleet, tmp_path, monkeypatch):
