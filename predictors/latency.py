@@ -102,7 +102,8 @@ class LatencyPredictor(RegressorMixin, BaseEstimator):
     Parameters are stored as given (scikit-learn contract). `spec` is the supernet's
     constructor spec (`net.spec()`), needed for MACs; `block_table` maps part keys to median
     ms (`DeviceProfile.block_table()`), needed by ``lut`` and ``hybrid``; `priors` are fitted
-    latency predictors of other devices of the same space, needed by ``transfer``."""
+    latency predictors of other devices of the same space, needed by ``transfer`` (give them as
+    `nestnas.predictors.transfer.PriorSet` for `sklearn.base.clone` to keep them fitted)."""
 
     def __init__(self, space: SearchSpace, kind: str = "hybrid", spec: dict | None = None,
                  block_table: dict[str, float] | None = None, members: tuple[str, ...] | None = None, seed: int = 0,

@@ -72,6 +72,14 @@ def prior_predictor(profile: DeviceProfile, sha256: str, exclude: frozenset[str]
     return predictor
 
 
+class PriorSet(tuple):
+    """The fitted prior predictors of a transfer predictor. A tuple of its own type so that
+    `sklearn.base.clone` copies it whole (a plain tuple of estimators would be cloned member by
+    member into unfitted ones, and the clone could not predict)."""
+
+    __slots__ = ()
+
+
 def _has_table(predictor) -> bool:
     return getattr(predictor, "kind", None) in ("lut", "hybrid")
 
@@ -101,7 +109,7 @@ def prior_predictors(priors, exclude: frozenset[str] = frozenset(), seed: int = 
             while len(_prior_cache) > _CACHE_SIZE:
                 _prior_cache.popitem(last=False)
         out.append(_prior_cache[key])
-    return tuple(out)
+    return PriorSet(out)
 
 
 def transfer_priors(profile: DeviceProfile, seed: int = 0) -> tuple:

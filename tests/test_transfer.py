@@ -106,6 +106,9 @@ def test_transfer_predictor_follows_the_estimator_contract_and_serves_a_search(f
     Xf, _ = full.to_xy()
     mean, std = predictor.predict(Xf, return_std=True)
     assert mean.shape == std.shape == (len(Xf),) and np.all(mean > 0) and np.all(std >= 0)
+    from sklearn.base import clone
+
+    np.testing.assert_array_equal(clone(predictor).fit(X, y).predict(Xf), mean)  # the priors stay fitted
     with pytest.raises(ConfigError, match="needs the priors"):
         LatencyPredictor(SPACE, kind="transfer", spec=t.spec).fit(X, y)
     with pytest.raises(ConfigError, match="needs a transfer profile"):
