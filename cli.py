@@ -465,7 +465,8 @@ def fit(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Supernet checkpoint: fit an accuracy predictor "
                                                             "on shared-weight accuracies.")] = None,
     kind: Annotated[str, typer.Option(help="Latency predictor to save: auto (chosen by cross-validation on "
-                                           "the fitting subnets), hybrid, lut or ensemble.")] = "auto",
+                                           "the fitting subnets; transfer on a transfer profile), hybrid, lut, "
+                                           "ensemble or transfer.")] = "auto",
     samples: Annotated[int, typer.Option(min=7, help="Subnets to evaluate for an accuracy predictor.")] = 200,
     holdout: Annotated[float, typer.Option(help="Share of subnets held out for the printed figures.")] = 1 / 3,
     data: DataOpt = None,
