@@ -193,7 +193,8 @@ def profile_device(
                                       "runner": runner.fingerprint()})
         if transfer_meta is not None:
             profile.meta["sampling"] = "informative (farthest-point in the priors' predicted log latency)"
-            profile.meta["transfer"] = transfer_meta
+    if transfer_meta is not None:
+        profile.meta["transfer"] = transfer_meta
     profile.meta["passes"] = max(passes, profile.meta.get("passes", 1))
     profile.meta["complete"] = False  # until this run ends (a killed run leaves it so)
     batch = profile.batch_size
@@ -284,9 +285,16 @@ def _choose_configs(space: SearchSpace, n_samples: int, seed: int, out, transfer
     # profiler only asks it for numbers, lazily).
     from nestnas.predictors.transfer import DEFAULT_METHOD, prior_log_latency, prior_predictors
 
-    predictors = prior_predictors([(ref.sha256, prior) for ref, prior in priors], seed=seed)
-    configs = tr.informative_sample(space, n_samples, seed, lambda X: prior_log_latency(predictors, X))
-    meta = {"method": DEFAULT_METHOD, "pool": tr.POOL_SIZE, "priors": [ref.to_dict() for ref, _ in priors]}
+    recorded = existing.meta["transfer"] if existing is not None else {}
+    if recorded.get("seed") == seed and len(recorded.get("sample", [])) == n_samples:
+        # The sample this run chose (kept so that a resumed run measures exactly those, whatever
+        # the priors' refitted predictors would say on another machine).
+        configs = [space.validate(SubnetConfig.from_dict(c)) for c in recorded["sample"]]
+    else:
+        predictors = prior_predictors([(ref.sha256, prior) for ref, prior in priors], seed=seed)
+        configs = tr.informative_sample(space, n_samples, seed, lambda X: prior_log_latency(predictors, X))
+    meta = {"method": DEFAULT_METHOD, "pool": tr.POOL_SIZE, "seed": seed,
+            "priors": [ref.to_dict() for ref, _ in priors], "sample": [space.canonical(c).to_dict() for c in configs]}
     return meta, configs
 
 

@@ -11,7 +11,8 @@ The subnets to measure are chosen to be informative (`informative_sample`): a la
 space-filling pool, each config placed at its log latency on every prior as predicted by that
 prior's default predictor, then the smallest and largest subnets and a greedy farthest-point
 (k-center) selection in those standardised coordinates. The choice is a pure function of the
-space, the count, the seed and the priors' files, so a killed run resumes exactly.
+space, the count, the seed and the priors' files, and is recorded (``meta["transfer"]["sample"]``),
+so a killed run resumes exactly.
 """
 
 from __future__ import annotations

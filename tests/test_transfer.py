@@ -19,6 +19,7 @@ from nestnas.predictors.metrics import prediction_metrics
 from nestnas.predictors.store import fit_latency, save_predictor
 from nestnas.predictors.transfer import prior_log_latency, prior_predictors
 from nestnas.supernet import SearchSpace, StageSpec
+from nestnas.supernet.config import SubnetConfig
 
 SPACE = SearchSpace.mobilenet(stages=(StageSpec(8, 2, (1, 2)), StageSpec(16, 2, (1, 2))), kernel_choices=(3, 5),
                               expand_choices=(2, 4), width_choices=(0.5, 1.0), resolution_choices=(16, 24),
@@ -208,6 +209,8 @@ def test_resume_of_a_killed_transfer_run_measures_nothing_twice(fleet, tmp_path)
     for key, record in first.measurements.items():
         assert resumed.measurements[key].timestamp == record.timestamp  # kept, not measured again
     assert resumed.meta["transfer"] == first.meta["transfer"]
+    sample = {SPACE.config_hash(SPACE.validate(SubnetConfig.from_dict(c))) for c in first.meta["transfer"]["sample"]}
+    assert sample == set(resumed.measurements)  # the chosen sample is recorded from the start
 
 
 def test_cli_profile_transfer_end_to_end_and_bad_input(tmp_path):
