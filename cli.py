@@ -353,7 +353,7 @@ def profile(
                                                 "(e.g. 20) and fit this device's latency from them with every "
                                                 "shipped and user profile of the same space as priors.")] = False,
     prior: Annotated[Optional[list[Path]], typer.Option(help="With --transfer: a prior profile to add to the "
-                                                             "discovered ones (repeatable).",
+                                                             "discovered ones (repeatable).", metavar="FILE",
                                                         show_default=False)] = None,
     remeasure_unstable: Annotated[bool, typer.Option(help="On resume, measure again what was flagged as too "
                                                           "noisy (after everything missing).")] = True,
