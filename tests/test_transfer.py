@@ -221,11 +221,12 @@ def test_cli_profile_transfer_end_to_end_and_bad_input(tmp_path):
     summary = json.loads(proc.stdout)
     out = home / "profiles" / "new-onnxruntime-transformer.json"
     assert summary["profile"] == str(out) and summary["subnets"] == N_TRANSFER and summary["blocks"] == 0
-    assert {p["name"] for p in summary["transfer"]["priors"]} == {"xeon-2c-ort", "xeon-2c-tvm"}  # the shipped ones
+    assert {p["name"] for p in summary["transfer"]["priors"]} >= {"xeon-2c-ort", "xeon-2c-tvm"}  # the shipped ones
     human = run_cli("profile", "--family", "transformer", "--samples", N_TRANSFER, "--transfer", "--threads", 1,
                     "--passes", 1, "--name", "new", home=home)  # resumed: nothing left to measure
     assert human.returncode == 0, human.stderr
-    assert "transfer profile; priors: xeon-2c-ort, xeon-2c-tvm" in human.stdout
+    line = human.stdout.splitlines()[0]
+    assert "(transfer profile; priors: " in line and "xeon-2c-ort" in line and "xeon-2c-tvm" in line
     fitted = run_cli("fit", "--profile", out, "--out", tmp_path / "p.json", "--json", home=home)
     assert fitted.returncode == 0, fitted.stderr
     assert json.loads(fitted.stdout)["saved_kind"] == "transfer"
