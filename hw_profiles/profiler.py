@@ -289,7 +289,11 @@ def _choose_configs(space: SearchSpace, n_samples: int, seed: int, out, transfer
     if recorded.get("seed") == seed and len(recorded.get("sample", [])) == n_samples:
         # The sample this run chose (kept so that a resumed run measures exactly those, whatever
         # the priors' refitted predictors would say on another machine).
-        configs = [space.validate(SubnetConfig.from_dict(c)) for c in recorded["sample"]]
+        try:
+            configs = [space.validate(SubnetConfig.from_dict(c)) for c in recorded["sample"]]
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ProfileError(f"existing profile {out}: field meta.transfer.sample: {str(exc).splitlines()[0]}; "
+                               "save this run to another path") from None
     else:
         predictors = prior_predictors([(ref.sha256, prior) for ref, prior in priors], seed=seed)
         configs = tr.informative_sample(space, n_samples, seed, lambda X: prior_log_latency(predictors, X))

@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from nestnas.errors import ProfileError
-from nestnas.fileio import sha256_file
+from nestnas.fileio import sha256_file, validate
 from nestnas.hw_profiles.devices import SHIPPED, user_dir
 from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.hw_profiles.sampling import MAX_SAMPLES, space_filling_sample
@@ -34,6 +35,27 @@ from nestnas.supernet.space import SearchSpace
 
 POOL_SIZE = 2000  # candidates the informative sample is chosen from
 MIN_PRIOR_SUBNETS = 20  # a discovered profile with fewer measured subnets is no prior
+
+
+class PriorSchema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str
+    path: Annotated[str, Field(min_length=1)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    backend: str
+    threads: Optional[int]
+    batch_size: Annotated[int, Field(ge=1)]
+
+
+class TransferSchema(BaseModel):
+    """``meta["transfer"]`` of a transfer profile; checked before its priors are looked for."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    method: str
+    pool: Annotated[int, Field(ge=1)]
+    seed: Optional[int] = None
+    priors: Annotated[list[PriorSchema], Field(min_length=1)]
+    sample: list[dict[str, Any]] = []
 
 
 @dataclass(frozen=True)
@@ -52,10 +74,8 @@ class PriorRef:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PriorRef:
-        try:
-            return cls(**{k: data[k] for k in ("name", "path", "sha256", "backend", "threads", "batch_size")})
-        except (KeyError, TypeError):
-            raise ProfileError(f"transfer record of a prior is malformed: {data!r:.120}") from None
+        """From a record `TransferSchema` has checked."""
+        return cls(**{k: data[k] for k in ("name", "path", "sha256", "backend", "threads", "batch_size")})
 
     @classmethod
     def of(cls, path: Path, profile: DeviceProfile, sha256: str) -> PriorRef:
@@ -160,8 +180,7 @@ def load_priors(profile: DeviceProfile, where: str = "transfer profile") -> list
     one that moved is found among the shipped and user profiles by checksum. A missing or changed
     prior is a ProfileError naming it."""
     record = profile.meta.get("transfer")
-    if not isinstance(record, dict) or not isinstance(record.get("priors"), list) or not record["priors"]:
-        raise ProfileError(f"{where} {profile.name!r} records no priors (meta.transfer.priors)")
+    validate(record, TransferSchema, "meta.transfer", f"{where} {profile.name!r}", ProfileError)
     out = []
     for ref in map(PriorRef.from_dict, record["priors"]):
         path = Path(ref.path)

@@ -93,7 +93,9 @@ def _prior_names(profile: DeviceProfile) -> list[dict[str, str]]:
     transfer = profile.meta.get("transfer")
     if not isinstance(transfer, dict):
         return []
-    return [{"name": str(p.get("name")), "sha256": str(p.get("sha256"))} for p in transfer.get("priors", [])]
+    priors = transfer.get("priors")
+    return [{"name": str(p.get("name")), "sha256": str(p.get("sha256"))} for p in priors if isinstance(p, dict)] \
+        if isinstance(priors, list) else []
 
 
 def load_predictor(path: str | os.PathLike) -> tuple[LatencyPredictor | AccuracyPredictor, dict[str, Any]]:

@@ -156,6 +156,10 @@ def test_provenance_is_recorded_and_verified(fleet, tmp_path, monkeypatch):
     relocated.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=r"prior 'dev-b8' at .*gone\.json is missing"):
         fit_and_select(DeviceProfile.load(relocated), "auto", holdout=None)
+    data["meta"]["transfer"]["priors"][0]["path"] = 7  # a malformed record: one line naming the field
+    relocated.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=r"meta.transfer: field priors.0.path: Input should be a valid string"):
+        fit_and_select(DeviceProfile.load(relocated), "auto", holdout=None)
 
 
 def test_saved_transfer_predictor_names_its_priors_and_reloads_exactly(fleet, tmp_path):
