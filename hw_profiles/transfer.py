@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nestnas.errors import ProfileError
 from nestnas.fileio import sha256_file, validate
+from nestnas.hw_profiles.budget import MIN_USABLE_SUBNETS
 from nestnas.hw_profiles.devices import SHIPPED, user_dir
 from nestnas.hw_profiles.profile import DeviceProfile
 from nestnas.hw_profiles.sampling import MAX_SAMPLES, space_filling_sample
@@ -34,7 +35,7 @@ from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
 
 POOL_SIZE = 2000  # candidates the informative sample is chosen from
-MIN_PRIOR_SUBNETS = 20  # a discovered profile with fewer measured subnets is no prior
+MIN_PRIOR_SUBNETS = MIN_USABLE_SUBNETS  # a discovered profile with fewer subnets cannot fit a predictor
 
 
 class PriorSchema(BaseModel):
@@ -105,9 +106,9 @@ def _load_quietly(path: Path) -> DeviceProfile | None:
 
 
 def discover_priors(space: SearchSpace, exclude: str | os.PathLike | None = None) -> list[Path]:
-    """The readable, complete, non-transfer profiles of `space` among the shipped and user ones,
-    with at least MIN_PRIOR_SUBNETS subnets; `exclude` (the run's own output) left out, and a
-    file whose contents repeat an earlier one's left out too."""
+    """The readable profiles of `space` among the shipped and user ones that are not transfer
+    profiles themselves and have the MIN_PRIOR_SUBNETS subnets a predictor needs; `exclude` (the
+    run's own output) left out, and a file whose contents repeat an earlier one's left out too."""
     skip = Path(exclude).resolve() if exclude is not None else None
     target = space.to_dict()
     found, seen = [], set()
