@@ -1,10 +1,12 @@
 """`nestnas quickstart`: the whole pipeline on the embedded default data (scikit-learn digits).
 
-Stages so far: train the CNN supernet with the sandwich rule and report shared-weight accuracy,
+Stages: train the CNN supernet with the sandwich rule and report shared-weight accuracy,
 parameters and MACs of the largest, the smallest and three random subnets; profile this CPU on
-ONNX Runtime; fit latency predictors and print their figures on held-out subnets; search the
-Pareto front of accuracy against predicted latency with LINAS and plot it; export the knee subnet
-as a bundle, reload it and compare its measured latency with the prediction.
+ONNX Runtime, then a second device (ONNX Runtime at one thread) from 20 subnets with the first
+as the prior (transfer); fit latency predictors and print their figures on held-out subnets;
+search one Pareto front per device in one LINAS run (accuracy evaluated once per subnet) and plot
+them; export the first device's knee subnet as a bundle, reload it and compare its measured
+latency with the prediction, and time the second device's knee against its transfer prediction.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from nestnas.supernet.families import DEFAULT_FAMILY
 from nestnas.supernet.space import SearchSpace
 from nestnas.supernet.train import DEFAULT_EPOCHS, train_supernet
 
+FIRST_DEVICE, SECOND_DEVICE = "local", "local-1t"
+TRANSFER_SAMPLES = 20
+
 
 def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, console: Console,
                     progress: bool) -> dict[str, Any]:
@@ -41,13 +46,25 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
     t0 = time.perf_counter()
     with StageBar("profile", progress, console) as bar:
         # One pass keeps the quickstart under five minutes; `nestnas profile` makes two.
-        profile = profile_device(net.space, "onnxruntime", samples, seed, out=path, name="local", spec=net.spec(),
+        profile = profile_device(net.space, "onnxruntime", samples, seed, out=path, name=FIRST_DEVICE, spec=net.spec(),
                                  passes=1, progress=bar)
     medians = sorted(m.median_ms for m in profile.measurements.values())
     console.print(f"{len(profile.measurements)} subnets and {len(profile.blocks)} blocks at batch "
                   f"{profile.batch_size} in {time.perf_counter() - t0:.0f} s: "
                   f"{medians[0]:.2f} to {medians[-1]:.2f} ms; "
                   f"profile: {path}")
+
+    console.rule(f"[bold]2b. profile[/] a second device, ONNX Runtime at one thread, from {TRANSFER_SAMPLES} subnets "
+                 "(transfer: chosen and fitted with the first device as the prior)")
+    second = out_dir / f"profile-{SECOND_DEVICE}-onnxruntime-cnn.json"
+    t1 = time.perf_counter()
+    with StageBar("profile", progress, console) as bar:
+        other = profile_device(net.space, "onnxruntime", TRANSFER_SAMPLES, seed, out=second, name=SECOND_DEVICE,
+                               spec=net.spec(), threads=1, passes=1, transfer=[path], progress=bar)
+    medians = sorted(m.median_ms for m in other.measurements.values())
+    console.print(f"{len(other.measurements)} subnets at batch {other.batch_size} in {time.perf_counter() - t1:.0f} s "
+                  f"({medians[0]:.2f} to {medians[-1]:.2f} ms), chosen to spread over {path.name}'s predicted "
+                  f"latency; profile: {second}")
 
     console.rule("[bold]3. fit[/] latency predictors, scored on held-out subnets never used in fitting")
     chosen = fit_and_select(profile, "auto", 1 / 3, seed)
@@ -65,34 +82,45 @@ def profile_and_fit(net: Supernet, out_dir: Path, samples: int, seed: int, conso
     pred_path = out_dir / "latency-predictor.json"
     save_predictor(pred_path, "latency", path, kind, seed, train, scores[kind])
     console.print(f"saved the {kind} predictor (chosen by cross-validation on the fitting subnets): {pred_path}")
+    second_fit = fit_and_select(other, "auto", None, seed)
+    console.print(f"{SECOND_DEVICE}: the {second_fit.kind} predictor fitted on its {len(second_fit.train)} subnets and "
+                  f"the prior {path.name} (its figures against a full profile: tools/bench_predictors.py --transfer)")
     return {"profile": str(path), "profile_subnets": len(profile.measurements), "profile_blocks": len(profile.blocks),
+            "second_profile": str(second), "second_device": SECOND_DEVICE, "second_subnets": len(other.measurements),
+            "second_kind": second_fit.kind,
             "predictor_kind": kind,
             "batch_size": profile.batch_size, "predictor": str(pred_path), "latency_heldout": scores}
 
 
-def search_front(net: Supernet, out_dir: Path, predictor_path: Path, train_loader, val_loader, evals: int, seed: int,
-                 console: Console, progress: bool) -> dict[str, Any]:
-    """Stage 4: LINAS search of accuracy (shared weights) against predicted latency; front table and plot."""
+def search_front(net: Supernet, out_dir: Path, profiles: dict[str, Path], train_loader, val_loader, evals: int,
+                 seed: int, console: Console, progress: bool) -> dict[str, Any]:
+    """Stage 4: one LINAS run of accuracy (shared weights) against every device's predicted latency,
+    one front per device; their tables and one plot."""
     from nestnas.search import EvalCache, accuracy_objective, search
-    from nestnas.search.presets import predictor_latency
+    from nestnas.search.presets import profile_latency
 
-    console.rule("[bold]4. search[/] accuracy against predicted latency (LINAS: NSGA-II on predictors, "
-                 "true evaluations of the best)")
+    console.rule("[bold]4. search[/] accuracy against each device's predicted latency, one front per device from one "
+                 "LINAS run (NSGA-II on predictors, true evaluations of the best)")
     acc = accuracy_objective(net.eval(), val_loader, train_loader, seed=seed)
-    lat = predictor_latency(predictor_path, net.space)
+    lats = [profile_latency(p, seed, net.space, name=f"latency@{d}", device=d) for d, p in profiles.items()]
     front_path, plot_path = out_dir / "front.json", out_dir / "front.png"
     with EvalCache(out_dir / "evals.sqlite") as cache, SearchProgress(progress, evals, console) as bar:
-        front = search(net.space, [acc, lat], algorithm="linas", evals=evals, pop_size=max(evals // 5, 8), seed=seed,
-                       cache=cache, inner_evals=3000, progress=bar)
-    front.save(front_path)
-    front.plot(plot_path)
-    console.print(front.table())
-    knee = front.knee()
-    console.print(f"{len(front.evaluated)} subnets evaluated in {front.meta['seconds']:.0f} s; knee {knee.hash}: "
-                  f"{100 * knee.metrics['accuracy']:.2f}% at {knee.metrics['latency']:.3f} ms; "
-                  f"front: {front_path}; plot: {plot_path}")
-    return {"front": str(front_path), "plot": str(plot_path), "front_size": len(front),
-            "front_hypervolume": front.hypervolume, "searched": len(front.evaluated), "knee": knee.to_dict(),
+        front = search(net.space, [acc, *lats], algorithm="linas", evals=evals, pop_size=max(evals // 5, 8),
+                       seed=seed, cache=cache, inner_evals=3000, progress=bar, per_device=True)
+    front.save(front_path, plot=plot_path)
+    knees = {}
+    for device in front.devices:
+        own = front.for_device(device)
+        console.print(own.table())
+        knees[device] = own.knee()
+    console.print(f"{len(front.evaluated)} subnets evaluated (accuracy once each, for both devices) in "
+                  f"{front.meta['seconds']:.0f} s; knees: "
+                  + "; ".join(f"{d} {k.hash}: {100 * k.metrics['accuracy']:.2f}% at {k.metrics['latency']:.3f} ms"
+                              for d, k in knees.items()) + f"; front: {front_path}; plot: {plot_path}")
+    return {"front": str(front_path), "plot": str(plot_path), "devices": front.devices,
+            "front_size": {d: len(front.for_device(d)) for d in front.devices},
+            "front_hypervolume": {d: front.for_device(d).hypervolume for d in front.devices},
+            "searched": len(front.evaluated), "knee": {d: k.to_dict() for d, k in knees.items()},
             "search_seconds": front.meta["seconds"]}
 
 
@@ -114,7 +142,8 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
                           + (f", at most {tune_seconds:.0f} s" if tune_seconds else "") if tune_trials else "untuned")
                 if "tvm" in formats else "TVM extra not installed")
     console.rule(f"[bold]5. export[/] the knee subnet as a deployable bundle (ONNX; {tvm_note})")
-    front = ParetoFront.load(front_path, space=net.space)
+    fleet = ParetoFront.load(front_path, space=net.space)
+    front = fleet.for_device(FIRST_DEVICE)
     knee = front.knee()
     bundle = out_dir / "bundle-knee"
     with StageBar("export", progress, console) as bar:
@@ -149,8 +178,25 @@ def export_knee(net: Supernet, out_dir: Path, front_path: Path, tune_trials: int
                           f"`nestnas export --front {front_path} --checkpoint {out_dir / 'supernet.ckpt'} --out DIR "
                           f"--tune-trials 32 --tune-db {out_dir / 'tuning'}` tunes every one with evolutionary "
                           "search")
+    second = second_knee(net, fleet.for_device(SECOND_DEVICE), seed, console)
     return {"bundle": str(bundle), "bundle_formats": list(formats), "bundle_measured": rows,
-            "tuning": result.get("tuning")}
+            "tuning": result.get("tuning"), "second_knee": second}
+
+
+def second_knee(net: Supernet, front, seed: int, console: Console) -> dict[str, Any]:
+    """The second device's knee subnet measured at one thread against its transfer prediction."""
+    from nestnas.compile import get_backend, get_runner
+    from nestnas.hw_profiles.profiler import measure_module
+
+    knee = front.knee()
+    batch = front.info("latency").batch_size
+    be = get_backend("onnxruntime", threads=1, exporter="torchscript")
+    ms = measure_module(be, get_runner("onnxruntime"), net.extract(knee.config), net.input_specs(knee.config, batch),
+                        seed)["median_ms"]
+    pred = knee.metrics["latency"]
+    console.print(f"{SECOND_DEVICE} knee {knee.hash} at one thread: measured {ms:.3f} ms, predicted {pred:.3f} ms by "
+                  f"transfer from {TRANSFER_SAMPLES} subnets (measured/predicted {ms / pred:.2f})")
+    return {"hash": knee.hash, "measured_ms": ms, "predicted_ms": pred, "ratio": ms / pred}
 
 
 def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEFAULT_EPOCHS[DEFAULT_FAMILY],
@@ -180,8 +226,9 @@ def run_quickstart(out_dir: str | Path = "nestnas-quickstart", epochs: int = DEF
     console.print(subnet_table("subnets on shared weights (batch norm recalibrated), digits validation split", rows))
     summary = {"checkpoint": str(ckpt), "train_seconds": result.seconds, "subnets": {name: r for name, r in rows}}
     summary.update(profile_and_fit(net, out_dir, profile_samples, seed, console, progress))
-    summary.update(search_front(net, out_dir, Path(summary["predictor"]), train_loader, val_loader, search_evals, seed,
-                                console, progress))
+    profiles = {FIRST_DEVICE: Path(summary["profile"]), SECOND_DEVICE: Path(summary["second_profile"])}
+    summary.update(search_front(net, out_dir, profiles, train_loader, val_loader, search_evals, seed, console,
+                                progress))
     summary.update(export_knee(net, out_dir, Path(summary["front"]), tune_trials, tune_seconds, seed, console,
                                progress))
     summary["total_seconds"] = time.perf_counter() - t0

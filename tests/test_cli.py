@@ -143,7 +143,16 @@ def test_quickstart_runs_every_stage(tmp_path, monkeypatch, has_tvm):
     predictor, record = load_predictor(summary["predictor"])
     kind = record["kind"]
     assert kind in {"lut", "ensemble", "hybrid"} and record["heldout_metrics"] == summary["latency_heldout"][kind]
-    assert summary["searched"] >= 32 and summary["front_size"] >= 1 and Path(summary["plot"]).is_file()
+    assert summary["second_subnets"] == 20 and summary["second_kind"] == "transfer"
+    from nestnas.hw_profiles import DeviceProfile
+
+    second = DeviceProfile.load(summary["second_profile"])
+    assert second.fingerprint["threads"] == 1 and not second.blocks
+    assert [p["path"] for p in second.meta["transfer"]["priors"]] == [str(Path(summary["profile"]).resolve())]
+    assert summary["devices"] == ["local", "local-1t"]
+    assert summary["searched"] >= 32 and Path(summary["plot"]).is_file()
+    assert all(summary["front_size"][d] >= 1 for d in summary["devices"])
+    assert summary["second_knee"]["measured_ms"] > 0 and summary["second_knee"]["predicted_ms"] > 0
     assert (Path(summary["bundle"]) / "manifest.json").is_file()
     for backend, row in summary["bundle_measured"].items():
         assert row["max_abs_diff"] <= 1e-4 and row["median_ms"] > 0, backend
