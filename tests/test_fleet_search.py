@@ -13,7 +13,7 @@ import torch
 from nestnas.cli import main
 from nestnas.compile.bundle import read_manifest
 from nestnas.errors import ConfigError, NestnasError
-from nestnas.search import Budget, Objective, ParetoFront, latency_objective, parse_budget
+from nestnas.search import Budget, Objective, ParetoFront, latency_objective, parse_budget, search
 from nestnas.search.front import non_dominated, normalise
 from nestnas.search.presets import objectives_from_files
 from nestnas.supernet import SearchSpace
@@ -105,6 +105,8 @@ def test_objective_and_budget_names_carry_a_device():
 
     assert latency_objective(Fixed(), name="latency@pi5").name == "latency@pi5"
     assert latency_objective(Fixed()).name == "latency"
+    with pytest.raises(ConfigError, match="per_device needs latency@DEVICE objectives"):
+        search(Fixed.space, [latency_objective(Fixed()), Objective("macs", fn)], per_device=True)
 
 
 def test_profiles_become_one_named_objective_per_device(ckpt):
@@ -136,6 +138,9 @@ def test_per_device_search_shares_true_evaluations_and_gives_one_front_per_devic
     single, _, single_cache = runs["single"]
     assert fleet.devices == DEVICES and fleet.per_device and fleet.meta["per_device"] is True
     assert single.devices == [] and single.device == "xeon-2c-ort" and "per_device" not in single.meta
+    assert single.for_device("xeon-2c-ort") is single
+    with pytest.raises(ConfigError, match=r"'pi6' matches no front; devices: \['xeon-2c-ort'\]"):
+        single.for_device("pi6")
     # each subnet's accuracy evaluated once for both devices: the true evaluations of one search
     assert accuracy_rows(fleet_cache) == len(fleet.evaluated) == accuracy_rows(single_cache) == len(single.evaluated)
     for device in DEVICES:
