@@ -665,6 +665,43 @@ def search(
     console.print(f"front saved to {out}" + (f"; plot: {plot}" if plot else ""))
 
 
+def _search_fleet(profiles: list[str], per_device: bool) -> tuple[list, dict]:
+    """The fleet of `nestnas search` ((device, path) per profile; [] for one profile or none) and
+    budget aliases (one profile: `latency@ITS-DEVICE` is `latency`)."""
+    from nestnas.search.presets import fleet_devices
+
+    if not profiles:
+        if per_device:
+            raise ConfigError("--per-device needs two or more --profile options (one per device)")
+        return [], {}
+    fleet = fleet_devices(profiles)
+    if len(fleet) == 1:
+        if per_device:
+            raise ConfigError("--per-device needs two or more --profile options (one per device)")
+        return [], {f"latency@{fleet[0][0]}": "latency"}
+    return fleet, {}
+
+
+def _device_summaries(front) -> dict:
+    out = {}
+    for device in front.devices:
+        sub = front.for_device(device)
+        out[device] = {"size": len(sub), "hypervolume": sub.hypervolume, "knee": sub.knee().hash,
+                       "batch_size": sub.info("latency").batch_size}
+    return out
+
+
+def _print_fronts(front, device: str | None = None) -> None:
+    """One table per device for a per-device front (or the device asked), else the front's table."""
+    if device is not None:
+        console.print(front.for_device(device).table())
+    elif front.per_device:
+        for name in front.devices:
+            console.print(front.for_device(name).table())
+    else:
+        console.print(front.table())
+
+
 @app.command()
 def show(
     front: Annotated[Path, typer.Argument(help="Pareto front file written by `nestnas search`.")],
@@ -709,43 +746,6 @@ def _parse_pick(text: str, front) -> list:
     if bad or not picks:
         raise ConfigError(f"--pick {text!r}: the front has {len(front)} subnets (indices 0..{len(front) - 1})")
     return [front[i] for i in picks]
-
-
-def _search_fleet(profiles: list[str], per_device: bool) -> tuple[list, dict]:
-    """The fleet of `nestnas search` ((device, path) per profile; [] for one profile or none) and
-    budget aliases (one profile: `latency@ITS-DEVICE` is `latency`)."""
-    from nestnas.search.presets import fleet_devices
-
-    if not profiles:
-        if per_device:
-            raise ConfigError("--per-device needs two or more --profile options (one per device)")
-        return [], {}
-    fleet = fleet_devices(profiles)
-    if len(fleet) == 1:
-        if per_device:
-            raise ConfigError("--per-device needs two or more --profile options (one per device)")
-        return [], {f"latency@{fleet[0][0]}": "latency"}
-    return fleet, {}
-
-
-def _device_summaries(front) -> dict:
-    out = {}
-    for device in front.devices:
-        sub = front.for_device(device)
-        out[device] = {"size": len(sub), "hypervolume": sub.hypervolume, "knee": sub.knee().hash,
-                       "batch_size": sub.info("latency").batch_size}
-    return out
-
-
-def _print_fronts(front, device: str | None = None) -> None:
-    """One table per device for a per-device front (or the device asked), else the front's table."""
-    if device is not None:
-        console.print(front.for_device(device).table())
-    elif front.per_device:
-        for name in front.devices:
-            console.print(front.for_device(name).table())
-    else:
-        console.print(front.table())
 
 
 @app.command()
