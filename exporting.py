@@ -4,6 +4,7 @@ itself only sees static modules and their configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import re
@@ -120,9 +121,11 @@ def export(what, out_dir: str | os.PathLike, *, net=None, front=None, input_shap
             raise ConfigError("exporting candidates needs the supernet they were searched on (net=...)")
         if front is not None and front.space.fingerprint() != net.space.fingerprint():
             raise ConfigError("the front was searched on another search space than this supernet's")
-        if front is not None:  # candidates of a fleet front, seen on the chosen device
+        if device is not None:  # candidates of a fleet front, seen on the chosen device (metrics the caller set kept)
             by_hash = {c.hash: c for c in front.evaluated}
-            items = [by_hash.get(c.hash, c) for c in items]
+            items = [dataclasses.replace(c, metrics={**by_hash[c.hash].metrics, **{k: v for k, v in c.metrics.items()
+                                                                                   if "@" not in k}})
+                     if c.hash in by_hash else c for c in items]
         subnets = [candidate_subnet(net, c, front, batch_size, device=device) for c in items]
     if len(subnets) == 1:
         dirs = [out_dir]
