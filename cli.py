@@ -631,10 +631,8 @@ def search(
             _warn_incomplete(DeviceProfile.load(path), path)
     with warnings.catch_warnings(record=True) as fitted:  # e.g. a latency predictor fitted on unstable medians
         warnings.simplefilter("always")
-        net, objs, extra = objectives_from_files(names, checkpoint, profile=(profile[0] if len(profile or []) == 1
-                                                                             else profile or None),
-                                                 predictor=predictor, budget_metrics=[b.metric for b in budgets],
-                                                 seed=seed, data=data)
+        net, objs, extra = objectives_from_files(names, checkpoint, profile=profile or None, predictor=predictor,
+                                                 budget_metrics=[b.metric for b in budgets], seed=seed, data=data)
     for w in fitted:
         err_console.print(f"warning: {w.message}", markup=False)
     with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
