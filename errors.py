@@ -29,6 +29,11 @@ class BackendUnavailable(NestnasError):
     """A compiler backend's optional dependency (e.g. the `tvm` extra) is not installed."""
 
 
+class ClusterError(NestnasError):
+    """A Ray cluster is unreachable or not installed, or a device agent is missing, of another
+    version, or lost mid-run."""
+
+
 class OutputError(NestnasError, OSError):
     """An output path cannot be written (under a file, read-only, disk full). Also an OSError, so
     code that catches OSError around a write keeps working; `filename` is the path meant."""
