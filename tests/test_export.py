@@ -299,7 +299,9 @@ def test_export_and_bench_cli(net, tmp_path):
                         "--json", env=env)
     assert bench.returncode == 0, bench.stderr
     calibration = json.loads(bench.stdout)["calibration"]
-    assert len(calibration["anchors"]) == 5 and 0.2 < calibration["factor"] < 5
+    # A unit slip (batch 1 against the profile's batch of 128) is off by about 100x; a host busy with other
+    # work measured 7.9x here, which is a true reading, so only the slips are refused.
+    assert len(calibration["anchors"]) == 5 and 0.05 < calibration["factor"] < 20
     assert calibration["factor"] == pytest.approx(np.median([a["ratio"] for a in calibration["anchors"]]))
     one_line_error(nestnas_cli("bench", result["folders"][0], "--calibrate",
                                shipped / "xeon-2c-onnxruntime-transformer.json", env=env),
