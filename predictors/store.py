@@ -58,9 +58,12 @@ def fit_latency(profile: DeviceProfile, kind: str, train_hashes: list[str], seed
     table = block_table(profile) if kind in ("lut", "hybrid") else None
     priors = None
     if kind == "transfer":
+        from nestnas.predictors.fitting import available_kinds
         from nestnas.predictors.transfer import transfer_priors
 
         priors = transfer_priors(profile, seed)
+        if "lut" in available_kinds(profile):  # a transfer profile with its own complete block table
+            table = block_table(profile)
     return LatencyPredictor(space, kind=kind, spec=profile.spec, block_table=table, seed=seed,
                             priors=priors).fit(X, y)
 

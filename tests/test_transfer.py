@@ -186,6 +186,23 @@ def test_saved_transfer_predictor_names_its_priors_and_reloads_exactly(fleet, tm
     assert "\n" not in str(info.value)
 
 
+def test_a_transfer_profile_with_its_own_blocks_uses_its_table_as_one_more_prior(fleet, tmp_path):
+    _, prior, full, transfer = fleet
+    out = tmp_path / "with-blocks.json"
+    shutil.copy(transfer, out)  # the same few subnets; the resumed run adds this device's block table
+    t = profile_device(SPACE, "onnxruntime", N_TRANSFER, seed=0, out=out, name="dev-b32", batch_size=32,
+                       transfer=[prior], **{**FAST, "blocks": True})
+    assert t.blocks and t.measurements.keys() == DeviceProfile.load(transfer).measurements.keys()
+    chosen = fit_and_select(t, "auto", holdout=None)
+    assert chosen.kind == "transfer" and chosen.predictor.block_table and "lut" in chosen.kinds
+    plain = fit_and_select(DeviceProfile.load(transfer), "auto", holdout=None).predictor
+    X, y = full.to_xy()
+    assert not np.allclose(chosen.predictor.predict(X), plain.predict(X))  # the table is a feature
+    save_predictor(tmp_path / "pred.json", "latency", out, chosen.kind, 0, chosen.train)
+    loaded, _ = load_predictor(tmp_path / "pred.json")
+    np.testing.assert_array_equal(loaded.predict(X), chosen.predictor.predict(X))
+
+
 def test_resume_of_a_killed_transfer_run_measures_nothing_twice(fleet, tmp_path):
     _, prior, _, transfer = fleet
     out = tmp_path / "t.json"
