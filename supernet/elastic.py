@@ -11,6 +11,10 @@ an exact slice of the shared one, so extraction needs no extra parameters and st
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,17 +62,55 @@ class ElasticConv2d(nn.Module):
         return conv
 
 
+# Sums a tensor over the ranks of a distributed run (with autograd); set only by `batch_norm_across`.
+_BN_ALL_REDUCE: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = contextvars.ContextVar(
+    "nestnas_bn_all_reduce", default=None)
+
+
+@contextlib.contextmanager
+def batch_norm_across(all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within this context, elastic batch norm in training mode normalises with (and records) the
+    statistics of the global batch that the ranks of a distributed run share: `all_reduce(t)`
+    returns `t` summed over the ranks and must carry gradients (torch.distributed.nn.functional
+    .all_reduce). Each rank then computes what one process computes on the whole batch."""
+    token = _BN_ALL_REDUCE.set(all_reduce)
+    try:
+        yield
+    finally:
+        _BN_ALL_REDUCE.reset(token)
+
+
 class ElasticBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d over the leading channels of the input. In training mode the running
-    statistics of those channels are updated in place (slices are views)."""
+    statistics of those channels are updated in place (slices are views); inside
+    `batch_norm_across` they are the statistics of the global batch of all ranks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
+        all_reduce = _BN_ALL_REDUCE.get()
+        if self.training and all_reduce is not None:
+            return self._global_batch_norm(x, c, all_reduce)
         use_batch = self.training or not self.track_running_stats
         return F.batch_norm(
             x, self.running_mean[:c], self.running_var[:c], self.weight[:c], self.bias[:c],
             use_batch, self.momentum, self.eps,
         )
+
+    def _global_batch_norm(self, x: torch.Tensor, c: int, all_reduce) -> torch.Tensor:
+        # two passes (mean, then centred squares) as precise as F.batch_norm's own variance
+        dims = [0, 2, 3]
+        total = all_reduce(torch.cat([x.sum(dims), x.new_full((1,), x.numel() / c)]))
+        n = total[-1]
+        mean = total[:c] / n
+        centred = x - mean.view(1, c, 1, 1)
+        var = all_reduce((centred * centred).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():  # as F.batch_norm: the unbiased variance goes into the running estimate
+                m = self.momentum
+                self.running_mean[:c].mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var[:c].mul_(1 - m).add_(var.detach() * n / max(n.item() - 1, 1), alpha=m)
+        scale = torch.rsqrt(var + self.eps) * self.weight[:c]
+        return centred * scale.view(1, c, 1, 1) + self.bias[:c].view(1, c, 1, 1)
 
     def to_static(self, channels: int) -> nn.BatchNorm2d:
         bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum)

@@ -175,6 +175,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from_epoch: int = 0
+    restarts: int = 0  # distributed training: times Ray Train restarted the workers from a checkpoint
+    restart_epochs: list[int] = field(default_factory=list)  # the epoch each restart resumed from
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -191,25 +193,92 @@ def _subnets(net: Supernet, opts: TrainOptions, rng: np.random.Generator, ladder
     return [space.smallest(), *extra]
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """In-place distillation: KL divergence from the teacher's soft predictions."""
-    return F.kl_div(F.log_softmax(student, dim=1), F.softmax(teacher, dim=1), reduction="batchmean")
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """In-place distillation: KL divergence from the teacher's soft predictions ("batchmean";
+    with `batch`, summed and divided by `batch`, the global batch that this shard is part of)."""
+    log_p, q = F.log_softmax(student, dim=1), F.softmax(teacher, dim=1)
+    if batch is None:
+        return F.kl_div(log_p, q, reduction="batchmean")
+    return F.kl_div(log_p, q, reduction="sum") / batch
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, batch: int | None) -> torch.Tensor:
+    return F.cross_entropy(logits, y) if batch is None else F.cross_entropy(logits, y, reduction="sum") / batch
 
 
 def sandwich_backward(net: Supernet, inputs: list[tuple[SubnetConfig, torch.Tensor]], y: torch.Tensor,
-                      distill: bool = True, scale: float = 1.0) -> float:
+                      distill: bool = True, scale: float = 1.0, batch: int | None = None) -> float:
     """Forward and backward of one sandwich step (gradients accumulate; no optimiser step).
     `inputs` pairs each subnet with its prepared batch; the first is the teacher, trained on
-    the labels. Returns the teacher's loss."""
+    the labels. Returns the teacher's loss. With `batch` (distributed training: `y` is one
+    rank's shard of a global batch of that size), losses are sums over the shard divided by
+    `batch`, so that the ranks' gradients summed are the global batch's gradient."""
     (config, x), rest = inputs[0], inputs[1:]
     logits = net(x, config)
-    loss = F.cross_entropy(logits, y)
+    loss = _cross_entropy(logits, y, batch)
     (loss * scale).backward()
     teacher = logits.detach()
     for config, x in rest:
         out = net(x, config)
-        (scale * (distill_loss(out, teacher) if distill else F.cross_entropy(out, y))).backward()
+        (scale * (distill_loss(out, teacher, batch) if distill else _cross_entropy(out, y, batch))).backward()
     return loss.item()
+
+
+def make_optimizer(net: Supernet, opts: TrainOptions, batches_per_epoch: int):
+    """(AdamW, its LambdaLR schedule) of a run of `opts` over `batches_per_epoch` batches an epoch."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    total = opts.epochs * math.ceil(batches_per_epoch / opts.grad_accum)
+    warmup_steps = max(1, int(opts.warmup_fraction * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(opts.schedule, s, total, warmup_steps))
+    return optimizer, scheduler
+
+
+def train_epoch(net: Supernet, train_loader: DataLoader, opts: TrainOptions, epoch: int, optimizer, scheduler,
+                ladder: list[SubnetConfig], on_batch: Callable[[int, list[float]], None] | None = None,
+                shard: Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
+                reduce_grads: Callable[[], None] | None = None) -> list[float]:
+    """One epoch (0-based `epoch`) of sandwich steps; returns the teacher's loss per batch.
+    Randomness (loader order, subnets) comes from (seed, epoch) alone. Distributed training
+    passes `shard` (a global batch to this rank's rows) and `reduce_grads` (sums the ranks'
+    gradients before each optimiser step); every rank then draws the same subnets."""
+    net.train()
+    torch.manual_seed(_epoch_seed(opts.seed, epoch))
+    rng = np.random.default_rng([opts.seed, epoch])
+    largest = net.space.largest()
+    losses: list[float] = []
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(train_loader):
+        configs = [largest, *_subnets(net, opts, rng, ladder)]
+        batch = None
+        if shard is not None:
+            batch = len(y)
+            x, y = shard(x, y)
+        inputs = [(c, net.prepare_input(x, c)) for c in configs]
+        losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum, batch))
+        if (i + 1) % opts.grad_accum == 0 or i + 1 == len(train_loader):
+            if reduce_grads is not None:
+                reduce_grads()
+            if opts.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), opts.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if on_batch is not None:
+            on_batch(i, losses)
+    return losses
+
+
+def validation_metrics(net: Supernet, val_loader: DataLoader, train_loader: DataLoader, seed: int) -> dict:
+    """Validation accuracy of the largest and smallest subnets (batch norm recalibrated)."""
+    return {f"val_acc_{name}": subnet_accuracy(net, config, val_loader, train_loader, seed=seed)
+            for name, config in (("largest", net.space.largest()), ("smallest", net.space.smallest()))}
+
+
+def train_state(epoch: int, opts: TrainOptions, history: list, optimizer, scheduler) -> dict[str, Any]:
+    """The training state a checkpoint holds after `epoch` epochs (see `TrainStateSchema`)."""
+    return {"epoch": epoch, "options": asdict(opts), "history": history,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
 
 
 def train_supernet(
@@ -234,6 +303,9 @@ def train_supernet(
     resume: bool = True,
     progress: bool = True,
     data: Any = None,
+    ray_address: str | None = None,
+    workers: int = 1,
+    max_failures: int = 3,
 ) -> TrainResult:
     """Train `net` in place with the sandwich rule.
 
@@ -248,6 +320,10 @@ def train_supernet(
     batches). With `checkpoint`, the state is saved atomically after every epoch, and an
     existing checkpoint of the same run is resumed exactly when `resume` is true. `data` (a
     `nestnas.data.Data`) is recorded in the checkpoint; a resume on other data is refused.
+
+    With `ray_address` (``local:N``, ``auto`` or ``HOST:PORT``), `workers` Ray Train workers
+    share each global batch and give the same result as one process
+    (`nestnas.supernet.distributed.train_distributed`, which also takes `max_failures`).
     """
     recipe = recipe_for(net)
     if accumulate is not None and grad_accum is not None and accumulate != grad_accum:
@@ -261,13 +337,16 @@ def train_supernet(
         clip_grad=recipe.clip_grad if clip_grad is None else (clip_grad or None))
     if len(train_loader) == 0:
         raise ConfigError("the training loader yields no batches")
+    if ray_address is not None:
+        from nestnas.supernet.distributed import train_distributed  # imports Ray only when asked
+
+        return train_distributed(net, train_loader, opts, address=ray_address, workers=workers,
+                                 max_failures=max_failures, val_loader=val_loader, checkpoint=checkpoint,
+                                 resume=resume, progress=progress, data=data, callbacks=callbacks)
+    if workers != 1:
+        raise ConfigError(f"workers={workers} needs a Ray cluster (ray_address= or --ray); one process trains alone")
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / opts.grad_accum)
-    total = opts.epochs * steps_per_epoch
-    warmup_steps = max(1, int(opts.warmup_fraction * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(opts.schedule, s, total, warmup_steps))
+    optimizer, scheduler = make_optimizer(net, opts, len(train_loader))
     result = TrainResult()
     start_epoch = 0
     if checkpoint is not None and resume and os.path.exists(checkpoint):
@@ -275,40 +354,23 @@ def train_supernet(
         start_epoch = _resume(net, optimizer, scheduler, opts, checkpoint, result)
 
     ladder = net.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
-    largest = net.space.largest()
     t0 = time.perf_counter()
     n_batches = opts.epochs * len(train_loader)
     with StageBar("train", progress) as bar:
         bar("", start_epoch * len(train_loader), n_batches)
         for epoch in range(start_epoch, opts.epochs):
-            net.train()
-            torch.manual_seed(_epoch_seed(seed, epoch))
-            rng = np.random.default_rng([seed, epoch])
-            losses = []
-            optimizer.zero_grad(set_to_none=True)
-            for i, (x, y) in enumerate(train_loader):
-                configs = [largest, *_subnets(net, opts, rng, ladder)]
-                inputs = [(c, net.prepare_input(x, c)) for c in configs]
-                losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum))
-                if (i + 1) % opts.grad_accum == 0 or i + 1 == len(train_loader):
-                    if opts.clip_grad is not None:
-                        torch.nn.utils.clip_grad_norm_(net.parameters(), opts.clip_grad)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+            def on_batch(i, losses, epoch=epoch):
                 bar(f"epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.3f}", epoch * len(train_loader) + i + 1,
                     n_batches)
+
+            losses = train_epoch(net, train_loader, opts, epoch, optimizer, scheduler, ladder, on_batch)
             metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
             if val_loader is not None:
-                metrics["val_acc_largest"] = subnet_accuracy(net, largest, val_loader, train_loader, seed=seed)
-                metrics["val_acc_smallest"] = subnet_accuracy(net, net.space.smallest(), val_loader, train_loader,
-                                                              seed=seed)
+                metrics.update(validation_metrics(net, val_loader, train_loader, seed))
             result.history.append(metrics)
             if checkpoint is not None:
-                save_checkpoint(net, checkpoint, {
-                    "epoch": epoch + 1, "options": asdict(opts), "history": result.history,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                }, data=data)
+                save_checkpoint(net, checkpoint, train_state(epoch + 1, opts, result.history, optimizer, scheduler),
+                                data=data)
             for cb in callbacks:
                 cb(epoch + 1, metrics)
     result.seconds = time.perf_counter() - t0
