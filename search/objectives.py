@@ -118,6 +118,9 @@ class Objective:
     ideal: float = 0.0  # best conceivable value, for hypervolume normalisation (accuracy: 1.0)
     batch_size: int | None = None  # the batch the values hold for (latency); exports build at it
     predictor: PredictorId | None = None
+    # What a Ray actor needs to compute the values away from the driver (`search.remote`), made
+    # only when a search runs on Ray; None: evaluated in this process only.
+    remote: Callable[[], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(METRIC_PATTERN, self.name):
@@ -177,8 +180,13 @@ def accuracy_objective(net, val_loader, calib_loader, *, seed: int = 0, calib_ba
         with torch.no_grad():
             return [subnet_accuracy(net, c, val_loader, calib_loader, calib_batches, seed) for c in configs]
 
+    def remote():  # the same values on a Ray actor (search(..., ray_address=...))
+        from nestnas.search.remote import accuracy_task
+
+        return accuracy_task(net, val_loader, calib_loader, seed=seed, calib_batches=calib_batches)
+
     ctx = f"{net.space.fingerprint()}|w={context or weights_digest(net)}|seed={seed}|calib={calib_batches}"
-    return Objective("accuracy", fn, "max", "", "measured", ctx, expensive=True, ideal=1.0)
+    return Objective("accuracy", fn, "max", "", "measured", ctx, expensive=True, ideal=1.0, remote=remote)
 
 
 def predicted_accuracy_objective(predictor, context: str = "") -> Objective:

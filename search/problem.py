@@ -11,8 +11,10 @@ import torch
 from pymoo.core.duplicate import DuplicateElimination
 from pymoo.core.problem import Problem
 
+from nestnas.errors import ClusterError
 from nestnas.search.cache import EvalCache
 from nestnas.search.objectives import Budget, Objective
+from nestnas.search.remote import EvaluationsLost
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.space import SearchSpace
 
@@ -65,7 +67,10 @@ class Evaluator:
                     todo.pop(h)
                 if todo:
                     with preserved_rng():
-                        fresh = metric.evaluate(list(todo.values()))
+                        try:
+                            fresh = metric.evaluate(list(todo.values()))
+                        except EvaluationsLost as lost:  # a cluster failed: keep what it finished
+                            raise self._kept(metric, list(todo), lost) from None
                     computed = dict(zip(todo, fresh.tolist()))
                     self.cache.put(metric.cache_key, computed)
                     for h, v in computed.items():
@@ -73,6 +78,17 @@ class Evaluator:
             for h, c in new.items():
                 self.archive[h] = {"config": c, "metrics": values[h]}
         return {m.name: np.array([self.archive[h]["metrics"][m.name] for h in hashes]) for m in self.metrics}
+
+    def _kept(self, metric: Objective, hashes: list[str], lost: EvaluationsLost) -> ClusterError:
+        """Cache the values a failed remote evaluation finished; the one line says what is kept."""
+        self.cache.put(metric.cache_key, {hashes[i]: v for i, v in lost.done.items()})
+        if self.cache.path is None:
+            return ClusterError(f"{lost}; {len(lost.done)} of this generation's {len(hashes)} evaluations are lost "
+                                f"with the in-memory cache (give a cache file); the {len(self)} before are in the "
+                                "state file, if the search keeps one")
+        return ClusterError(f"{lost}; {len(lost.done)} of this generation's {len(hashes)} evaluations and the "
+                            f"{len(self)} before are saved in the cache {self.cache.path}; rerun the same search "
+                            "to resume")
 
 
 class CanonicalDuplicates(DuplicateElimination):

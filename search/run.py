@@ -27,6 +27,7 @@ from nestnas.search.cache import EvalCache
 from nestnas.search.front import Candidate, ParetoFront, hypervolume
 from nestnas.search.objectives import Budget, Objective, device_of, parse_budget, total_violation
 from nestnas.search.problem import Evaluator
+from nestnas.search.remote import remote_metrics
 from nestnas.supernet.space import SearchSpace
 
 STATE_FORMAT, STATE_VERSION = "nestnas-search-state", 1
@@ -59,6 +60,8 @@ def search(
     kappa: float = 1.0,
     progress: Progress | None = None,
     per_device: bool = False,
+    ray_address: str | None = None,
+    workers: int | None = None,
 ) -> ParetoFront:
     """Search `space` for the Pareto front of `objectives` under `constraints`, spending at most
     about `evals` distinct subnet evaluations (a generation in flight is finished). `extra_metrics`
@@ -70,7 +73,12 @@ def search(
     all of them together and yields one front per device (`ParetoFront.for_device`), each the
     non-dominated set of the shared archive in that device's latency and the other objectives: the
     true evaluations (accuracy) are those of one search. A budget on one device's latency then
-    bounds that device's front only; budgets on other metrics bound the search."""
+    bounds that device's front only; budgets on other metrics bound the search.
+
+    With `ray_address` (`local:N`, `auto` or `HOST:PORT`, see `nestnas.raycluster`), the measured
+    accuracy is computed by `workers` Ray actors (default: one per CPU of the cluster), each holding
+    the supernet; this process still alone reads and writes the cache and the state, so the front
+    is the one a local run with the same seed finds."""
     objectives = list(objectives)
     if not objectives:
         raise ConfigError("give at least one objective")
@@ -106,9 +114,10 @@ def search(
     options = {k: v for k, v in {"inner_evals": inner_evals, "kappa": kappa}.items() if k in algo.options}
     settings.update(options)
     saved = _load_state(Path(state), settings, space) if state is not None and Path(state).exists() else None
-    run = _Run(space, objectives, metrics, searched, cache, settings, state, saved, progress)
-    t0 = time.perf_counter()
-    algo.drive(run, evals=evals, pop_size=pop_size, seed=seed, **options)
+    with remote_metrics(metrics, ray_address, workers) as (evaluated, pools):
+        run = _Run(space, evaluated[:len(objectives)], evaluated, searched, cache, settings, state, saved, progress)
+        t0 = time.perf_counter()
+        algo.drive(run, evals=evals, pop_size=pop_size, seed=seed, **options)
     run.save_state()
     meta = {"algorithm": algorithm, "seed": seed, "evals": len(run.ev), "pop_size": pop_size,
             "budgets": [str(b) for b in budgets], "history": run.history, "anchors": run.anchors,
@@ -120,6 +129,8 @@ def search(
                               "of their difference further towards worse"}
     if devices:
         meta.update(devices=devices, per_device=per_device)
+    if pools:
+        meta["ray"] = pools[0].to_dict()
     front = ParetoFront.from_archive(space, [o.describe() for o in objectives], budgets, run.reference,
                                      run.candidates(), meta)
     for device in devices if per_device else []:
