@@ -126,11 +126,25 @@ def train(
                        "FILE.csv:text=COLUMN,label=COLUMN or FILE.jsonl (with --model), or package.module:function "
                        "(see the README) \\[default: digits; required with --model].", show_default=False)] = None,
     seed: Seed = 0,
+    ray: Annotated[Optional[str], typer.Option(help="Train on a Ray cluster with Ray Train: auto, HOST:PORT or "
+                                                    "local:N (a private one with N CPUs); needs the ray extra.",
+                                               show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="With --ray: training workers sharing each batch "
+                                                        "\\[default: 1].", show_default=False)] = None,
     as_json: AsJson = False,
 ) -> None:
     """Train a supernet on a data set (default: the embedded digits), or fine-tune a pretrained
     transformers model folder as one (--model), and write a checkpoint that records the data."""
     check_output(out, "--out")
+    if workers is not None and ray is None:
+        raise ConfigError("--workers needs --ray (the Ray cluster whose workers train)")
+    if ray is not None:
+        from nestnas.raycluster import parse_address, require_ray
+
+        parse_address(ray, "--ray")
+        require_ray("--ray")
+        if workers is not None and workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
     import torch
 
     from nestnas.supernet import SearchSpace, build_supernet
@@ -163,11 +177,12 @@ def train(
     result = train_supernet(net, train_loader, epochs, sandwich=sandwich, distill=distill,
                             sorted_ladder=sorted_ladder, grad_accum=grad_accum, seed=seed, lr=lr,
                             weight_decay=weight_decay, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
-                            checkpoint=out, resume=resume, progress=not as_json, data=dataset)
+                            checkpoint=out, resume=resume, progress=not as_json, data=dataset, ray_address=ray,
+                            workers=workers or 1)
     summary = {
         "checkpoint": str(out), "family": family, "epochs": epochs, "train_seconds": result.seconds,
         "data": dataset.spec, "sample_shape": list(dataset.sample_shape), "num_classes": dataset.num_classes,
-        "resumed_from_epoch": result.resumed_from_epoch,
+        "resumed_from_epoch": result.resumed_from_epoch, "workers": workers or 1, "restarts": result.restarts,
         "val_acc_largest": subnet_accuracy(net, space.largest(), val_loader, train_loader, seed=seed),
         "val_acc_smallest": subnet_accuracy(net, space.smallest(), val_loader, train_loader, seed=seed),
     }
@@ -589,12 +604,18 @@ def search(
     inner_evals: Annotated[int, typer.Option(min=100, max=1_000_000,
                                              help="LINAS: predictor-only evaluations of each iteration's inner "
                                                   "NSGA-II.")] = 5000,
+    ray: Annotated[Optional[str], typer.Option(help="Evaluate accuracies on Ray actors, one supernet each: auto, "
+                                                    "HOST:PORT or local:N (a private cluster of N CPUs); the "
+                                                    "cache and state stay here.", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="With --ray: evaluation actors \\[default: the "
+                                                               "cluster's CPUs].", show_default=False)] = None,
     data: DataOpt = None,
     seed: Seed = 0,
     as_json: AsJson = False,
 ) -> None:
     """Search the Pareto front of accuracy against latency (and MACs or params) on a trained
     supernet; resumable, with evaluations cached by functional hash."""
+    import contextlib
     import warnings
 
     from nestnas.hw_profiles.devices import user_dir
@@ -610,6 +631,8 @@ def search(
         del directions["latency"]
         directions.update({f"latency@{d}": "min" for d, _ in fleet})
     budgets = [parse_budget(b, directions, aliases) for b in budget or []]
+    session = _search_ray(ray, workers, [*names, *(b.metric for b in budgets)]) if ray or workers else \
+        contextlib.nullcontext()
     if any(n not in METRICS for n in names):
         raise ConfigError(f"--objectives: unknown objective {next(n for n in names if n not in METRICS)!r}; "
                           f"allowed: {list(METRICS)}")
@@ -635,12 +658,12 @@ def search(
                                                  budget_metrics=[b.metric for b in budgets], seed=seed, data=data)
     for w in fitted:
         err_console.print(f"warning: {w.message}", markup=False)
-    with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, \
+    with warnings.catch_warnings(record=True) as caught, EvalCache(cache_path) as db, session, \
             SearchProgress(not as_json, evals, err_console) as bar:
         warnings.simplefilter("always")
         front = run_search(net.space, objs, budgets, algorithm=algorithm, evals=evals, pop_size=pop_size, seed=seed,
                            extra_metrics=extra, cache=db, state=state, inner_evals=inner_evals, progress=bar,
-                           per_device=per_device)
+                           per_device=per_device, ray_address=ray, workers=workers)
     for w in caught:
         err_console.print(f"warning: {w.message}", markup=False)
     from nestnas.predictors.store import sha256_file
@@ -662,6 +685,19 @@ def search(
                   f"{cache_meta['hits']} of {cache_meta['hits'] + cache_meta['misses']} "
                   f"({100 * cache_meta['hit_rate']:.0f}%); reference point {front.reference}")
     console.print(f"front saved to {out}" + (f"; plot: {plot}" if plot else ""))
+
+
+def _search_ray(ray: str | None, workers: int | None, metrics: list[str]):
+    """The Ray session of `nestnas search --ray` (joined here, so that its messages name --ray),
+    after the checks that need no cluster."""
+    from nestnas.raycluster import connect, parse_address
+
+    if ray is None:
+        raise ConfigError("--workers needs --ray (the Ray cluster whose actors evaluate)")
+    parse_address(ray, "--ray")
+    if "accuracy" not in metrics:
+        raise ConfigError("--ray: only the measured accuracy runs on Ray; add accuracy to --objectives or drop --ray")
+    return connect(ray, what="--ray")
 
 
 def _search_fleet(profiles: list[str], per_device: bool) -> tuple[list, dict]:

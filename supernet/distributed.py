@@ -58,7 +58,8 @@ from nestnas.supernet.train import (
 )
 
 CHECKPOINT_FILE = "supernet.safetensors"  # what `nestnas train --out` writes, inside each Ray checkpoint
-PROGRESS_FILE = "progress.json"  # epoch, loss and the restarts so far, read by the driver's progress bar
+PROGRESS_FILE = "progress.json"  # epoch and loss, read by the driver's progress bar
+ATTEMPT_FILES = "attempt_*.json"  # one per start of the worker group, with the epoch it started from
 POLL_S = 0.5
 
 
@@ -66,11 +67,18 @@ POLL_S = 0.5
 class KillWorker:
     """Test hook (`train_distributed(fault=...)`): rank `rank` kills its own process with SIGKILL
     before batch `batch` (0-based) of epoch `epoch` (1-based), on the first attempt only, so
-    that Ray Train's restart from the last checkpoint can be checked."""
+    that Ray Train's restart from the last checkpoint can be checked. It waits `delay_s` first:
+    Ray Train registers a reported checkpoint when it next polls the workers (every 2 s), and a
+    worker group lost before that restarts from the checkpoint before."""
 
     rank: int
     epoch: int
     batch: int = 0
+    delay_s: float = 5.0
+
+    def __call__(self) -> None:
+        time.sleep(self.delay_s)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_distributed(net: Supernet, train_loader, opts: TrainOptions, *, address: str, workers: int = 1,
@@ -105,7 +113,7 @@ def train_distributed(net: Supernet, train_loader, opts: TrainOptions, *, addres
     }
     t0 = time.perf_counter()
     with connect(address) as ray:
-        blob, state = _fit(ray, config, workers, max_failures, checkpoint, progress, start_epoch)
+        blob, starts = _fit(ray, config, workers, max_failures, checkpoint, progress, start_epoch)
     result.seconds = time.perf_counter() - t0
     if checkpoint is not None:
         write_bytes(checkpoint, blob)  # atomic; the very file rank 0 wrote
@@ -118,7 +126,7 @@ def train_distributed(net: Supernet, train_loader, opts: TrainOptions, *, addres
     net.eval()
     new = payload["train"]["history"][len(result.history):]
     result.history = list(payload["train"]["history"])
-    result.restarts, result.restart_epochs = len(state["restart_epochs"]), list(state["restart_epochs"])
+    result.restarts, result.restart_epochs = len(starts) - 1, starts[1:]
     for metrics in new:
         for cb in callbacks:
             cb(metrics["epoch"], metrics)
@@ -126,8 +134,8 @@ def train_distributed(net: Supernet, train_loader, opts: TrainOptions, *, addres
 
 
 def _fit(ray, config: dict, workers: int, max_failures: int, checkpoint, progress: bool,
-         start_epoch: int) -> tuple[bytes, dict]:
-    """Run the trainer; (the last checkpoint file's bytes, its progress record)."""
+         start_epoch: int) -> tuple[bytes, list[int]]:
+    """Run the trainer; (the last checkpoint file's bytes, the epoch each attempt started from)."""
     cpus = cluster_cpus(ray)
     if workers > cpus:
         raise ClusterError(f"--workers {workers} needs {workers} CPUs, but the Ray cluster has {cpus}")
@@ -142,6 +150,7 @@ def _fit(ray, config: dict, workers: int, max_failures: int, checkpoint, progres
     else:
         root, owned = Path(tempfile.mkdtemp(prefix="nestnas-ray-")), True
     name = f"train-{uuid.uuid4().hex[:8]}"
+    config["run_dir"] = str(root / name)
     trainer = TorchTrainer(
         _worker, train_loop_config=config, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
@@ -149,8 +158,9 @@ def _fit(ray, config: dict, workers: int, max_failures: int, checkpoint, progres
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     try:
         outcome = _fit_with_progress(trainer, root / name, config["opts"].epochs, start_epoch, progress)
+        starts = [json.loads(p.read_text())["start_epoch"] for p in sorted((root / name).glob(ATTEMPT_FILES))]
         with outcome.checkpoint.as_directory() as d:
-            return (Path(d) / CHECKPOINT_FILE).read_bytes(), json.loads((Path(d) / PROGRESS_FILE).read_text())
+            return (Path(d) / CHECKPOINT_FILE).read_bytes(), starts
     finally:
         shutil.rmtree(root if owned else root / name, ignore_errors=True)
         if not owned and root.is_dir() and not any(root.iterdir()):
@@ -247,19 +257,20 @@ def _worker(config: dict) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     net, opts, loader = config["net"].to(device), config["opts"], config["loader"]
     optimizer, scheduler = make_optimizer(net, opts, len(loader))
-    start, restart_epochs, attempt = _restore(net, optimizer, scheduler, opts, config["start"])
-    history = list(start["history"]) if start else []
+    start = _restore(net, optimizer, scheduler, opts, config["start"])
+    start_epoch, history = (start["epoch"], list(start["history"])) if start else (0, [])
+    attempt = _attempt(Path(config["run_dir"]), rank, start_epoch, device)
     ladder = net.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
     fault = config["fault"]
     with batch_norm_across(all_reduce):
-        for epoch in range(start["epoch"] if start else 0, opts.epochs):
+        for epoch in range(start_epoch, opts.epochs):
             on_batch = None
             if fault is not None and attempt == 0 and rank == fault.rank and epoch + 1 == fault.epoch:
                 def on_batch(i, losses):  # after batch i: the kill falls before batch fault.batch
                     if i + 1 == fault.batch:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                        fault()
                 if fault.batch == 0:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    fault()
             losses = train_epoch(net, loader, opts, epoch, optimizer, scheduler, ladder, on_batch,
                                  shard=lambda x, y: (_rows(x, rank, size, device), _rows(y, rank, size, device)),
                                  reduce_grads=lambda: _sum_gradients(net))
@@ -270,8 +281,7 @@ def _worker(config: dict) -> None:
                 on_cpu = net if device.type == "cpu" else _cpu_copy(net)
                 metrics.update(validation_metrics(on_cpu, config["val_loader"], loader, opts.seed))
             history.append(metrics)
-            _report(net, opts, history, optimizer, scheduler, config["data"], rank,
-                    {**metrics, "restart_epochs": restart_epochs, "attempt": attempt})
+            _report(net, opts, history, optimizer, scheduler, config["data"], rank, {**metrics, "attempt": attempt})
 
 
 def _cpu_copy(net):
@@ -280,9 +290,23 @@ def _cpu_copy(net):
     return copy.deepcopy(net).cpu()
 
 
+def _attempt(run_dir: Path, rank: int, start_epoch: int, device) -> int:
+    """Number this start of the worker group (0: the first) and record the epoch it starts from;
+    counted on the run's storage by rank 0 and broadcast, so that every rank agrees."""
+    import torch.distributed as dist
+
+    n = torch.zeros(1, dtype=torch.int64, device=device)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        n += len(list(run_dir.glob(ATTEMPT_FILES)))
+        (run_dir / f"attempt_{int(n):04d}.json").write_text(json.dumps({"start_epoch": start_epoch}))
+    dist.broadcast(n, 0)
+    return int(n)
+
+
 def _restore(net, optimizer, scheduler, opts, start):
-    """(start state, restart epochs so far, attempt): Ray's last checkpoint after a restart, else
-    the state the driver resumed from `checkpoint` (None: a fresh run)."""
+    """The state to start from: Ray's last checkpoint after a restart, else the state the driver
+    resumed from `checkpoint` (None: a fresh run)."""
     import ray.train
 
     restored = ray.train.get_checkpoint()
@@ -290,13 +314,11 @@ def _restore(net, optimizer, scheduler, opts, start):
         if start is not None:
             optimizer.load_state_dict(start["optimizer"])
             scheduler.load_state_dict(start["scheduler"])
-        return start, [], 0
+        return start
     with restored.as_directory() as d:
         result = TrainResult()
         _resume(net, optimizer, scheduler, opts, Path(d) / CHECKPOINT_FILE, result)
-        done = json.loads((Path(d) / PROGRESS_FILE).read_text())
-    restart_epochs = [*done["restart_epochs"], result.resumed_from_epoch]
-    return {"epoch": result.resumed_from_epoch, "history": result.history}, restart_epochs, done["attempt"] + 1
+    return {"epoch": result.resumed_from_epoch, "history": result.history}
 
 
 def _report(net, opts, history, optimizer, scheduler, data, rank: int, record: dict) -> None:

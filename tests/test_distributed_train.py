@@ -98,3 +98,10 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_result(tmp_path, c
     assert result.restarts == 1 and result.restart_epochs == [1]
     assert [m["epoch"] for m in result.history] == [1, 2, 3]
     assert max_diff(straight, killed) <= 1e-6
+
+
+def test_cli_workers_without_ray_is_one_line(tmp_path):
+    from nestnas.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "x.ckpt"), "--workers", "2"]) == 1
+    assert not (tmp_path / "x.ckpt").exists()
