@@ -197,8 +197,8 @@ class ActorPool:
                 self.stats.failures += 1
                 if tries[c] > CHUNK_RETRIES:
                     self._drain(inflight, chunks, done)
-                    raise EvaluationsLost(f"ray: {len(chunks[c])} evaluations failed {tries[c]} times "
-                                          f"({_reason(exc)})", done) from None
+                    raise EvaluationsLost(f"ray: evaluation actors died {tries[c]} times on the same "
+                                          f"{len(chunks[c])} subnet(s) ({_reason(exc)})", done) from None
                 pending.appendleft(c)
                 if self._restart(a):
                     idle.append(a)  # the next call waits for the new process
@@ -231,7 +231,7 @@ def _reason(exc: Exception) -> str:
     lines = [line for line in lines if line and not set(line) <= set("^~ ")]
     if not lines:
         return type(exc).__name__
-    first = lines[0].split(", ray::")[0].split(" (pid=")[0]
+    first = lines[0].split(", ray::")[0].split(" (pid=")[0].rstrip(".")
     return first[:160] + (f": {lines[-1][:160]}" if len(lines) > 1 else "")
 
 
