@@ -105,3 +105,40 @@ def test_cli_workers_without_ray_is_one_line(tmp_path):
 
     assert main(["train", "--out", str(tmp_path / "x.ckpt"), "--workers", "2"]) == 1
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_cli_ray_without_ray_installed_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None  # as if Ray were not installed\n"
+            "from nestnas.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--out", str(tmp_path / "x.ckpt"), "--ray", "local:2",
+                           "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ['error: --ray needs Ray, which is not installed; install the extra: '
+                                                'pip install -e ".[ray]"']
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first(epoch, metrics):
+    raise _Stop
+
+
+@pytest.mark.slow
+def test_distributed_run_resumes_a_one_process_checkpoint(tmp_path, cluster):
+    loader, out = digits_loader(n=64), tmp_path / "r.ckpt"
+    straight = make_cnn()
+    train_supernet(straight, loader, epochs=2, seed=4, progress=False)
+    with pytest.raises(_Stop):  # one process stops after epoch 1 of 2 (its checkpoint is written first)
+        train_supernet(make_cnn(), loader, epochs=2, seed=4, progress=False, checkpoint=out,
+                       callbacks=[_stop_after_first])
+    resumed = build_supernet(TINY_CNN, num_classes=10, in_channels=1).double()  # weights come from the file
+    result = train_supernet(resumed, loader, epochs=2, seed=4, progress=False, checkpoint=out,
+                            ray_address="local:2", workers=2)
+    assert result.resumed_from_epoch == 1 and [m["epoch"] for m in result.history] == [1, 2]
+    assert max_diff(straight, resumed) <= 1e-5
+    assert read_checkpoint(out)["train"]["epoch"] == 2
