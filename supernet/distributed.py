@@ -157,7 +157,7 @@ def _fit(ray, config: dict, workers: int, max_failures: int, checkpoint, progres
         run_config=RunConfig(name=name, storage_path=str(root), failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     try:
-        outcome = _fit_with_progress(trainer, root / name, config["opts"].epochs, start_epoch, progress)
+        outcome = _fit_with_progress(trainer, root / name, config["opts"].epochs, start_epoch, workers, progress)
         starts = [json.loads(p.read_text())["start_epoch"] for p in sorted((root / name).glob(ATTEMPT_FILES))]
         with outcome.checkpoint.as_directory() as d:
             return (Path(d) / CHECKPOINT_FILE).read_bytes(), starts
@@ -167,7 +167,7 @@ def _fit(ray, config: dict, workers: int, max_failures: int, checkpoint, progres
             root.rmdir()
 
 
-def _fit_with_progress(trainer, run_dir: Path, epochs: int, start_epoch: int, progress: bool):
+def _fit_with_progress(trainer, run_dir: Path, epochs: int, start_epoch: int, workers: int, progress: bool):
     """`trainer.fit()` in a thread while this one shows an epoch bar from the reported checkpoints."""
     from ray.train import TrainingFailedError
 
@@ -190,17 +190,13 @@ def _fit_with_progress(trainer, run_dir: Path, epochs: int, start_epoch: int, pr
             if progress and epoch != shown:
                 shown = epoch
                 loss = f" loss {state['loss']:.3f}" if state else ""
-                bar(f"epoch {epoch}/{epochs}{loss} ({trainer_workers(trainer)} workers)", epoch, epochs)
+                bar(f"epoch {epoch}/{epochs}{loss} ({workers} workers)", epoch, epochs)
         error = box.get("error")
         if isinstance(error, TrainingFailedError):
             raise ClusterError(f"distributed training failed: {_root_cause(error)}") from None
         if error is not None:
             raise error
     return box["result"]
-
-
-def trainer_workers(trainer) -> int:
-    return trainer.scaling_config.num_workers
 
 
 def _latest_progress(run_dir: Path) -> dict | None:
