@@ -87,7 +87,8 @@ def train_distributed(net: Supernet, train_loader, opts: TrainOptions, *, addres
                       threads: int = 1, fault: KillWorker | None = None) -> TrainResult:
     """Train `net` in place with `workers` Ray Train workers on the cluster at `address`
     (``local:N``, ``auto``, ``HOST:PORT``); the result equals `train_supernet`'s on one process.
-    `checkpoint` is resumed (when `resume`) and written at the end, in the one-process format;
+    `checkpoint` is resumed (when `resume`) and rewritten after every epoch (from the checkpoint
+    Ray Train registered) and at the end, in the one-process format, so a dead run resumes;
     Ray's own checkpoints live in a hidden folder next to it (or a temporary one) while the run
     lasts (on a multi-node cluster that folder must be on storage every node sees). Up to
     `max_failures` worker-group failures are survived. Each worker runs torch on `threads`
@@ -157,7 +158,8 @@ def _fit(ray, config: dict, workers: int, max_failures: int, checkpoint, progres
         run_config=RunConfig(name=name, storage_path=str(root), failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     try:
-        outcome = _fit_with_progress(trainer, root / name, config["opts"].epochs, start_epoch, workers, progress)
+        outcome = _fit_with_progress(trainer, root / name, config["opts"].epochs, start_epoch, workers, progress,
+                                     checkpoint)
         starts = [json.loads(p.read_text())["start_epoch"] for p in sorted((root / name).glob(ATTEMPT_FILES))]
         with outcome.checkpoint.as_directory() as d:
             return (Path(d) / CHECKPOINT_FILE).read_bytes(), starts
@@ -167,8 +169,10 @@ def _fit(ray, config: dict, workers: int, max_failures: int, checkpoint, progres
             root.rmdir()
 
 
-def _fit_with_progress(trainer, run_dir: Path, epochs: int, start_epoch: int, workers: int, progress: bool):
-    """`trainer.fit()` in a thread while this one shows an epoch bar from the reported checkpoints."""
+def _fit_with_progress(trainer, run_dir: Path, epochs: int, start_epoch: int, workers: int, progress: bool,
+                       checkpoint=None):
+    """`trainer.fit()` in a thread while this one shows an epoch bar from the reported checkpoints
+    and copies each new one to `checkpoint`, so that a killed driver resumes from its last epoch."""
     from ray.train import TrainingFailedError
 
     box: dict[str, Any] = {}
@@ -182,11 +186,13 @@ def _fit_with_progress(trainer, run_dir: Path, epochs: int, start_epoch: int, wo
     thread = threading.Thread(target=fit, name="nestnas-ray-train", daemon=True)
     thread.start()
     with StageBar("train", progress) as bar:
-        shown = -1
+        shown, copied = -1, start_epoch
         while thread.is_alive():
             thread.join(POLL_S)
             state = _latest_progress(run_dir)
             epoch = state["epoch"] if state else start_epoch
+            if checkpoint is not None and state and epoch > copied:
+                copied = epoch if _copy_checkpoint(run_dir / f"epoch_{epoch:05d}", checkpoint) else copied
             if progress and epoch != shown:
                 shown = epoch
                 loss = f" loss {state['loss']:.3f}" if state else ""
@@ -197,6 +203,19 @@ def _fit_with_progress(trainer, run_dir: Path, epochs: int, start_epoch: int, wo
         if error is not None:
             raise error
     return box["result"]
+
+
+def _copy_checkpoint(folder: Path, checkpoint) -> bool:
+    """Write the reported checkpoint in `folder` to `checkpoint` (atomic) once it reads whole."""
+    from nestnas.errors import CheckpointError
+
+    source = folder / CHECKPOINT_FILE
+    try:
+        read_checkpoint(source)  # Ray may still be copying it into storage
+        write_bytes(checkpoint, source.read_bytes())
+    except (OSError, CheckpointError):
+        return False
+    return True
 
 
 def _latest_progress(run_dir: Path) -> dict | None:

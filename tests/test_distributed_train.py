@@ -100,6 +100,22 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_result(tmp_path, c
     assert max_diff(straight, killed) <= 1e-6
 
 
+@pytest.mark.slow
+def test_a_run_that_dies_leaves_its_last_epoch_in_the_checkpoint_and_a_rerun_resumes_it(tmp_path, cluster):
+    loader, out = digits_loader(n=96), tmp_path / "d.ckpt"
+    opts = TrainOptions(epochs=3, seed=5)
+    straight = make_cnn()
+    train_distributed(straight, loader, opts, address="local:2", workers=2, progress=False)
+    with pytest.raises(ClusterError, match="distributed training failed"):  # no restarts allowed: the run dies
+        train_distributed(make_cnn(), loader, opts, address="local:2", workers=2, progress=False, checkpoint=out,
+                          max_failures=0, fault=KillWorker(rank=0, epoch=2, batch=1))
+    assert read_checkpoint(out)["train"]["epoch"] == 1  # copied from Ray's checkpoint while the run lasted
+    resumed = make_cnn()
+    result = train_distributed(resumed, loader, opts, address="local:2", workers=2, progress=False, checkpoint=out)
+    assert result.resumed_from_epoch == 1 and [m["epoch"] for m in result.history] == [1, 2, 3]
+    assert max_diff(straight, resumed) <= 1e-6
+
+
 def test_cli_workers_without_ray_is_one_line(tmp_path):
     from nestnas.cli import main
 
