@@ -388,14 +388,30 @@ def profile(
                                                               "has the 7 subnets `nestnas fit` needs, else 1 "
                                                               "\\[default: no budget].", show_default=False)] = None,
     seed: Seed = 0,
+    ray: Annotated[Optional[str], typer.Option(help="Measure on device agents of this Ray cluster (`nestnas agent`): "
+                                                    "HOST:PORT or auto; needs --device and the ray extra.",
+                                               show_default=False)] = None,
+    device: Annotated[Optional[list[str]], typer.Option(
+        help="With --ray: the device (its agent's `--device NAME`) to profile; repeat it to profile several in "
+             "parallel, and --out is then a folder holding DEVICE-BACKEND-FAMILY.json for each \\[default: "
+             "~/.nestnas/profiles]. The profile records the agent's fingerprint.", metavar="NAME",
+        show_default=False)] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Measure subnets of a search space on this device (resumable; saved after every measurement)
-    and report unstable measurements, retries and how busy the host was."""
+    """Measure subnets of a search space on this device, or on device agents with --ray (resumable;
+    saved after every measurement) and report unstable measurements, retries and how busy the host was."""
     from nestnas.errors import ProfileError
     from nestnas.hw_profiles.devices import default_profile_path
     from nestnas.hw_profiles.profiler import profile_device
 
+    if device and ray is None:
+        raise ConfigError("--device needs --ray (the Ray cluster whose agents measure)")
+    if ray is not None:
+        _profile_on_farm(ray, device or [], backend=backend, family=family, resolution=resolution, model=model,
+                         checkpoint=checkpoint, samples=samples, out=out, batch_size=batch_size, threads=threads,
+                         blocks=blocks, transfer=transfer, prior=prior, remeasure_unstable=remeasure_unstable,
+                         passes=passes, exporter=exporter, max_minutes=max_minutes, seed=seed, as_json=as_json)
+        return
     family, space, spec = _profiled_space(family, resolution, model, checkpoint)
     out = out or default_profile_path(name, backend, family)
     check_output(out, "--out")
@@ -449,13 +465,123 @@ def profile(
             console.print(note, markup=False, highlight=False)
 
 
+def _profile_on_farm(ray: str, device: list[str], *, backend, family, resolution, model, checkpoint, samples, out,
+                     batch_size, threads, blocks, transfer, prior, remeasure_unstable, passes, exporter, max_minutes,
+                     seed, as_json) -> None:
+    """`nestnas profile --ray ADDRESS --device NAME...`: one profile per device, measured on its agent."""
+    from nestnas.hw_profiles.farm import check_device_name, profile_devices, profile_path
+    from nestnas.raycluster import parse_address, require_ray
+
+    parse_address(ray, "--ray")
+    if not device:
+        raise ConfigError("--ray needs --device NAME (a device whose agent runs `nestnas agent`); "
+                          "`nestnas devices --ray ADDRESS` lists them")
+    for d in device:
+        check_device_name(d)
+    require_ray("--ray")
+    family, space, spec = _profiled_space(family, resolution, model, checkpoint)
+    several = len(device) > 1
+    if several and out is not None and out.suffix == ".json":
+        raise ConfigError(f"--out {out}: with several --device, --out is a folder (one DEVICE-BACKEND-FAMILY.json "
+                          "each)")
+    outs = {d: profile_path(out, d, backend, family, several) for d in device}
+    for path in outs.values():
+        check_output(path, "--out")
+    if prior and not transfer:
+        raise ConfigError("--prior applies to a transfer profile: add --transfer")
+    priors = None
+    if transfer:
+        from nestnas.hw_profiles.transfer import discover_priors
+
+        priors = [*discover_priors(space), *(prior or [])] if prior else True
+    with StageBar("profile", not as_json and not several, err_console) as bar:
+        def progress(dev: str, text: str, done: int, total: int) -> None:
+            if several and not as_json:
+                err_console.print(f"{dev}: {done}/{total} {text}", markup=False, highlight=False)
+            else:
+                bar(text, done, total)
+
+        results = profile_devices(ray, device, outs, backend=backend, exporter=exporter, threads=threads,
+                                  progress=progress, space=space, n_samples=samples, seed=seed, spec=spec,
+                                  batch_size=batch_size, blocks=blocks, remeasure_unstable=remeasure_unstable,
+                                  passes=passes, max_minutes=max_minutes, transfer=priors)
+    summaries = []
+    for d in device:
+        result = results[d]
+        medians = sorted(m.median_ms for m in result.measurements.values())
+        summaries.append({"device": d, "profile": str(outs[d]), "backend": backend, "family": family,
+                          "subnets": len(result.measurements), "blocks": len(result.blocks),
+                          "batch_size": result.batch_size, "min_ms": medians[0] if medians else None,
+                          "max_ms": medians[-1] if medians else None, "complete": result.complete,
+                          "fingerprint": result.fingerprint})
+    if as_json:
+        print(json.dumps(summaries, indent=2))
+        return
+    for s in summaries:
+        span = f"{s['min_ms']:.3f} to {s['max_ms']:.3f} ms" if s["min_ms"] is not None else "no subnet yet"
+        console.print(f"profile {s['profile']} (device {s['device']}, on {s['fingerprint'].get('cpu')}): "
+                      f"{s['subnets']} subnets, {s['blocks']} blocks at batch {s['batch_size']}; {span}"
+                      + ("" if s["complete"] else "; incomplete (rerun the same command to continue)"),
+                      markup=False, highlight=False)
+
+
 @app.command()
-def devices(as_json: AsJson = False) -> None:
-    """List the device profiles shipped with nestnas and your own (~/.nestnas/profiles)."""
+def agent(
+    address: Annotated[str, typer.Option(help="The Ray cluster to join: HOST:PORT of its head, or auto.")],
+    device: Annotated[str, typer.Option(help="Device name this agent advertises (resource device:NAME); "
+                                             "`nestnas profile --ray ADDRESS --device NAME` measures here.")],
+    backend: Annotated[str, typer.Option(help="Runtime it measures on: onnxruntime or tvm.")] = "onnxruntime",
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads, 1 to 256 \\[default: all cores this "
+                                                        "process may use].", show_default=False)] = None,
+) -> None:
+    """Join a Ray cluster as a measuring device agent until Ctrl-C or SIGTERM (then leave it cleanly)."""
+    import os
+
+    from nestnas.hw_profiles.farm import run_agent
+
+    if threads is None and hasattr(os, "sched_getaffinity"):
+        threads = len(os.sched_getaffinity(0))  # `taskset` pins an agent to its cores
+
+    def ready(info: dict) -> None:
+        fp = info["fingerprint"]
+        console.print(f"agent {device} up: {info['backend']} {fp.get('version')} with {info['threads']} threads on "
+                      f"{fp.get('cpu')} (cpus {fp.get('cpu_affinity')}), nestnas {info['version']}; Ctrl-C stops "
+                      "it", markup=False, highlight=False)
+
+    run_agent(address, device, backend=backend, threads=threads, ready=ready)
+
+
+@app.command()
+def devices(
+    as_json: AsJson = False,
+    ray: Annotated[Optional[str], typer.Option(help="List the device agents that are up on this Ray cluster "
+                                                    "(HOST:PORT or auto) instead of the profiles.",
+                                               show_default=False)] = None,
+) -> None:
+    """List the device profiles shipped with nestnas and your own (~/.nestnas/profiles), or with
+    --ray the device agents that are up."""
     from rich.markup import escape
     from rich.table import Table
 
     from nestnas.hw_profiles.devices import list_profiles
+
+    if ray is not None:
+        from nestnas.hw_profiles.farm import agent_rows, list_agents
+        from nestnas.raycluster import connect
+
+        with connect(ray, what="--ray") as joined:
+            rows = agent_rows(list_agents(joined))
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table(title=f"device agents on {ray}")
+        for col in ("device", "host", "cpu", "cpus", "backend", "threads", "nestnas"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(escape(r["device"]), escape(r["host"]), escape(str(r["cpu"])), str(r["cpu_affinity"]),
+                          f"{r['backend']} {r['backend_version']}", str(r["threads"]), escape(r["nestnas"]))
+        console.print(table)
+        return
 
     rows = list_profiles()
     if as_json:

@@ -48,11 +48,41 @@ def measure_module(backend, runner, module: torch.nn.Module, shape: tuple[int, .
     tuple of `InputSpec`, e.g. `net.input_specs(config, batch)`) and time it with `runner` on
     random inputs drawn from `seed`; `max_attempts` lowers the runner's retry cap."""
     specs = as_specs(shape)
-    examples = {k: v.numpy() for k, v in example_inputs(specs, seed).items()}  # what build draws too
     compiled = backend.build(module, specs, seed=seed)
+    return time_compiled(runner, compiled, specs, seed, max_attempts)
+
+
+def time_compiled(runner, compiled, specs: tuple[InputSpec, ...], seed: int,
+                  max_attempts: int | None = None) -> dict[str, Any]:
+    """Time a built model with `runner` on the random inputs `seed` draws for `specs` (what
+    `Backend.build` drew too); a `Measurement.to_dict()`."""
+    examples = {k: v.numpy() for k, v in example_inputs(specs, seed).items()}
     x = examples[specs[0].name] if is_classic(specs) else examples
-    m = runner.measure(compiled, x, max_attempts=max_attempts)
-    return m.to_dict()
+    return runner.measure(compiled, x, max_attempts=max_attempts).to_dict()
+
+
+class LocalMeasurer:
+    """The measurement step of `profile_device` on this machine: build with `backend`, time with
+    its runner. Another measurer with the same four members (e.g. `nestnas.hw_profiles.farm.
+    RemoteMeasurer`, which times on a device agent) reuses the profiler's sweeps, resume and saves."""
+
+    def __init__(self, backend: str, threads: int | None = None, exporter: str = "torchscript"):
+        self.backend = get_backend(backend, threads=threads, exporter=exporter)
+        self.runner = get_runner(backend)
+        self.max_attempts = self.runner.max_attempts
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The profile's fingerprint: the host's and the backend's."""
+        return {**host_fingerprint(), **self.backend.fingerprint()}
+
+    def runner_fingerprint(self) -> dict[str, Any]:
+        return self.runner.fingerprint()
+
+    def measure(self, module: torch.nn.Module, inputs: Any, seed: int, max_attempts: int | None = None,
+                quick: bool = False) -> dict[str, Any]:
+        """`measure_module`; `quick`: a rough median (one attempt of at most 0.3 s), to pick a batch."""
+        runner = get_runner(self.backend.name, max_seconds=0.3, max_attempts=1) if quick else self.runner
+        return measure_module(self.backend, runner, module, inputs, seed, max_attempts)
 
 
 def check_options(space: SearchSpace, n_samples: int, passes: int, batch_size: int | None, threads: int | None,
@@ -68,17 +98,19 @@ def check_options(space: SearchSpace, n_samples: int, passes: int, batch_size: i
     check_minutes(max_minutes)
 
 
-def choose_batch_size(net: Supernet, backend, runner, seed: int = 0) -> int:
+def choose_batch_size(net: Supernet, backend, runner, seed: int = 0, measure: Callable | None = None) -> int:
     """Smallest batch (a power of two up to 8, then a multiple of 8) at which the smallest
     subnet takes MIN_SMALLEST_MS, with a 20% margin so that a later, slightly faster
     measurement still clears it. Not a power of two beyond 8: doubling overshoots and every
-    larger subnet then costs up to twice the profiling time."""
+    larger subnet then costs up to twice the profiling time. `measure(module, inputs, seed)`
+    replaces `measure_module` with `backend` and `runner` (e.g. a remote measurer's)."""
+    measure = measure or (lambda module, inputs, seed: measure_module(backend, runner, module, inputs, seed))
     config = net.space.smallest()
     module = net.extract(config)
     target = 1.2 * MIN_SMALLEST_MS
     batch = 1
     while batch < MAX_BATCH:
-        ms = measure_module(backend, runner, module, net.input_specs(config, batch), seed)["median_ms"]
+        ms = measure(module, net.input_specs(config, batch), seed)["median_ms"]
         if ms >= target:
             break
         # Latency grows at most linearly in the batch, so the linear estimate never overshoots.
@@ -139,6 +171,7 @@ def profile_device(
     progress: Progress | None = None,
     max_minutes: float | None = None,
     transfer: bool | Sequence[str | Path | DeviceProfile] | None = None,
+    measurer: Any = None,
 ) -> DeviceProfile:
     """Profile `n_samples` space-filling subnets of `space` (plus, with `blocks`, every distinct
     part of the space for a lookup table) on `backend`. With `out`, the profile is saved after
@@ -170,27 +203,30 @@ def profile_device(
     or DeviceProfiles. The `n_samples` subnets are then chosen to be informative in the priors'
     latency, ``meta["transfer"]`` records the priors, and `blocks` defaults to False (the table
     costs hundreds of measurements, the point of a transfer profile is a few). A transfer profile
-    is resumed with the priors it records."""
+    is resumed with the priors it records.
+
+    `measurer` (default: `LocalMeasurer(backend, threads, exporter)`) does each measurement and
+    gives the profile's fingerprint; `nestnas.hw_profiles.farm.RemoteMeasurer` runs them on a
+    device agent while this process keeps the sweeps and the saves."""
     passes = default_passes(backend) if passes is None else passes
     check_options(space, n_samples, passes, batch_size, threads, max_minutes)
     blocks = not transfer if blocks is None else blocks
-    be = get_backend(backend, threads=threads, exporter=exporter)
-    runner = get_runner(backend)
-    budget = ProfilingTimeLimit(max_minutes, runner.max_attempts)
+    measurer = measurer or LocalMeasurer(backend, threads, exporter)
+    budget = ProfilingTimeLimit(max_minutes, measurer.max_attempts)
     # Before anything is written: the sample (a pure function of the inputs, priors included).
     transfer_meta, configs = _choose_configs(space, n_samples, seed, out, transfer)
     torch.manual_seed(seed)
     net = build_supernet(space, **(spec or {})).eval()
-    fingerprint = {**host_fingerprint(), **be.fingerprint()}
+    fingerprint = measurer.fingerprint()
     profile = _resume(out, space, net, fingerprint, batch_size) if out is not None else None
     if profile is None:
         # Short of time, a rough median (one attempt of at most 0.3 s) is enough to pick the batch.
-        chooser = runner if max_minutes is None else get_runner(backend, max_seconds=0.3, max_attempts=1)
-        batch = batch_size or choose_batch_size(net, be, chooser, seed)
+        batch = batch_size or choose_batch_size(net, None, None, seed, measure=lambda m, i, s: measurer.measure(
+            m, i, s, quick=max_minutes is not None))
         profile = DeviceProfile(name=name, fingerprint=fingerprint, space=space.to_dict(), spec=net.spec(),
                                 batch_size=batch, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 meta={"seed": seed, "sampling": "space-filling (Latin hypercube over size level)",
-                                      "runner": runner.fingerprint()})
+                                      "runner": measurer.runner_fingerprint()})
         if transfer_meta is not None:
             profile.meta["sampling"] = "informative (farthest-point in the priors' predicted log latency)"
     if transfer_meta is not None:
@@ -227,7 +263,7 @@ def profile_device(
                 return False
             t0, cap = time.perf_counter(), budget.attempts_cap()
             module, inputs = build(item)  # inputs: a shape or a tuple of InputSpec (build_part may give either)
-            stats = measure_module(be, runner, module, inputs, seed + offset + i + 7919 * step, cap)
+            stats = measurer.measure(module, inputs, seed + offset + i + 7919 * step, cap)
             record = merge_passes([*prior(key), stats])
             restart[kind].discard(key)
             if kind == "subnets":
