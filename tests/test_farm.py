@@ -132,7 +132,10 @@ class Cluster:
         run = subprocess.run([sys.executable, "-m", "nestnas", "devices", "--ray", self.address, "--json"],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
-        return json.loads(run.stdout)
+        # Right after an agent was SIGKILLed Ray may print a line of its own on stdout first.
+        lines = run.stdout.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("[")), None)
+        return [] if start is None else json.loads("\n".join(lines[start:]))
 
     def stop(self, key: str, grace: float = 30) -> None:
         proc = self.procs.pop(key)
