@@ -544,9 +544,9 @@ def agent(
 
     def ready(info: dict) -> None:
         fp = info["fingerprint"]
-        console.print(f"agent {device} up: {info['backend']} {fp.get('version')} with {info['threads']} threads on "
-                      f"{fp.get('cpu')} (cpus {fp.get('cpu_affinity')}), nestnas {info['version']}; Ctrl-C stops "
-                      "it", markup=False, highlight=False)
+        err_console.print(f"agent {device} up: {info['backend']} {fp.get('version')} with {info['threads']} threads "
+                          f"on {fp.get('cpu')} (cpus {fp.get('cpu_affinity')}), nestnas {info['version']}; Ctrl-C "
+                          "stops it", markup=False, highlight=False)
 
     run_agent(address, device, backend=backend, threads=threads, ready=ready)
 

@@ -119,7 +119,7 @@ def connect(address: str | RayAddress, *, what: str = "--ray", runtime_env: dict
             raise ClusterError(f"{what} {addr.text}: no Ray cluster answers at {target}; start one with "
                                "`ray start --head` there, or use local:N for a private one on this machine")
         options["address"] = target
-    with _token_auth(addr.kind != "local"):
+    with _token_auth(addr.kind != "local"), _ray_stdout_to_log():
         try:
             ray.init(**options)
         except (ConnectionError, RuntimeError) as exc:
@@ -130,6 +130,44 @@ def connect(address: str | RayAddress, *, what: str = "--ray", runtime_env: dict
             yield ray
         finally:
             ray.shutdown()
+
+
+RAY_LOG = "ray-driver.log"  # under $NESTNAS_HOME: what Ray prints to this process's stdout
+
+
+@contextlib.contextmanager
+def _ray_stdout_to_log() -> Iterator[None]:
+    """While connected, file descriptor 1 goes to `$NESTNAS_HOME/ray-driver.log` (stderr where
+    that cannot be written): Ray prints cluster events there from its own threads (a lost node's
+    raylet log, say), and a command's stdout carries its results (`--json`, printed after leaving)
+    while stderr carries its progress and its one-line error."""
+    import sys
+
+    from nestnas.fileio import nestnas_home
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no file descriptors to move (an embedding host)
+        yield
+        return
+    try:
+        path = nestnas_home() / RAY_LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        target = os.dup(2)
+    os.dup2(target, 1)
+    os.close(target)
+    try:
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager

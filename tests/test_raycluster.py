@@ -1,5 +1,6 @@
 """Connecting to Ray: address forms, a missing extra, and no cluster at an address (fast, one line)."""
 
+import os
 import socket
 import sys
 import time
@@ -7,7 +8,7 @@ import time
 import pytest
 
 from nestnas.errors import ClusterError, ConfigError
-from nestnas.raycluster import RayAddress, connect, parse_address, require_ray
+from nestnas.raycluster import RAY_LOG, RayAddress, connect, parse_address, require_ray
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -52,10 +53,16 @@ def test_no_cluster_at_address_fails_fast():
     assert time.perf_counter() - t0 < 10  # Ray's own client waits two minutes
 
 
-def test_local_cluster_starts_and_stops():
+def test_local_cluster_starts_and_stops_and_keeps_stdout_for_results(tmp_path, monkeypatch, capfd):
     ray = pytest.importorskip("ray")
+    monkeypatch.setenv("NESTNAS_HOME", str(tmp_path))
     with connect("local:1") as joined:
         assert joined.is_initialized()
         assert joined.get(joined.remote(lambda: 41 + 1).remote()) == 42
         assert int(joined.cluster_resources()["CPU"]) == 1
+        os.write(1, b"(raylet) a cluster event\n")  # as Ray's own threads print them
     assert not ray.is_initialized()
+    print('{"result": 1}')
+    out, err = capfd.readouterr()
+    assert out == '{"result": 1}\n' and "cluster event" not in err
+    assert "(raylet) a cluster event" in (tmp_path / RAY_LOG).read_text()
