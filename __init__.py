@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ArtifactError": "nestnas.errors", "BackendUnavailable": "nestnas.errors", "CheckpointError": "nestnas.errors",
-    "ConfigError": "nestnas.errors", "ClusterError": "nestnas.errors", "NestnasError": "nestnas.errors", "ProfileError": "nestnas.errors",
+    "ConfigError": "nestnas.errors", "ClusterError": "nestnas.errors", "NestnasError": "nestnas.errors",
+    "ProfileError": "nestnas.errors",
     "SearchSpace": "nestnas.supernet.space", "SubnetConfig": "nestnas.supernet.config",
     "CNNConfig": "nestnas.supernet.config", "TransformerConfig": "nestnas.supernet.config",
     "ElasticCNN": "nestnas.supernet.cnn", "ElasticTransformer": "nestnas.supernet.transformer",
