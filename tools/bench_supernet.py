@@ -29,6 +29,7 @@ Reproduce (from the repository root, ``pip install -e .`` done)::
     python tools/bench_supernet.py                    # ~1.5 min on 2 idle cores (under 3)
     python tools/bench_supernet.py --quick            # ~15-30 s smoke run
     python tools/bench_supernet.py --repeats 31 --out bench_supernet.json
+    python tools/bench_supernet.py --quality          # shared vs stand-alone accuracy (tools/bench_quality.py)
 """
 
 from __future__ import annotations
@@ -305,4 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "--quality" in sys.argv[1:]:  # the quality benchmark (issue 20) lives in its own file
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_quality import main as quality_main
+
+        sys.exit(quality_main())
     sys.exit(main())
