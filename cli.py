@@ -98,6 +98,13 @@ def train(
     distill: Annotated[bool, typer.Option(help="Train subnets on the largest subnet's soft predictions.")] = True,
     sorted_ladder: Annotated[bool, typer.Option(help="Draw subnets from a sorted ladder of nested subnets "
                                                      "(SortedNet) instead of at random.")] = False,
+    sampling: Annotated[str, typer.Option(help="How the random subnets are drawn: uniform (every choice uniform) "
+                                               "or macs (uniform in MACs).")] = "uniform",
+    progressive: Annotated[bool, typer.Option(help="Progressive shrinking (Once-for-All): the largest alone, then "
+                                                   "elastic kernel, depth and width in phases.")] = False,
+    distill_temperature: Annotated[float, typer.Option(help="Temperature of the distillation loss.")] = 1.0,
+    distill_from: Annotated[str, typer.Option(help="Teacher of each subnet: largest, or previous (the next larger "
+                                                   "subnet of the step).")] = "largest",
     grad_accum: Annotated[int, typer.Option("--grad-accum", "--accumulate", min=1,
                                             help="Batches per optimiser step (gradient accumulation).")] = 1,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Training batch size \\[default: 64; 32 when "
@@ -176,6 +183,8 @@ def train(
     epochs = epochs or recipe.epochs
     result = train_supernet(net, train_loader, epochs, sandwich=sandwich, distill=distill,
                             sorted_ladder=sorted_ladder, grad_accum=grad_accum, seed=seed, lr=lr,
+                            sampling=sampling, progressive=progressive, distill_temperature=distill_temperature,
+                            distill_from=distill_from,
                             weight_decay=weight_decay, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
                             checkpoint=out, resume=resume, progress=not as_json, data=dataset, ray_address=ray,
                             workers=workers or 1)

@@ -46,6 +46,7 @@ from nestnas.raycluster import cluster_cpus, connect, parse_address
 from nestnas.supernet.base import Supernet
 from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
 from nestnas.supernet.elastic import batch_norm_across
+from nestnas.supernet.sampling import SubnetSampler
 from nestnas.supernet.train import (
     TrainOptions,
     TrainResult,
@@ -275,7 +276,7 @@ def _worker(config: dict) -> None:
     start = _restore(net, optimizer, scheduler, opts, config["start"])
     start_epoch, history = (start["epoch"], list(start["history"])) if start else (0, [])
     attempt = _attempt(Path(config["run_dir"]), rank, start_epoch, device)
-    ladder = net.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
+    sampler = SubnetSampler(net, opts)
     fault = config["fault"]
     with batch_norm_across(all_reduce):
         for epoch in range(start_epoch, opts.epochs):
@@ -286,7 +287,7 @@ def _worker(config: dict) -> None:
                         fault()
                 if fault.batch == 0:
                     fault()
-            losses = train_epoch(net, loader, opts, epoch, optimizer, scheduler, ladder, on_batch,
+            losses = train_epoch(net, loader, opts, epoch, optimizer, scheduler, sampler, on_batch,
                                  shard=lambda x, y: (_rows(x, rank, size, device), _rows(y, rank, size, device)),
                                  reduce_grads=lambda: _sum_gradients(net))
             total = torch.tensor(losses, dtype=torch.float64, device=device)

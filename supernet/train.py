@@ -1,7 +1,8 @@
 """Supernet training with the sandwich rule and in-place distillation.
 
 Each optimisation step trains the largest subnet on the labels, then the smallest and `sandwich`
-more subnets (random, or rungs of a sorted ladder of nested subnets as in SortedNet) on the
+more subnets (drawn by `sampling.SubnetSampler`: random, MACs-uniform, ladder rungs or progressive
+shrinking's phases) on the
 largest subnet's soft predictions. Randomness is reseeded from (seed, epoch) at every epoch, so
 a run resumed from its end-of-epoch checkpoint is bit-identical to an uninterrupted one.
 """
@@ -31,6 +32,7 @@ from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
 from nestnas.supernet.families import family_names, supernet_class
+from nestnas.supernet.sampling import DISTILL_FROM, SAMPLINGS, SubnetSampler
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -123,6 +125,10 @@ class TrainOptions:
     seed: int = 0
     schedule: str = "cosine"
     clip_grad: Optional[float] = None
+    sampling: str = "uniform"
+    distill_temperature: float = 1.0
+    distill_from: str = "largest"
+    progressive: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "grad_accum"):
@@ -145,6 +151,14 @@ class TrainOptions:
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ConfigError(f"training option 'clip_grad' must be positive (or 0: no clipping), got "
                               f"{self.clip_grad}")
+        for name, allowed in (("sampling", SAMPLINGS), ("distill_from", DISTILL_FROM)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"training option {name!r} is {getattr(self, name)!r}; allowed: {list(allowed)}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"training option 'distill_temperature' must be positive, got {self.distill_temperature}")
+        if self.sorted_ladder and (self.sampling != "uniform" or self.progressive):
+            raise ConfigError("training option 'sorted_ladder' draws the ladder's rungs; it cannot be combined with "
+                              f"sampling={self.sampling!r} or progressive shrinking")
 
 
 # --- the training state a checkpoint holds (checked before a resume uses it) ---------------
@@ -183,23 +197,17 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _subnets(net: Supernet, opts: TrainOptions, rng: np.random.Generator, ladder: list[SubnetConfig]) -> list:
-    space = net.space
-    if opts.sorted_ladder:
-        interior = rng.choice(np.arange(1, len(ladder) - 1), size=min(opts.sandwich, len(ladder) - 2), replace=False)
-        extra = [ladder[i] for i in sorted(interior.tolist())]
-    else:
-        extra = [space.sample(rng) for _ in range(opts.sandwich)]
-    return [space.smallest(), *extra]
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, batch: int | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
     """In-place distillation: KL divergence from the teacher's soft predictions ("batchmean";
-    with `batch`, summed and divided by `batch`, the global batch that this shard is part of)."""
+    with `batch`, summed and divided by `batch`, the global batch that this shard is part of).
+    At `temperature` T both sides are softened by T and the loss scaled by T^2 (Hinton et al.),
+    so gradients keep their size."""
+    if temperature != 1.0:
+        student, teacher = student / temperature, teacher / temperature
     log_p, q = F.log_softmax(student, dim=1), F.softmax(teacher, dim=1)
-    if batch is None:
-        return F.kl_div(log_p, q, reduction="batchmean")
-    return F.kl_div(log_p, q, reduction="sum") / batch
+    loss = F.kl_div(log_p, q, reduction="batchmean") if batch is None else F.kl_div(log_p, q, reduction="sum") / batch
+    return loss if temperature == 1.0 else loss * temperature ** 2
 
 
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, batch: int | None) -> torch.Tensor:
@@ -207,12 +215,14 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, batch: int | None) -> 
 
 
 def sandwich_backward(net: Supernet, inputs: list[tuple[SubnetConfig, torch.Tensor]], y: torch.Tensor,
-                      distill: bool = True, scale: float = 1.0, batch: int | None = None) -> float:
+                      distill: bool = True, scale: float = 1.0, batch: int | None = None,
+                      temperature: float = 1.0, chain: bool = False) -> float:
     """Forward and backward of one sandwich step (gradients accumulate; no optimiser step).
     `inputs` pairs each subnet with its prepared batch; the first is the teacher, trained on
     the labels. Returns the teacher's loss. With `batch` (distributed training: `y` is one
     rank's shard of a global batch of that size), losses are sums over the shard divided by
-    `batch`, so that the ranks' gradients summed are the global batch's gradient."""
+    `batch`, so that the ranks' gradients summed are the global batch's gradient. With `chain`,
+    each subnet learns from the one before it in `inputs` instead of from the first."""
     (config, x), rest = inputs[0], inputs[1:]
     logits = net(x, config)
     loss = _cross_entropy(logits, y, batch)
@@ -220,7 +230,10 @@ def sandwich_backward(net: Supernet, inputs: list[tuple[SubnetConfig, torch.Tens
     teacher = logits.detach()
     for config, x in rest:
         out = net(x, config)
-        (scale * (distill_loss(out, teacher, batch) if distill else _cross_entropy(out, y, batch))).backward()
+        student = distill_loss(out, teacher, batch, temperature) if distill else _cross_entropy(out, y, batch)
+        (scale * student).backward()
+        if chain:
+            teacher = out.detach()
     return loss.item()
 
 
@@ -235,7 +248,7 @@ def make_optimizer(net: Supernet, opts: TrainOptions, batches_per_epoch: int):
 
 
 def train_epoch(net: Supernet, train_loader: DataLoader, opts: TrainOptions, epoch: int, optimizer, scheduler,
-                ladder: list[SubnetConfig], on_batch: Callable[[int, list[float]], None] | None = None,
+                sampler: SubnetSampler, on_batch: Callable[[int, list[float]], None] | None = None,
                 shard: Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
                 reduce_grads: Callable[[], None] | None = None) -> list[float]:
     """One epoch (0-based `epoch`) of sandwich steps; returns the teacher's loss per batch.
@@ -245,17 +258,17 @@ def train_epoch(net: Supernet, train_loader: DataLoader, opts: TrainOptions, epo
     net.train()
     torch.manual_seed(_epoch_seed(opts.seed, epoch))
     rng = np.random.default_rng([opts.seed, epoch])
-    largest = net.space.largest()
     losses: list[float] = []
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(train_loader):
-        configs = [largest, *_subnets(net, opts, rng, ladder)]
+        configs = sampler.draw(epoch, rng)
         batch = None
         if shard is not None:
             batch = len(y)
             x, y = shard(x, y)
         inputs = [(c, net.prepare_input(x, c)) for c in configs]
-        losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum, batch))
+        losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum, batch,
+                                        opts.distill_temperature, chain=opts.distill_from == "previous"))
         if (i + 1) % opts.grad_accum == 0 or i + 1 == len(train_loader):
             if reduce_grads is not None:
                 reduce_grads()
@@ -298,6 +311,10 @@ def train_supernet(
     warmup: float | None = None,
     clip_grad: float | None = None,
     accumulate: int | None = None,
+    sampling: str = "uniform",
+    distill_temperature: float = 1.0,
+    distill_from: str = "largest",
+    progressive: bool = False,
     val_loader: DataLoader | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = True,
@@ -314,6 +331,11 @@ def train_supernet(
     encoders `FINE_TUNING`). `schedule` is one of `SCHEDULES` after a linear warm-up over the
     share `warmup` of the optimiser steps; `clip_grad` the largest gradient norm (0: no
     clipping); `grad_accum` (or its alias `accumulate`) batches per optimiser step.
+
+    Which subnets each step trains: `sampling` ("uniform" choices or "macs" uniform in MACs),
+    `sorted_ladder`, and `progressive` shrinking (`nestnas.supernet.sampling`); how they learn:
+    `distill` from the largest's soft predictions at `distill_temperature`, or with
+    `distill_from="previous"` each from the next larger subnet of the step.
 
     `callbacks` are called as ``cb(epoch, metrics)`` after every epoch. With `val_loader`, the
     largest and smallest subnets are evaluated each epoch (batch norm recalibrated on training
@@ -334,7 +356,8 @@ def train_supernet(
         lr=recipe.lr if lr is None else lr, weight_decay=recipe.weight_decay if weight_decay is None else weight_decay,
         warmup_fraction=recipe.warmup if warmup is None else warmup, seed=seed,
         schedule=recipe.schedule if schedule is None else schedule,
-        clip_grad=recipe.clip_grad if clip_grad is None else (clip_grad or None))
+        clip_grad=recipe.clip_grad if clip_grad is None else (clip_grad or None), sampling=sampling,
+        distill_temperature=distill_temperature, distill_from=distill_from, progressive=progressive)
     if len(train_loader) == 0:
         raise ConfigError("the training loader yields no batches")
     if ray_address is not None:
@@ -353,7 +376,7 @@ def train_supernet(
         _check_resume_data(checkpoint, data)
         start_epoch = _resume(net, optimizer, scheduler, opts, checkpoint, result)
 
-    ladder = net.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
+    sampler = SubnetSampler(net, opts)
     t0 = time.perf_counter()
     n_batches = opts.epochs * len(train_loader)
     with StageBar("train", progress) as bar:
@@ -363,7 +386,7 @@ def train_supernet(
                 bar(f"epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.3f}", epoch * len(train_loader) + i + 1,
                     n_batches)
 
-            losses = train_epoch(net, train_loader, opts, epoch, optimizer, scheduler, ladder, on_batch)
+            losses = train_epoch(net, train_loader, opts, epoch, optimizer, scheduler, sampler, on_batch)
             metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
             if val_loader is not None:
                 metrics.update(validation_metrics(net, val_loader, train_loader, seed))

@@ -51,7 +51,16 @@ from nestnas.supernet.evaluate import accuracy, module_inputs, subnet_accuracy
 from nestnas.supernet.train import TrainOptions, make_optimizer, recipe_for, train_supernet
 
 TASKS = ("digits", "digits-hard")
-VARIANTS = ("default",)  # training variants of section 2; only the default recipe so far
+#: Training variants of section 2 (train_supernet options); passes per step are 2 + sandwich.
+VARIANTS = {
+    "default": {},
+    "sandwich-4": {"sandwich": 4},
+    "ladder": {"sorted_ladder": True},
+    "macs": {"sampling": "macs"},
+    "progressive": {"progressive": True},
+    "distill-t2": {"distill_temperature": 2.0},
+    "distill-previous": {"distill_from": "previous"},
+}
 SEED = 0
 POOL_SAMPLES = 2000
 TARGETS = {"kendall_tau": 0.8, "mean_gap_points": -0.5, "middle_max_below_points": 3.0}
@@ -224,8 +233,11 @@ def run(args) -> dict:
 
         net = load_supernet(args.checkpoint)
     else:
+        options = VARIANTS[args.variant]
+        # the same training cost (subnet passes) as the default's 4 per step: epochs scaled by 4 / passes
+        epochs = max(1, round(args.epochs * 4 / (2 + options.get("sandwich", 2))))
         train_supernet(net, DataLoader(train_ds, batch_size=recipe_for(net).batch_size, shuffle=True,
-                                       drop_last=True), epochs=args.epochs, seed=args.seed, progress=False)
+                                       drop_last=True), epochs=epochs, seed=args.seed, progress=False, **options)
     calib = DataLoader(train_ds, batch_size=64, shuffle=True)
     subnets = pick_subnets(net, args.subnets, args.seed)
     if len(subnets) < args.subnets:

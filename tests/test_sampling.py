@@ -1,0 +1,127 @@
+"""Training options of issue 20: MACs-uniform sampling, progressive shrinking, distillation temperature and chain."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from nestnas.errors import ConfigError
+from nestnas.predictors.macs import count_macs
+from nestnas.supernet import ElasticCNN, ElasticTransformer, SearchSpace
+from nestnas.supernet.sampling import PHASES, SubnetSampler, phase_masks, phase_of
+from nestnas.supernet.train import TrainOptions, distill_loss, train_supernet
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return ElasticCNN(SearchSpace.mobilenet(), num_classes=10, in_channels=1)
+
+
+def _macs(net, config):
+    return count_macs(net.space, config, **net.spec())[0]
+
+
+def test_macs_sampling_spreads_over_cost_where_choice_uniform_piles_up(cnn):
+    rng = np.random.default_rng(0)
+    lo, hi = _macs(cnn, cnn.space.smallest()), _macs(cnn, cnn.space.largest())
+    macs = SubnetSampler(cnn, TrainOptions(4, sampling="macs", sandwich=1))
+    drawn = np.array([_macs(cnn, macs.draw(2, rng)[2]) for _ in range(200)])
+    uniform = np.array([_macs(cnn, cnn.space.sample(rng)) for _ in range(200)])
+    share = (drawn - lo) / (hi - lo)  # uniform on [0, 1] if MACs are uniform
+    assert abs(np.median(share) - 0.5) < 0.1 and (share > 0.75).mean() > 0.15
+    assert ((uniform - lo) / (hi - lo) > 0.75).mean() < 0.05
+
+
+def test_previous_rung_distillation_orders_each_step_largest_first(cnn):
+    sampler = SubnetSampler(cnn, TrainOptions(4, sandwich=3, distill_from="previous"))
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        configs = sampler.draw(1, rng)
+        assert configs[0] == cnn.space.largest() and configs[1] == cnn.space.smallest()
+        rest = [_macs(cnn, c) for c in configs[2:]]
+        assert rest == sorted(rest, reverse=True)
+
+
+def test_progressive_shrinking_opens_the_space_in_phases(cnn):
+    sampler = SubnetSampler(cnn, TrainOptions(8, progressive=True))
+    assert [phase_of(e, 8) for e in range(8)] == [0, 1, 2, 2, 3, 3, 3, 3]
+    rng = np.random.default_rng(2)
+    assert sampler.draw(0, rng) == [cnn.space.largest()]
+    top = cnn.space.upper_bounds()
+    groups = {1: {"kernel"}, 2: {"kernel", "depth"}}
+    from nestnas.supernet.sampling import choice_group
+
+    for epoch, phase in ((1, 1), (2, 2)):
+        for config in sampler.draw(epoch, rng):
+            x = cnn.space.encode(config)
+            for var, idx, hi in zip(cnn.space.variables(), x, top):
+                if choice_group(var) not in groups[phase]:
+                    assert idx == hi, (PHASES[phase], var.name)
+    assert any(c != cnn.space.largest() for c in sampler.draw(5, rng)[2:])
+
+
+def test_a_family_without_kernels_skips_that_phase():
+    space = ElasticTransformer(SearchSpace.transformer(), num_classes=10, num_tokens=8, token_dim=8).space
+    masks = phase_masks(space)
+    assert not masks[0].any() and masks[1].any() and (masks[1] == masks[2]).all() and masks[3].all()
+
+
+def test_temperature_softens_and_rescales_the_distillation_loss():
+    torch.manual_seed(0)
+    s, t = torch.randn(16, 10), torch.randn(16, 10) * 3
+    assert distill_loss(s, t, temperature=1.0) == pytest.approx(distill_loss(s, t).item())
+    t2 = distill_loss(s, t, temperature=2.0)
+    manual = torch.nn.functional.kl_div(torch.log_softmax(s / 2, 1), torch.softmax(t / 2, 1),
+                                        reduction="batchmean") * 4
+    assert t2.item() == pytest.approx(manual.item(), rel=1e-6)
+    assert distill_loss(t, t, temperature=3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(sampling="cost"), "'sampling' is 'cost'; allowed: ['uniform', 'macs']"),
+    (dict(distill_from="teacher"), "'distill_from' is 'teacher'; allowed: ['largest', 'previous']"),
+    (dict(distill_temperature=0.0), "'distill_temperature' must be positive"),
+    (dict(sorted_ladder=True, sampling="macs"), "cannot be combined"),
+    (dict(sorted_ladder=True, progressive=True), "cannot be combined"),
+])
+def test_bad_training_options_name_the_option(options, words):
+    with pytest.raises(ConfigError) as exc:
+        TrainOptions(2, **options)
+    assert words in str(exc.value)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after_2(epoch, metrics):
+    if epoch >= 2:
+        raise _Killed
+
+
+@pytest.mark.parametrize("options", [dict(sampling="macs"), dict(progressive=True),
+                                     dict(distill_from="previous", distill_temperature=2.0)])
+def test_every_option_trains_and_resumes_bit_identically(options, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)),
+                        batch_size=32, shuffle=True)
+
+    def net(seed=0):
+        torch.manual_seed(seed)
+        return ElasticCNN(SearchSpace.mobilenet(), num_classes=10, in_channels=1)
+
+    straight = net()
+    train_supernet(straight, loader, epochs=4, progress=False, **options)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(_Killed):  # killed after epoch 2 of 4: progressive shrinking is mid-way
+        train_supernet(net(), loader, epochs=4, progress=False, checkpoint=ckpt, callbacks=[_kill_after_2], **options)
+    resumed = net(seed=9)
+    result = train_supernet(resumed, loader, epochs=4, progress=False, checkpoint=ckpt, **options)
+    assert result.resumed_from_epoch == 2
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(Exception, match="other options"):  # the options are part of the run
+        train_supernet(net(), loader, epochs=4, progress=False, checkpoint=ckpt)
