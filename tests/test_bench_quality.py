@@ -17,12 +17,24 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.mark.slow  # ~25 s alone, several times that on a busy machine
-def test_quick_run_writes_a_sane_report(tmp_path):
+@pytest.mark.slow  # ~60 s alone (two quick runs), several times that on a busy machine
+def test_quick_run_writes_a_sane_report_and_reuses_standalone(tmp_path):
     out = tmp_path / "q.json"
-    proc = _run("--quick", "--out", str(out))
+    proc = _run("--quick", "--variant", "default,macs", "--jobs", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
+    assert list(result["variants"]) == ["default", "macs"] and result["rows"] == result["variants"]["default"]["rows"]
+    for res in result["variants"].values():
+        assert set(res["calib_sweep"]) == {"64", "128", "all"}
+        assert all(c["kendall_tau_std"] >= 0 and c["mean_accuracy_std"] >= 0 for c in res["calib_sweep"].values())
+    assert -1 <= result["ceiling"]["kendall_tau_seed_to_seed"] <= 1
+    # a second run reusing the stand-alone results: the same numbers without retraining them
+    again = tmp_path / "again.json"
+    proc = _run("--quick", "--variant", "default", "--standalone-from", str(out), "--out", str(again))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    second = json.loads(again.read_text())
+    assert second["standalone"] == result["standalone"]
+    assert second["variants"]["default"]["rows"] == result["variants"]["default"]["rows"]  # seeded: reproducible
     rows, summary = result["rows"], result["summary"]
     assert len(rows) == result["meta"]["subnets"] == 4
     macs = [r["macs"] for r in rows]
@@ -46,6 +58,10 @@ def test_quick_run_writes_a_sane_report(tmp_path):
     (["--subnets", "5000"], "--subnets 5000: must be 3 to"),
     (["--folds", "1"], "--folds 1: must be 2 to 20"),
     (["--folds", "99"], "--folds 99: must be 2 to 20"),
+    (["--variant", "default,nope"], "unknown variant 'nope'"),
+    (["--variant", "macs,macs"], "a variant is listed twice"),
+    (["--jobs", "0"], "--jobs 0: must be 1 to 64"),
+    (["--standalone-from", "/nonexistent/q.json"], "--standalone-from /nonexistent/q.json: not a readable"),
 ])
 def test_bad_options_are_one_line_errors(args, words, capsys):
     sys.path.insert(0, str(TOOL.parent))
@@ -62,3 +78,38 @@ def test_bad_option_through_bench_supernet_is_one_line():
     proc = _run("--task", "cifar", timeout=120)
     assert proc.returncode == 2 and "unknown task 'cifar'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_standalone_from_must_match_the_run(tmp_path, capsys):
+    sys.path.insert(0, str(TOOL.parent))
+    from bench_quality import parse
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"meta": {"task": "digits", "epochs": 1, "seed": 0, "folds": 3, "subnets": 4},
+                               "standalone": []}))
+    with pytest.raises(SystemExit):
+        parse(["--quick", "--standalone-from", str(old)])  # the default task is digits-hard
+    err = capsys.readouterr().err
+    assert "task is 'digits' there, 'digits-hard' here" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        parse(["--quick", "--standalone-from", str(tmp_path / "bad.json")])
+    assert "not a readable quality report" in capsys.readouterr().err
+
+
+def test_shared_folds_matches_subnet_accuracy():
+    """The benchmark recalibrates once per subnet and scores every fold: it must equal the
+    library's `subnet_accuracy` (which recalibrates per call) fold by fold."""
+    sys.path.insert(0, str(TOOL.parent))
+    import bench_quality as bq
+    from torch.utils.data import DataLoader
+
+    from nestnas.supernet.evaluate import subnet_accuracy
+
+    train_ds, folds = bq._context("digits-hard", 0, 3)
+    net = bq._fresh_net(0)
+    calib = DataLoader(train_ds, batch_size=bq.CALIB_BATCH, shuffle=True)
+    for config, _ in bq.pick_subnets(net, 3, 0):
+        got = bq.shared_folds(net, config, folds, calib, 4, seed=7)
+        want = [subnet_accuracy(net, config, f, calib, calib_batches=4, seed=7) for f in folds]
+        assert got == want

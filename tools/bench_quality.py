@@ -1,31 +1,41 @@
-"""Supernet quality (issue 20, section 1): does shared-weight accuracy rank subnets as stand-alone training would?
+"""Supernet quality (issue 20): does shared-weight accuracy rank subnets as stand-alone training would?
 
 Run as ``python tools/bench_supernet.py --quality`` (or this file directly). Steps:
 
-1. Train (or load, ``--checkpoint``) an ``ElasticCNN`` supernet on the task with the default
-   recipe (``train_supernet``: sandwich, distillation, AdamW 4e-3, wd 0.02, cosine, 5% warm-up).
-2. Pick N subnets spread over MACs: a seeded sample of 2000 configs plus the smallest and
-   largest, distinct canonical forms, sorted by ``count_macs``, taken at N evenly spaced quantiles.
-3. Shared-weight accuracy of each (``subnet_accuracy``, batch norm recalibrated on 8 training batches).
-4. Stand-alone: ``net.extract(config)``, every module with ``reset_parameters`` re-initialised
-   (seeded), trained from scratch with the same recipe, epochs and batch (plain cross entropy).
-5. Evaluation: the training set is fixed; the held-out pool is cut into K stratified folds
+1. Pick N subnets spread over MACs (from the space alone, so every variant is scored on the same
+   ones): a seeded sample of 2000 configs plus the smallest and largest, distinct canonical
+   forms, sorted by ``count_macs``, taken at N evenly spaced quantiles.
+2. Stand-alone: ``net.extract(config)``, every module with ``reset_parameters`` re-initialised
+   (seeded), trained from scratch with the supernet's recipe, epochs and batch (plain cross
+   entropy). With ``--ceiling`` (the default) each is trained a second time under another seed:
+   the Kendall tau between the two runs is the noise ceiling of any tau against one run.
+3. For each training variant (``--variant a,b`` or ``all``): train an ``ElasticCNN`` supernet on
+   the task at the same cost as the default (epochs scaled by 4 / (2 + sandwich) subnet passes
+   per step), then the shared-weight accuracy of every subnet, batch norm recalibrated on the
+   training images in batches of 32: the primary figure uses all of them; the sweep also uses
+   2 and 4 batches (64 and 128 images), each under 3 calibration seeds.
+4. Evaluation: the training set is fixed; the held-out pool is cut into K stratified folds
    (``StratifiedKFold``, seeded) and every accuracy is the mean over the folds with its standard
-   error. Report Kendall tau / Spearman rho (of the fold means), mean and worst gap (shared minus
-   stand-alone, points), tau of the top half by stand-alone accuracy, and the "middle" check:
-   shared accuracy minus the line between smallest and largest interpolated in log MACs.
+   error. Per variant: Kendall tau / Spearman rho (of the fold means), mean and worst gap (shared
+   minus stand-alone, points), tau of the top half by stand-alone accuracy, and the "middle"
+   check: shared accuracy minus the line between smallest and largest interpolated in log MACs.
+
+Jobs (variants, stand-alone subnets) run in ``--jobs`` processes of one thread each.
+``--standalone-from REPORT`` reuses the stand-alone results of an earlier report of the same task,
+epochs, seed, folds and subnets.
 
 Tasks. No installed package ships an offline image dataset besides digits (sklearn's ``load_*``
 are digits plus tabular sets and two sample photos; ``fetch_*`` download and are not used), so
 ``digits-hard`` is built from digits, fixed once under seed 0: every image rotated by a uniform
-angle in [-25, 25] degrees (scipy.ndimage.rotate, order 1), shifted by an integer in [-1, 1]
-pixels on each axis, plus Gaussian noise of sigma 0.5 (pixels in [-1, 1]); then only 40
+angle in [-15, 15] degrees (scipy.ndimage.rotate, order 1), shifted by an integer in [-1, 1]
+pixels on each axis, plus Gaussian noise of sigma 0.25 (pixels in [-1, 1]); then only 40
 training images per class (400) are kept and the remaining 1397 form the evaluation pool.
 ``digits`` is the plain set: 50% training, 50% pool.
 
 Reproduce::
 
-    python tools/bench_supernet.py --quality                     # default: digits-hard, 20 subnets
+    python tools/bench_supernet.py --quality --variant all --epochs 32 --jobs 2   # the issue-20 table
+    python tools/bench_supernet.py --quality                     # default variant: digits-hard, 20 subnets
     python tools/bench_supernet.py --quality --quick --out q.json
 """
 
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import math
 import sys
 import time
@@ -47,7 +58,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from nestnas.fileio import write_json
 from nestnas.predictors.macs import count_macs
 from nestnas.supernet import ElasticCNN, SearchSpace
-from nestnas.supernet.evaluate import accuracy, module_inputs, subnet_accuracy
+from nestnas.supernet.config import SubnetConfig
+from nestnas.supernet.evaluate import accuracy, module_inputs, recalibrate_bn
 from nestnas.supernet.train import TrainOptions, make_optimizer, recipe_for, train_supernet
 
 TASKS = ("digits", "digits-hard")
@@ -79,9 +91,9 @@ def _harden(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     out = np.empty_like(x)
     for i, img in enumerate(x):
-        img = rotate(img, rng.uniform(-25, 25), reshape=False, order=1, mode="constant", cval=-1.0)
+        img = rotate(img, rng.uniform(-15, 15), reshape=False, order=1, mode="constant", cval=-1.0)
         img = np.roll(img, tuple(rng.integers(-1, 2, size=2)), axis=(0, 1))
-        out[i] = img + rng.normal(0, 0.5, size=img.shape)
+        out[i] = img + rng.normal(0, 0.25, size=img.shape)
     return out.astype(np.float32)
 
 
@@ -184,6 +196,70 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+# --- jobs (each runs in its own process, one thread) ---------------------------------------------
+CALIB_BATCH = 32
+CALIB_SWEEP = (2, 4, None)  # batches of CALIB_BATCH; None: every training image (the primary figure)
+CALIB_SEEDS = 3
+CEILING_SEED_OFFSET = 1000
+
+
+@functools.lru_cache(maxsize=2)
+def _context(task: str, seed: int, folds: int):
+    x_tr, y_tr, x_pool, y_pool = task_arrays(task, seed)
+    return TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr)), fold_loaders(x_pool, y_pool, folds, seed)
+
+
+def _fresh_net(seed: int) -> ElasticCNN:
+    torch.manual_seed(seed)
+    return ElasticCNN(SearchSpace.mobilenet(), num_classes=10, in_channels=1)
+
+
+def _fold_accuracies(net, module, config, folds) -> list[float]:
+    return [accuracy(module, ((module_inputs(net, config, net.prepare_input(x, config)), y) for x, y in f))
+            for f in folds]
+
+
+def shared_folds(net, config, folds, calib: DataLoader, calib_batches: int | None, seed: int) -> list[float]:
+    """Shared-weight accuracy on every fold, batch norm recalibrated once (as `subnet_accuracy`)."""
+    sub = net.extract(net.resolve(config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        recalibrate_bn(sub, (module_inputs(net, config, net.prepare_input(x, config)) for x, _ in calib),
+                       calib_batches)
+    return _fold_accuracies(net, sub, config, folds)
+
+
+def variant_job(task: str, variant: str, epochs: int, seed: int, folds: int, configs: list) -> dict:
+    """Train the variant's supernet at the default's cost; shared accuracies for the calibration sweep."""
+    torch.set_num_threads(1)
+    train_ds, fold_dl = _context(task, seed, folds)
+    net = _fresh_net(seed)
+    options = VARIANTS[variant]
+    scaled = max(1, round(epochs * 4 / (2 + options.get("sandwich", 2))))
+    t0 = time.perf_counter()
+    train_supernet(net, DataLoader(train_ds, batch_size=recipe_for(net).batch_size, shuffle=True, drop_last=True),
+                   epochs=scaled, seed=seed, progress=False, **options)
+    train_s = time.perf_counter() - t0
+    calib = DataLoader(train_ds, batch_size=CALIB_BATCH, shuffle=True)
+    sweep = {}
+    for nb in CALIB_SWEEP:
+        sweep[_calib_key(nb)] = [[shared_folds(net, c, fold_dl, calib, nb, seed + k) for c in configs]
+                                 for k in range(CALIB_SEEDS)]
+    return {"variant": variant, "epochs": scaled, "train_seconds": round(train_s, 1), "sweep": sweep}
+
+
+def standalone_job(task: str, epochs: int, seed: int, folds: int, config, train_seed: int) -> list[float]:
+    torch.set_num_threads(1)
+    train_ds, fold_dl = _context(task, seed, folds)
+    net = _fresh_net(seed)
+    module = standalone(net, config, train_ds, epochs, train_seed)
+    return _fold_accuracies(net, module, config, fold_dl)
+
+
+def _calib_key(nb: int | None) -> str:
+    return "all" if nb is None else f"{nb * CALIB_BATCH}"
+
+
 # --- the run --------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block: the tool's bad-input contract
@@ -194,19 +270,29 @@ def parse(argv):
     ap = _Parser(prog="bench_supernet.py --quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--task", default="digits-hard", help=f"one of {list(TASKS)}")
-    ap.add_argument("--variant", default="default", help=f"training variant, one of {list(VARIANTS)}")
+    ap.add_argument("--variant", default="default",
+                    help=f"training variants, comma-separated or 'all', from {list(VARIANTS)}")
     ap.add_argument("--subnets", type=int, default=None, help="subnets to compare (default 20, --quick 4)")
     ap.add_argument("--folds", type=int, default=None, help="stratified folds of the evaluation pool (default 5)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of supernet and stand-alone (family default)")
-    ap.add_argument("--checkpoint", default=None, help="load this trained supernet instead of training")
+    ap.add_argument("--jobs", type=int, default=1, help="processes running variants and stand-alone trainings")
+    ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                    help="train every stand-alone subnet twice to measure the seed-to-seed tau (default on)")
+    ap.add_argument("--standalone-from", default=None, metavar="REPORT",
+                    help="reuse the stand-alone results of this earlier report (same task, epochs, seed, folds)")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--quick", action="store_true", help="a small smoke run (4 subnets, 1 epoch, 3 folds)")
     ap.add_argument("--out", default="bench_quality.json", help="JSON report path (written atomically)")
     args = ap.parse_args(argv)
     if args.task not in TASKS:
         ap.error(f"unknown task {args.task!r}; allowed: {list(TASKS)}")
-    if args.variant not in VARIANTS:
-        ap.error(f"unknown variant {args.variant!r}; allowed: {list(VARIANTS)}")
+    names = list(VARIANTS) if args.variant == "all" else [v.strip() for v in args.variant.split(",") if v.strip()]
+    for v in names or [args.variant]:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; allowed: {list(VARIANTS)} or 'all'")
+    if len(set(names)) != len(names):
+        ap.error(f"--variant {args.variant!r}: a variant is listed twice")
+    args.variants = names
     args.subnets = args.subnets if args.subnets is not None else 4 if args.quick else 20
     args.folds = args.folds if args.folds is not None else 3 if args.quick else 5
     args.epochs = args.epochs if args.epochs is not None else 1 if args.quick else ElasticCNN.default_epochs
@@ -218,72 +304,181 @@ def parse(argv):
         ap.error(f"--folds {args.folds}: must be 2 to 20")
     if args.epochs < 1:
         ap.error(f"--epochs {args.epochs}: must be at least 1")
+    if not 1 <= args.jobs <= 64:
+        ap.error(f"--jobs {args.jobs}: must be 1 to 64")
+    args.reuse = _load_reuse(ap, args) if args.standalone_from else None
     return args
 
 
-def run(args) -> dict:
-    t0 = time.perf_counter()
-    x_tr, y_tr, x_pool, y_pool = task_arrays(args.task, args.seed)
-    train_ds = TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
-    folds = fold_loaders(x_pool, y_pool, args.folds, args.seed)
-    torch.manual_seed(args.seed)
-    net = ElasticCNN(SearchSpace.mobilenet(), num_classes=10, in_channels=1)
-    if args.checkpoint:
-        from nestnas.supernet.checkpoint import load_supernet
+def _load_reuse(ap, args) -> dict:
+    import json
 
-        net = load_supernet(args.checkpoint)
-    else:
-        options = VARIANTS[args.variant]
-        # the same training cost (subnet passes) as the default's 4 per step: epochs scaled by 4 / passes
-        epochs = max(1, round(args.epochs * 4 / (2 + options.get("sandwich", 2))))
-        train_supernet(net, DataLoader(train_ds, batch_size=recipe_for(net).batch_size, shuffle=True,
-                                       drop_last=True), epochs=epochs, seed=args.seed, progress=False, **options)
-    calib = DataLoader(train_ds, batch_size=64, shuffle=True)
-    subnets = pick_subnets(net, args.subnets, args.seed)
+    try:
+        with open(args.standalone_from, encoding="utf-8") as f:
+            old = json.load(f)
+        meta, rows = old["meta"], old["standalone"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ap.error(f"--standalone-from {args.standalone_from}: not a readable quality report ({type(e).__name__}: {e})")
+    for key in ("task", "epochs", "seed", "folds", "subnets"):
+        if meta.get(key) != getattr(args, key):
+            ap.error(f"--standalone-from {args.standalone_from}: {key} is {meta.get(key)!r} there, "
+                     f"{getattr(args, key)!r} here")
+    if args.ceiling and not all("standalone_b" in r for r in rows):
+        ap.error(f"--standalone-from {args.standalone_from}: has no ceiling runs; pass --no-ceiling")
+    return {SubnetConfig.from_dict(r["config"]).to_json(): r for r in rows}
+
+
+def _pool(jobs: int):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _sweep_stats(sweep: dict, alone: np.ndarray) -> dict:
+    from scipy.stats import kendalltau
+
+    out = {}
+    for key, runs in sweep.items():
+        means = [float(np.mean([np.mean(folds) for folds in run])) for run in runs]
+        taus = [float(kendalltau([np.mean(f) for f in run], alone).statistic) for run in runs]
+        out[key] = {"images": key, "mean_accuracy": float(np.mean(means)), "mean_accuracy_std": float(np.std(means)),
+                    "kendall_tau": float(np.nanmean(taus)), "kendall_tau_std": float(np.nanstd(taus)),
+                    "per_subnet_std_points": float(np.mean(np.std([[np.mean(f) for f in run] for run in runs],
+                                                                  axis=0)) * 100)}
+    return out
+
+
+def run(args, console: Console | None = None) -> dict:
+    from rich.progress import Progress
+
+    t0 = time.perf_counter()
+    x_tr, y_tr, _, y_pool = task_arrays(args.task, args.seed)
+    subnets = pick_subnets(_fresh_net(args.seed), args.subnets, args.seed)
     if len(subnets) < args.subnets:
         raise SystemExit(f"only {len(subnets)} distinct subnets found among {POOL_SAMPLES} samples")
-    rows = []
+    configs = [c for c, _ in subnets]
+    alone: dict[tuple[int, int], list[float]] = {}
+    if args.reuse is not None:
+        for i, c in enumerate(configs):
+            r = args.reuse.get(c.to_json())
+            if r is None:
+                raise SystemExit(f"--standalone-from {args.standalone_from}: subnet {i} is not in it")
+            alone[i, 0] = r["standalone_folds"]
+            if args.ceiling:
+                alone[i, 1] = r["standalone_b_folds"]
+    variants: dict[str, dict] = {}
+    jobs = {}
+    with _pool(args.jobs) as pool, Progress(console=console, transient=True) as bar:
+        # longest first: the variants (a supernet each), then stand-alone subnets from the largest down
+        for v in args.variants:
+            jobs[pool.submit(variant_job, args.task, v, args.epochs, args.seed, args.folds, configs)] = ("v", v)
+        for i in reversed(range(len(configs))):
+            for b in (0, 1) if args.ceiling else (0,):
+                if (i, b) not in alone:
+                    seed = args.seed + 1 + i + b * CEILING_SEED_OFFSET
+                    jobs[pool.submit(standalone_job, args.task, args.epochs, args.seed, args.folds, configs[i],
+                                     seed)] = ("s", (i, b))
+        task = bar.add_task("variants and stand-alone subnets", total=len(jobs))
+        from concurrent.futures import as_completed
+
+        for fut in as_completed(jobs):
+            kind, key = jobs[fut]
+            if kind == "v":
+                variants[key] = fut.result()
+            else:
+                alone[key] = fut.result()
+            bar.advance(task)
+    base = []
     for i, (config, macs) in enumerate(subnets):
-        shared = [subnet_accuracy(net, config, f, calib, seed=args.seed) for f in folds]
-        module = standalone(net, config, train_ds, args.epochs, args.seed + 1 + i)
-        alone = [accuracy(module, ((module_inputs(net, config, net.prepare_input(x, config)), y) for x, y in f))
-                 for f in folds]
-        (s, s_se), (a, a_se) = _mean_se(shared), _mean_se(alone)
-        rows.append({"config": config.to_dict(),
-                     "macs": int(macs), "shared": s, "shared_se": s_se, "standalone": a, "standalone_se": a_se,
-                     "gap_points": (s - a) * 100})
-    summary = summarise(rows)
-    return {"meta": {"task": args.task, "variant": args.variant, "subnets": args.subnets, "folds": args.folds,
+        (a, a_se) = _mean_se(alone[i, 0])
+        row = {"config": config.to_dict(), "macs": int(macs), "standalone": a, "standalone_se": a_se,
+               "standalone_folds": alone[i, 0]}
+        if args.ceiling:
+            row["standalone_b"], row["standalone_b_se"] = _mean_se(alone[i, 1])
+            row["standalone_b_folds"] = alone[i, 1]
+        base.append(row)
+    alone_a = np.array([r["standalone"] for r in base])
+    ceiling = None
+    if args.ceiling:
+        from scipy.stats import kendalltau
+
+        alone_b = np.array([r["standalone_b"] for r in base])
+        ceiling = {"kendall_tau_seed_to_seed": float(kendalltau(alone_a, alone_b).statistic),
+                   "mean_abs_diff_points": float(np.abs(alone_a - alone_b).mean() * 100)}
+    report = {}
+    for v in args.variants:
+        res = variants[v]
+        primary = res["sweep"]["all"][0]
+        rows = []
+        for i, r in enumerate(base):
+            s, s_se = _mean_se(primary[i])
+            rows.append({"config": r["config"], "macs": r["macs"], "shared": s, "shared_se": s_se,
+                         "standalone": r["standalone"], "standalone_se": r["standalone_se"],
+                         "gap_points": (s - r["standalone"]) * 100})
+        summary = summarise(rows)
+        if args.ceiling:
+            from scipy.stats import kendalltau
+
+            mean_alone = (alone_a + np.array([r["standalone_b"] for r in base])) / 2
+            summary["kendall_tau_vs_two_seed_mean"] = float(kendalltau([r["shared"] for r in rows],
+                                                                       mean_alone).statistic)
+        report[v] = {"epochs": res["epochs"], "train_seconds": res["train_seconds"], "rows": rows,
+                     "summary": summary, "calib_sweep": _sweep_stats(res["sweep"], alone_a)}
+    first = report[args.variants[0]]
+    return {"meta": {"task": args.task, "variants": args.variants, "subnets": args.subnets, "folds": args.folds,
                      "epochs": args.epochs, "seed": args.seed, "quick": args.quick, "train_images": len(y_tr),
-                     "pool_images": len(y_pool), "evaluation": f"{args.folds} stratified folds of the held-out pool; "
-                     "mean and standard error over folds", "task_construction": __doc__.split("Tasks. ")[1]
-                     .split("\n\nReproduce")[0].replace("\n", " "),
+                     "pool_images": len(y_pool), "jobs": args.jobs, "ceiling": args.ceiling,
+                     "evaluation": f"{args.folds} stratified folds of the held-out pool; "
+                     "mean and standard error over folds",
+                     "calibration": f"batch norm recalibrated in batches of {CALIB_BATCH} training images; primary: "
+                     f"all of them; sweep: {[_calib_key(n) for n in CALIB_SWEEP]} images x {CALIB_SEEDS} seeds",
+                     "training_cost": "each variant's epochs scaled by 4 / (2 + sandwich) subnet passes per step",
+                     "task_construction": __doc__.split("Tasks. ")[1].split("\n\nReproduce")[0].replace("\n", " "),
                      "seconds": round(time.perf_counter() - t0, 1),
                      "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
-            "rows": rows, "summary": summary}
+            "standalone": base, "ceiling": ceiling, "variants": report,
+            "rows": first["rows"], "summary": first["summary"]}
 
 
 def show(result: dict, console: Console) -> None:
-    table = Table(title=f"supernet quality on {result['meta']['task']} ({result['meta']['folds']} folds)")
-    for col in ("#", "MACs", "shared %", "alone %", "gap pts", "vs line pts"):
+    meta = result["meta"]
+    for v, res in result["variants"].items():
+        table = Table(title=f"variant {v}: supernet quality on {meta['task']} ({meta['folds']} folds, "
+                            f"{res['epochs']} supernet epochs, {meta['epochs']} stand-alone)")
+        for col in ("#", "MACs", "shared %", "alone %", "gap pts", "vs line pts"):
+            table.add_column(col, justify="right")
+        for i, r in enumerate(res["rows"]):
+            table.add_row(str(i), f"{r['macs']:,}", f"{100 * r['shared']:.1f} ± {100 * r['shared_se']:.1f}",
+                          f"{100 * r['standalone']:.1f} ± {100 * r['standalone_se']:.1f}", f"{r['gap_points']:+.1f}",
+                          f"{r['vs_line_points']:+.1f}" if "vs_line_points" in r else "")
+        console.print(table)
+    table = Table(title="variants side by side (same subnets, same stand-alone runs, same training cost)")
+    for col in ("variant", "tau", "tau top", "rho", "gap mean", "gap worst", "middle vs line", "targets",
+                "tau by calib 64 / 128 / all (std over seeds)", "train s"):
         table.add_column(col, justify="right")
-    for i, r in enumerate(result["rows"]):
-        table.add_row(str(i), f"{r['macs']:,}", f"{100 * r['shared']:.1f} ± {100 * r['shared_se']:.1f}",
-                      f"{100 * r['standalone']:.1f} ± {100 * r['standalone_se']:.1f}", f"{r['gap_points']:+.1f}",
-                      f"{r['vs_line_points']:+.1f}" if "vs_line_points" in r else "")
+    for v, res in result["variants"].items():
+        s, cs = res["summary"], res["calib_sweep"]
+        table.add_row(v, f"{s['kendall_tau']:.3f}", f"{s['kendall_tau_top_half']:.3f}", f"{s['spearman_rho']:.3f}",
+                      f"{s['mean_gap_points']:+.2f}", f"{s['worst_gap_points']:+.2f}",
+                      f"{s['middle_worst_vs_line_points']:+.2f}", f"{sum(s['targets'].values())}/3",
+                      " / ".join(f"{cs[k]['kendall_tau']:.2f} ({cs[k]['kendall_tau_std']:.2f})"
+                                 for k in (_calib_key(n) for n in CALIB_SWEEP)), f"{res['train_seconds']:.0f}")
     console.print(table)
-    s = result["summary"]
-    console.print(f"Kendall tau {s['kendall_tau']:.3f} (top half {s['kendall_tau_top_half']:.3f}), Spearman rho "
-                  f"{s['spearman_rho']:.3f}; gap mean {s['mean_gap_points']:+.2f}, worst {s['worst_gap_points']:+.2f} "
-                  f"points; middle worst vs line {s['middle_worst_vs_line_points']:+.2f} points")
-    for name, met in s["targets"].items():
-        console.print(f"  {name}: {'met' if met else 'NOT met'}")
+    if result["ceiling"]:
+        c = result["ceiling"]
+        console.print(f"noise ceiling: stand-alone seed-to-seed Kendall tau {c['kendall_tau_seed_to_seed']:.3f}, "
+                      f"mean |difference| {c['mean_abs_diff_points']:.2f} points")
+    for v, res in result["variants"].items():
+        s = res["summary"]
+        console.print(f"{v}: " + "; ".join(f"{name}: {'met' if met else 'NOT met'}"
+                                           for name, met in s["targets"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    console = Console()
-    result = run(args)
+    console = Console() if sys.stdout.isatty() else Console(width=150)  # a log keeps whole tables
+    result = run(args, console)
     show(result, console)
     write_json(args.out, result)
     console.print(f"wrote {args.out} in {result['meta']['seconds']} s")
