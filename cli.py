@@ -99,7 +99,7 @@ def train(
     sorted_ladder: Annotated[bool, typer.Option(help="Draw subnets from a sorted ladder of nested subnets "
                                                      "(SortedNet) instead of at random.")] = False,
     sampling: Annotated[str, typer.Option(help="How the random subnets are drawn: uniform (every choice uniform) "
-                                               "or macs (uniform in MACs).")] = "uniform",
+                                               "macs (uniform in MACs) or log-macs (uniform in log MACs).")] = "uniform",
     progressive: Annotated[bool, typer.Option(help="Progressive shrinking (Once-for-All): the largest alone, then "
                                                    "elastic kernel, depth and width in phases.")] = False,
     distill_temperature: Annotated[float, typer.Option(help="Temperature of the distillation loss.")] = 1.0,

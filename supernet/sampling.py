@@ -3,7 +3,9 @@
 The largest subnet always comes first (the teacher, trained on the labels), then the smallest,
 then `sandwich` more: drawn with every choice uniform (``sampling="uniform"``), drawn so that
 their MACs are uniform between the smallest's and the largest's (``"macs"``: choice-uniform
-draws pile up in the middle of the choices, which is rarely the middle in cost), or interior
+draws pile up in the middle of the choices, which is rarely the middle in cost) or uniform in
+log MACs (``"log-macs"``: as many draws between 1x and 2x the smallest's cost as between half
+and all of the largest's; linear MACs spend most draws on the largest subnets), or interior
 rungs of a sorted ladder of nested subnets (SortedNet, ``sorted_ladder``).
 
 With ``progressive`` (Once-for-All's progressive shrinking) the space opens in phases over the
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from nestnas.supernet.base import Supernet
     from nestnas.supernet.train import TrainOptions
 
-SAMPLINGS = ("uniform", "macs")
+SAMPLINGS = ("uniform", "macs", "log-macs")
 DISTILL_FROM = ("largest", "previous")
 #: Progressive shrinking: the phases and the share of the epochs at which each begins.
 PHASES = ("largest", "kernel", "depth", "width")
@@ -68,7 +70,7 @@ class SubnetSampler:
         self.ladder = self.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
         self.masks = phase_masks(self.space) if opts.progressive else None
         self.spec = None
-        if opts.sampling == "macs" or opts.distill_from == "previous":
+        if opts.sampling in ("macs", "log-macs") or opts.distill_from == "previous":
             from nestnas.predictors.macs import count_macs_encoded
 
             self.spec = net.spec()
@@ -102,8 +104,8 @@ class SubnetSampler:
             interior = rng.choice(np.arange(1, len(self.ladder) - 1), size=min(opts.sandwich, len(self.ladder) - 2),
                                   replace=False)
             extra = [space.encode(self.ladder[i]) for i in sorted(interior.tolist())]
-        elif opts.sampling == "macs":
-            extra = [self._macs_uniform(rng, open_) for _ in range(opts.sandwich)]
+        elif opts.sampling in ("macs", "log-macs"):
+            extra = [self._macs_uniform(rng, open_, log=opts.sampling == "log-macs") for _ in range(opts.sandwich)]
         elif open_ is None:
             extra = [space.encode(space.sample(rng)) for _ in range(opts.sandwich)]
         else:
@@ -114,7 +116,7 @@ class SubnetSampler:
             extra = [extra[i] for i in np.argsort(-macs, kind="stable")]
         return [space.largest(), space.decode(smallest), *(space.decode(x) for x in extra)]
 
-    def _macs_uniform(self, rng: np.random.Generator, open_: np.ndarray | None) -> np.ndarray:
+    def _macs_uniform(self, rng: np.random.Generator, open_: np.ndarray | None, log: bool = False) -> np.ndarray:
         top = self.top
         # Candidates at every level of size (each choice binomial around a per-candidate share q):
         # choice-uniform candidates would rarely reach the largest MACs.
@@ -124,5 +126,8 @@ class SubnetSampler:
             pool = np.where(open_, pool, top)
             low = np.where(open_, 0, top)
         macs = self._macs(np.vstack([pool, low, top]))
+        if log:
+            target = rng.uniform(np.log(macs[-2]), np.log(macs[-1]))
+            return pool[int(np.argmin(np.abs(np.log(macs[:-2]) - target)))]
         target = rng.uniform(macs[-2], macs[-1])
         return pool[int(np.argmin(np.abs(macs[:-2] - target)))]

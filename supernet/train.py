@@ -332,7 +332,7 @@ def train_supernet(
     share `warmup` of the optimiser steps; `clip_grad` the largest gradient norm (0: no
     clipping); `grad_accum` (or its alias `accumulate`) batches per optimiser step.
 
-    Which subnets each step trains: `sampling` ("uniform" choices or "macs" uniform in MACs),
+    Which subnets each step trains: `sampling` ("uniform" choices, "macs" uniform in MACs, "log-macs" in log MACs),
     `sorted_ladder`, and `progressive` shrinking (`nestnas.supernet.sampling`); how they learn:
     `distill` from the largest's soft predictions at `distill_temperature`, or with
     `distill_from="previous"` each from the next larger subnet of the step.

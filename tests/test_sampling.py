@@ -35,6 +35,19 @@ def test_macs_sampling_spreads_over_cost_where_choice_uniform_piles_up(cnn):
     assert ((uniform - lo) / (hi - lo) > 0.75).mean() < 0.05
 
 
+def test_log_macs_sampling_is_uniform_in_log_cost(cnn):
+    rng = np.random.default_rng(0)
+    lo, hi = np.log(_macs(cnn, cnn.space.smallest())), np.log(_macs(cnn, cnn.space.largest()))
+    sampler = SubnetSampler(cnn, TrainOptions(4, sampling="log-macs", sandwich=1))
+    share = (np.log([_macs(cnn, sampler.draw(2, rng)[2]) for _ in range(200)]) - lo) / (hi - lo)
+    # uniform on [0, 1] in log cost: each quarter gets about a quarter of the draws
+    counts = np.histogram(share, bins=4, range=(0, 1))[0]
+    assert counts.min() > 30 and abs(np.median(share) - 0.5) < 0.1, counts
+    linear = SubnetSampler(cnn, TrainOptions(4, sampling="macs", sandwich=1))
+    lin = (np.log([_macs(cnn, linear.draw(2, rng)[2]) for _ in range(200)]) - lo) / (hi - lo)
+    assert (lin < 0.25).mean() < 0.05 < (share < 0.25).mean()  # linear MACs starve the small end
+
+
 def test_previous_rung_distillation_orders_each_step_largest_first(cnn):
     sampler = SubnetSampler(cnn, TrainOptions(4, sandwich=3, distill_from="previous"))
     rng = np.random.default_rng(1)
@@ -81,7 +94,7 @@ def test_temperature_softens_and_rescales_the_distillation_loss():
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(sampling="cost"), "'sampling' is 'cost'; allowed: ['uniform', 'macs']"),
+    (dict(sampling="cost"), "'sampling' is 'cost'; allowed: ['uniform', 'macs', 'log-macs']"),
     (dict(distill_from="teacher"), "'distill_from' is 'teacher'; allowed: ['largest', 'previous']"),
     (dict(distill_temperature=0.0), "'distill_temperature' must be positive"),
     (dict(sorted_ladder=True, sampling="macs"), "cannot be combined"),
@@ -102,7 +115,8 @@ def _kill_after_2(epoch, metrics):
         raise _Killed
 
 
-@pytest.mark.parametrize("options", [dict(sampling="macs"), dict(progressive=True),
+@pytest.mark.parametrize("options", [dict(sampling="macs"), dict(sampling="log-macs", progressive=True),
+                                     dict(progressive=True),
                                      dict(distill_from="previous", distill_temperature=2.0)])
 def test_every_option_trains_and_resumes_bit_identically(options, tmp_path):
     g = torch.Generator().manual_seed(0)

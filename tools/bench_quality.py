@@ -72,6 +72,10 @@ VARIANTS = {
     "progressive": {"progressive": True},
     "distill-t2": {"distill_temperature": 2.0},
     "distill-previous": {"distill_from": "previous"},
+    "log-macs": {"sampling": "log-macs"},
+    "log-macs+t2": {"sampling": "log-macs", "distill_temperature": 2.0},
+    "progressive+t2": {"progressive": True, "distill_temperature": 2.0},
+    "log-macs+progressive+t2": {"sampling": "log-macs", "progressive": True, "distill_temperature": 2.0},
 }
 SEED = 0
 POOL_SAMPLES = 2000
@@ -389,6 +393,10 @@ def run(args, console: Console | None = None) -> dict:
             else:
                 alone[key] = fut.result()
             bar.advance(task)
+            if console is not None and not console.is_terminal:  # a log gets one line per finished job
+                what = f"variant {key}" if kind == "v" else f"stand-alone subnet {key[0]} run {'ab'[key[1]]}"
+                console.print(f"[{time.perf_counter() - t0:7.0f} s] {what} done "
+                              f"({int(bar.tasks[0].completed)}/{len(jobs)})")
     base = []
     for i, (config, macs) in enumerate(subnets):
         (a, a_se) = _mean_se(alone[i, 0])
