@@ -98,11 +98,18 @@ def train(
     distill: Annotated[bool, typer.Option(help="Train subnets on the largest subnet's soft predictions.")] = True,
     sorted_ladder: Annotated[bool, typer.Option(help="Draw subnets from a sorted ladder of nested subnets "
                                                      "(SortedNet) instead of at random.")] = False,
-    sampling: Annotated[str, typer.Option(help="How the random subnets are drawn: uniform (every choice uniform) "
-                                               "macs (uniform in MACs) or log-macs (uniform in log MACs).")] = "uniform",
-    progressive: Annotated[bool, typer.Option(help="Progressive shrinking (Once-for-All): the largest alone, then "
-                                                   "elastic kernel, depth and width in phases.")] = False,
-    distill_temperature: Annotated[float, typer.Option(help="Temperature of the distillation loss.")] = 1.0,
+    sampling: Annotated[Optional[str], typer.Option(
+        help="How the random subnets are drawn: uniform (every choice uniform), macs (uniform in MACs) or "
+             "log-macs (uniform in log MACs); default: the family recipe's")] = None,
+    progressive: Annotated[Optional[bool], typer.Option(
+        "--progressive/--no-progressive", help="Progressive shrinking (Once-for-All): the largest alone, then "
+                                               "elastic kernel, depth and width in phases; default: the family "
+                                               "recipe's")] = None,
+    distill_temperature: Annotated[Optional[float], typer.Option(
+        help="Temperature of the distillation loss; default: the family recipe's")] = None,
+    step_resolution: Annotated[Optional[bool], typer.Option(
+        "--step-resolution/--no-step-resolution", help="Run every subnet of a step at one input size drawn for the "
+                                                       "step (Once-for-All); default: the family recipe's")] = None,
     distill_from: Annotated[str, typer.Option(help="Teacher of each subnet: largest, or previous (the next larger "
                                                    "subnet of the step).")] = "largest",
     grad_accum: Annotated[int, typer.Option("--grad-accum", "--accumulate", min=1,
@@ -184,6 +191,7 @@ def train(
     result = train_supernet(net, train_loader, epochs, sandwich=sandwich, distill=distill,
                             sorted_ladder=sorted_ladder, grad_accum=grad_accum, seed=seed, lr=lr,
                             sampling=sampling, progressive=progressive, distill_temperature=distill_temperature,
+                            step_resolution=step_resolution,
                             distill_from=distill_from,
                             weight_decay=weight_decay, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
                             checkpoint=out, resume=resume, progress=not as_json, data=dataset, ray_address=ray,

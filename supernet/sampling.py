@@ -8,6 +8,11 @@ log MACs (``"log-macs"``: as many draws between 1x and 2x the smallest's cost as
 and all of the largest's; linear MACs spend most draws on the largest subnets), or interior
 rungs of a sorted ladder of nested subnets (SortedNet, ``sorted_ladder``).
 
+With ``step_resolution`` every subnet of a step, the largest and smallest included, runs at one
+input size drawn for the step (Once-for-All samples the resolution per batch): otherwise the
+largest always sees the largest input and the smallest the smallest, and the subnets trained most
+never see the sizes in between.
+
 With ``progressive`` (Once-for-All's progressive shrinking) the space opens in phases over the
 epochs: the largest alone, then elastic kernels (and input size), then depth, then width; a
 phase only draws subnets whose closed choices sit at their largest option. A family without a
@@ -34,6 +39,7 @@ PHASES = ("largest", "kernel", "depth", "width")
 PHASE_STARTS = (0.0, 0.125, 0.25, 0.5)
 #: Choices opened with elastic kernels: kernel sizes, and the input size (elastic from the start in OFA).
 KERNEL_CHOICES = ("kernel_sizes", "resolution", "seq_len")
+INPUT_SIZE_CHOICES = ("resolution", "seq_len")
 MACS_POOL = 128  # candidates per MACs-uniform draw
 
 
@@ -70,6 +76,7 @@ class SubnetSampler:
         self.ladder = self.space.ladder(opts.ladder_rungs) if opts.sorted_ladder else []
         self.masks = phase_masks(self.space) if opts.progressive else None
         self.spec = None
+        self.size_vars = np.array([v.name in INPUT_SIZE_CHOICES for v in self.space.variables()], bool)
         if opts.sampling in ("macs", "log-macs") or opts.distill_from == "previous":
             from nestnas.predictors.macs import count_macs_encoded
 
@@ -114,7 +121,12 @@ class SubnetSampler:
         if opts.distill_from == "previous" and extra:
             macs = self._macs(np.stack(extra))
             extra = [extra[i] for i in np.argsort(-macs, kind="stable")]
-        return [space.largest(), space.decode(smallest), *(space.decode(x) for x in extra)]
+        largest = self.top
+        if opts.step_resolution and self.size_vars.any():
+            sizes = self.size_vars if open_ is None else self.size_vars & open_
+            size = rng.integers(0, self.top + 1)  # drawn after the subnets, which stay those drawn without it
+            largest, smallest, *extra = (np.where(sizes, size, x) for x in (largest, smallest, *extra))
+        return [space.decode(largest), space.decode(smallest), *(space.decode(x) for x in extra)]
 
     def _macs_uniform(self, rng: np.random.Generator, open_: np.ndarray | None, log: bool = False) -> np.ndarray:
         top = self.top

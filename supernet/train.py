@@ -69,6 +69,11 @@ class Recipe:
     warmup: float = 0.05  # share of the optimiser steps
     clip_grad: float | None = None  # max gradient norm; None: no clipping
     batch_size: int = 64
+    # which subnets a step trains and how they learn (`TrainOptions`; measured by tools/bench_quality.py)
+    sampling: str = "uniform"
+    progressive: bool = False
+    distill_temperature: float = 1.0
+    step_resolution: bool = False
 
 
 #: Supernets trained from scratch (the built-in families).
@@ -129,6 +134,7 @@ class TrainOptions:
     distill_temperature: float = 1.0
     distill_from: str = "largest"
     progressive: bool = False
+    step_resolution: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "grad_accum"):
@@ -311,10 +317,11 @@ def train_supernet(
     warmup: float | None = None,
     clip_grad: float | None = None,
     accumulate: int | None = None,
-    sampling: str = "uniform",
-    distill_temperature: float = 1.0,
+    sampling: str | None = None,
+    distill_temperature: float | None = None,
     distill_from: str = "largest",
-    progressive: bool = False,
+    progressive: bool | None = None,
+    step_resolution: bool | None = None,
     val_loader: DataLoader | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = True,
@@ -332,7 +339,8 @@ def train_supernet(
     share `warmup` of the optimiser steps; `clip_grad` the largest gradient norm (0: no
     clipping); `grad_accum` (or its alias `accumulate`) batches per optimiser step.
 
-    Which subnets each step trains: `sampling` ("uniform" choices, "macs" uniform in MACs, "log-macs" in log MACs),
+    Which subnets each step trains (each left None takes the family recipe's value): `sampling`
+    ("uniform" choices, "macs" uniform in MACs, "log-macs" in log MACs),
     `sorted_ladder`, and `progressive` shrinking (`nestnas.supernet.sampling`); how they learn:
     `distill` from the largest's soft predictions at `distill_temperature`, or with
     `distill_from="previous"` each from the next larger subnet of the step.
@@ -348,6 +356,7 @@ def train_supernet(
     (`nestnas.supernet.distributed.train_distributed`, which also takes `max_failures`).
     """
     recipe = recipe_for(net)
+    sampling, progressive = _sampling_defaults(net, recipe, sampling, progressive, sorted_ladder)
     if accumulate is not None and grad_accum is not None and accumulate != grad_accum:
         raise ConfigError(f"accumulate={accumulate} and grad_accum={grad_accum} name the same option; give one")
     opts = TrainOptions(
@@ -357,7 +366,9 @@ def train_supernet(
         warmup_fraction=recipe.warmup if warmup is None else warmup, seed=seed,
         schedule=recipe.schedule if schedule is None else schedule,
         clip_grad=recipe.clip_grad if clip_grad is None else (clip_grad or None), sampling=sampling,
-        distill_temperature=distill_temperature, distill_from=distill_from, progressive=progressive)
+        distill_temperature=recipe.distill_temperature if distill_temperature is None else distill_temperature,
+        distill_from=distill_from, progressive=progressive,
+        step_resolution=recipe.step_resolution if step_resolution is None else step_resolution)
     if len(train_loader) == 0:
         raise ConfigError("the training loader yields no batches")
     if ray_address is not None:
@@ -399,6 +410,25 @@ def train_supernet(
     result.seconds = time.perf_counter() - t0
     net.eval()
     return result
+
+
+def _sampling_defaults(net, recipe: Recipe, sampling, progressive, sorted_ladder) -> tuple[str, bool]:
+    """`sampling` and `progressive` where the caller left them None: the recipe's, except that a
+    sorted ladder draws its own rungs (uniform, not progressive) and a family whose MACs cannot
+    be counted samples choices uniformly instead of by MACs."""
+    if sorted_ladder:
+        return sampling or "uniform", bool(progressive)
+    progressive = recipe.progressive if progressive is None else progressive
+    if sampling is None:
+        sampling = recipe.sampling
+        if sampling != "uniform":
+            from nestnas.predictors.macs import count_macs_encoded
+
+            try:
+                count_macs_encoded(net.space, net.space.upper_bounds()[None, :], **net.spec())
+            except (ConfigError, NotImplementedError, KeyError):
+                sampling = "uniform"
+    return sampling, progressive
 
 
 def _check_resume_data(checkpoint, data) -> None:

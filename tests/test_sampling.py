@@ -48,6 +48,40 @@ def test_log_macs_sampling_is_uniform_in_log_cost(cnn):
     assert (lin < 0.25).mean() < 0.05 < (share < 0.25).mean()  # linear MACs starve the small end
 
 
+def test_step_resolution_runs_every_subnet_of_a_step_at_one_input_size(cnn):
+    plain = SubnetSampler(cnn, TrainOptions(4, sandwich=3))
+    step = SubnetSampler(cnn, TrainOptions(4, sandwich=3, step_resolution=True))
+    seen, sizes = set(), cnn.space.resolution_choices
+    for i in range(40):
+        a, b = plain.draw(1, np.random.default_rng(i)), step.draw(1, np.random.default_rng(i))
+        assert a[0].resolution == max(sizes) and a[1].resolution == min(sizes)
+        assert len({c.resolution for c in b}) == 1
+        seen.add(b[0].resolution)
+        # only the input size moves: the architectures are the ones the plain sampler draws
+        assert [dict(c.to_dict(), resolution=0) for c in a] == [dict(c.to_dict(), resolution=0) for c in b]
+    assert seen == set(sizes)
+
+
+def test_recipe_defaults_fill_what_the_caller_leaves_out(cnn, monkeypatch):
+    import dataclasses
+
+    from nestnas.predictors import macs
+    from nestnas.supernet.train import SCRATCH, _sampling_defaults
+
+    recipe = dataclasses.replace(SCRATCH, sampling="log-macs", progressive=True)
+    assert _sampling_defaults(cnn, recipe, None, None, False) == ("log-macs", True)
+    assert _sampling_defaults(cnn, recipe, "uniform", False, False) == ("uniform", False)  # the caller wins
+    assert _sampling_defaults(cnn, recipe, None, None, True) == ("uniform", False)  # a ladder draws its rungs
+
+    def cannot(*a, **k):
+        raise NotImplementedError("no MACs for this family")
+
+    monkeypatch.setattr(macs, "count_macs_encoded", cannot)
+    assert _sampling_defaults(cnn, recipe, None, None, False) == ("uniform", True)  # no MACs: choices uniform
+    with pytest.raises(ConfigError, match="cannot be counted"):  # asked for explicitly: an error, not a fallback
+        SubnetSampler(cnn, TrainOptions(2, sampling="log-macs"))
+
+
 def test_previous_rung_distillation_orders_each_step_largest_first(cnn):
     sampler = SubnetSampler(cnn, TrainOptions(4, sandwich=3, distill_from="previous"))
     rng = np.random.default_rng(1)
@@ -116,7 +150,7 @@ def _kill_after_2(epoch, metrics):
 
 
 @pytest.mark.parametrize("options", [dict(sampling="macs"), dict(sampling="log-macs", progressive=True),
-                                     dict(progressive=True),
+                                     dict(progressive=True), dict(step_resolution=True, sorted_ladder=True),
                                      dict(distill_from="previous", distill_temperature=2.0)])
 def test_every_option_trains_and_resumes_bit_identically(options, tmp_path):
     g = torch.Generator().manual_seed(0)

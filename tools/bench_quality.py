@@ -76,6 +76,9 @@ VARIANTS = {
     "log-macs+t2": {"sampling": "log-macs", "distill_temperature": 2.0},
     "progressive+t2": {"progressive": True, "distill_temperature": 2.0},
     "log-macs+progressive+t2": {"sampling": "log-macs", "progressive": True, "distill_temperature": 2.0},
+    "step-res": {"step_resolution": True},
+    "step-res+log-macs+t2": {"step_resolution": True, "sampling": "log-macs", "distill_temperature": 2.0},
+    "step-res+progressive+t2": {"step_resolution": True, "progressive": True, "distill_temperature": 2.0},
 }
 SEED = 0
 POOL_SAMPLES = 2000
