@@ -84,15 +84,30 @@ class _Prepared:
             yield module_inputs(self.net, self.config, self.net.prepare_input(x, self.config)), y
 
 
-def subnet_accuracy(net: Supernet, config: SubnetConfig | None, val_loader: DataLoader,
-                    calib_loader: DataLoader | None = None, calib_batches: int = 8, seed: int = 0) -> float:
-    """Validation accuracy of `config` on the shared weights, after batch-norm recalibration
-    on up to `calib_batches` batches of `calib_loader` (skipped when it is None). The
-    calibration batches are drawn under `seed`, leaving the global RNG untouched."""
+def prepared(net: Supernet, config: SubnetConfig, loader: DataLoader) -> Iterable:
+    """`loader`'s (x, y) batches as `net.extract(config)` takes them (for `accuracy`)."""
+    return _Prepared(net, config, loader)
+
+
+def recalibrated_subnet(net: Supernet, config: SubnetConfig | None, calib_loader: DataLoader | None = None,
+                        calib_batches: int | None = 8, seed: int = 0) -> nn.Module:
+    """`net.extract(config)` with batch norm recalibrated on up to `calib_batches` batches of
+    `calib_loader` (all of them for None; skipped when the loader is None), drawn under `seed`
+    with the global RNG left untouched."""
     config = net.resolve(config)
     sub = net.extract(config)
     if calib_loader is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             recalibrate_bn(sub, (x for x, _ in _Prepared(net, config, calib_loader)), calib_batches)
+    return sub
+
+
+def subnet_accuracy(net: Supernet, config: SubnetConfig | None, val_loader: DataLoader,
+                    calib_loader: DataLoader | None = None, calib_batches: int = 8, seed: int = 0) -> float:
+    """Validation accuracy of `config` on the shared weights, after batch-norm recalibration
+    on up to `calib_batches` batches of `calib_loader` (skipped when it is None). The
+    calibration batches are drawn under `seed`, leaving the global RNG untouched."""
+    config = net.resolve(config)
+    sub = recalibrated_subnet(net, config, calib_loader, calib_batches, seed)
     return accuracy(sub, _Prepared(net, config, val_loader))

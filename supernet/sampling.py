@@ -67,6 +67,17 @@ def phase_of(epoch: int, epochs: int) -> int:
     return max(p for p, start in enumerate(PHASE_STARTS) if share >= start)
 
 
+def macs_uncountable(net: Supernet) -> str | None:
+    """Why `net`'s family cannot have its MACs counted (None when it can)."""
+    from nestnas.predictors.macs import count_macs_encoded
+
+    try:
+        count_macs_encoded(net.space, net.space.upper_bounds()[None, :], **net.spec())
+    except (ConfigError, NotImplementedError, KeyError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 class SubnetSampler:
     """Draws the subnets of each step of a run of `opts` on `net` (see the module text)."""
 
@@ -78,15 +89,12 @@ class SubnetSampler:
         self.spec = None
         self.size_vars = np.array([v.name in INPUT_SIZE_CHOICES for v in self.space.variables()], bool)
         if opts.sampling in ("macs", "log-macs") or opts.distill_from == "previous":
-            from nestnas.predictors.macs import count_macs_encoded
-
-            self.spec = net.spec()
-            try:
-                count_macs_encoded(self.space, self.top[None, :], **self.spec)
-            except (ConfigError, NotImplementedError, KeyError) as exc:
+            why = macs_uncountable(net)
+            if why:
                 raise ConfigError(f"training options sampling={opts.sampling!r}, distill_from="
                                   f"{opts.distill_from!r} need MACs of the {self.space.family!r} family, which "
-                                  f"cannot be counted: {exc}") from None
+                                  f"cannot be counted: {why}")
+            self.spec = net.spec()
 
     def _macs(self, X: np.ndarray) -> np.ndarray:
         from nestnas.predictors.macs import count_macs_encoded

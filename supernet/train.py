@@ -32,7 +32,7 @@ from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
 from nestnas.supernet.families import family_names, supernet_class
-from nestnas.supernet.sampling import DISTILL_FROM, SAMPLINGS, SubnetSampler
+from nestnas.supernet.sampling import DISTILL_FROM, SAMPLINGS, SubnetSampler, macs_uncountable
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -421,13 +421,8 @@ def _sampling_defaults(net, recipe: Recipe, sampling, progressive, sorted_ladder
     progressive = recipe.progressive if progressive is None else progressive
     if sampling is None:
         sampling = recipe.sampling
-        if sampling != "uniform":
-            from nestnas.predictors.macs import count_macs_encoded
-
-            try:
-                count_macs_encoded(net.space, net.space.upper_bounds()[None, :], **net.spec())
-            except (ConfigError, NotImplementedError, KeyError):
-                sampling = "uniform"
+        if sampling != "uniform" and macs_uncountable(net):
+            sampling = "uniform"
     return sampling, progressive
 
 

@@ -59,7 +59,7 @@ from nestnas.fileio import write_json
 from nestnas.predictors.macs import count_macs
 from nestnas.supernet import ElasticCNN, SearchSpace
 from nestnas.supernet.config import SubnetConfig
-from nestnas.supernet.evaluate import accuracy, module_inputs, recalibrate_bn
+from nestnas.supernet.evaluate import accuracy, module_inputs, prepared, recalibrated_subnet
 from nestnas.supernet.train import TrainOptions, make_optimizer, recipe_for, train_supernet
 
 TASKS = ("digits", "digits-hard")
@@ -222,18 +222,12 @@ def _fresh_net(seed: int) -> ElasticCNN:
 
 
 def _fold_accuracies(net, module, config, folds) -> list[float]:
-    return [accuracy(module, ((module_inputs(net, config, net.prepare_input(x, config)), y) for x, y in f))
-            for f in folds]
+    return [accuracy(module, prepared(net, config, f)) for f in folds]
 
 
 def shared_folds(net, config, folds, calib: DataLoader, calib_batches: int | None, seed: int) -> list[float]:
     """Shared-weight accuracy on every fold, batch norm recalibrated once (as `subnet_accuracy`)."""
-    sub = net.extract(net.resolve(config))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        recalibrate_bn(sub, (module_inputs(net, config, net.prepare_input(x, config)) for x, _ in calib),
-                       calib_batches)
-    return _fold_accuracies(net, sub, config, folds)
+    return _fold_accuracies(net, recalibrated_subnet(net, config, calib, calib_batches, seed), config, folds)
 
 
 def variant_job(task: str, variant: str, epochs: int, seed: int, folds: int, configs: list) -> dict:
@@ -357,7 +351,10 @@ def _sweep_stats(sweep: dict, alone: np.ndarray) -> dict:
 
 
 def run(args, console: Console | None = None) -> dict:
+    from concurrent.futures import as_completed
+
     from rich.progress import Progress
+    from scipy.stats import kendalltau
 
     t0 = time.perf_counter()
     x_tr, y_tr, _, y_pool = task_arrays(args.task, args.seed)
@@ -387,8 +384,6 @@ def run(args, console: Console | None = None) -> dict:
                     jobs[pool.submit(standalone_job, args.task, args.epochs, args.seed, args.folds, configs[i],
                                      seed)] = ("s", (i, b))
         task = bar.add_task("variants and stand-alone subnets", total=len(jobs))
-        from concurrent.futures import as_completed
-
         for fut in as_completed(jobs):
             kind, key = jobs[fut]
             if kind == "v":
@@ -412,8 +407,6 @@ def run(args, console: Console | None = None) -> dict:
     alone_a = np.array([r["standalone"] for r in base])
     ceiling = None
     if args.ceiling:
-        from scipy.stats import kendalltau
-
         alone_b = np.array([r["standalone_b"] for r in base])
         ceiling = {"kendall_tau_seed_to_seed": float(kendalltau(alone_a, alone_b).statistic),
                    "mean_abs_diff_points": float(np.abs(alone_a - alone_b).mean() * 100)}
@@ -429,8 +422,6 @@ def run(args, console: Console | None = None) -> dict:
                          "gap_points": (s - r["standalone"]) * 100})
         summary = summarise(rows)
         if args.ceiling:
-            from scipy.stats import kendalltau
-
             mean_alone = (alone_a + np.array([r["standalone_b"] for r in base])) / 2
             summary["kendall_tau_vs_two_seed_mean"] = float(kendalltau([r["shared"] for r in rows],
                                                                        mean_alone).statistic)
