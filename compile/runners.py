@@ -8,7 +8,9 @@ Stopping rule: after at least `min_repeats` samples, stop as soon as the relativ
 the distribution-free 95% confidence interval of the median (order statistics, exact binomial;
 see `nestnas.compile.stats`) is at most `target_rel_ci`, or when `max_seconds` have passed. An
 unstable attempt is re-measured once (`max_attempts=2`); if that is unstable too, the tighter of
-the two comes back with ``stable=False``, never passed off as stable.
+the two comes back with ``stable=False``, never passed off as stable. An attempt that ran out of
+time before `min_repeats` samples (a model slower than `max_seconds / min_repeats`) is not
+repeated, and the warm-up stops after two calls once it has taken a quarter of `max_seconds`.
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ class Runner:
                 if result.stable:
                     return result
                 best = result if best is None or result.rel_ci < best.rel_ci else best
-        return dataclasses.replace(best, attempts=cap)
+                if result.repeats < self.min_repeats:
+                    break  # too slow for min_repeats in max_seconds: a retry cannot do better
+        return dataclasses.replace(best, attempts=attempt)
 
     def fingerprint(self) -> dict[str, Any]:
         """The runner's settings, recorded next to its measurements."""
@@ -140,11 +144,16 @@ class Runner:
     def _warm_up(self, call: Callable[[], None]) -> int:
         """Run the warm-up calls and return how many calls each timed sample batches: enough
         that one sample lasts at least `min_sample_ms`, so timer overhead stays negligible."""
-        times = []
+        times: list[int] = []
+        # A slow model (0.5 s a call, untuned TVM) is warm after two calls; a quarter of the
+        # time budget bounds the rest of the warm-up.
+        budget_ns = self.max_seconds * 1e9 / 4
         for _ in range(max(self.warmup, 1)):
             start = time.perf_counter_ns()
             call()
             times.append(time.perf_counter_ns() - start)
+            if len(times) >= 2 and sum(times) >= budget_ns:
+                break
         one_ms = max(float(np.median(times)), 1.0) / 1e6
         return 1 if one_ms >= self.min_sample_ms else min(math.ceil(self.min_sample_ms / one_ms), 100_000)
 

@@ -66,9 +66,11 @@ class LocalMeasurer:
     its runner. Another measurer with the same four members (e.g. `nestnas.hw_profiles.farm.
     RemoteMeasurer`, which times on a device agent) reuses the profiler's sweeps, resume and saves."""
 
-    def __init__(self, backend: str, threads: int | None = None, exporter: str = "torchscript"):
+    def __init__(self, backend: str, threads: int | None = None, exporter: str = "torchscript",
+                 runner_options: dict[str, Any] | None = None):
         self.backend = get_backend(backend, threads=threads, exporter=exporter)
-        self.runner = get_runner(backend)
+        # e.g. a looser CI target for a quick profile; the profile's runner fingerprint records them
+        self.runner = get_runner(backend, **(runner_options or {}))
         self.max_attempts = self.runner.max_attempts
 
     def fingerprint(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ a run resumed from its end-of-epoch checkpoint is bit-identical to an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -266,26 +267,47 @@ def train_epoch(net: Supernet, train_loader: DataLoader, opts: TrainOptions, epo
     rng = np.random.default_rng([opts.seed, epoch])
     losses: list[float] = []
     optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(train_loader):
-        configs = sampler.draw(epoch, rng)
-        batch = None
-        if shard is not None:
-            batch = len(y)
-            x, y = shard(x, y)
-        inputs = [(c, net.prepare_input(x, c)) for c in configs]
-        losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum, batch,
-                                        opts.distill_temperature, chain=opts.distill_from == "previous"))
-        if (i + 1) % opts.grad_accum == 0 or i + 1 == len(train_loader):
-            if reduce_grads is not None:
-                reduce_grads()
-            if opts.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), opts.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if on_batch is not None:
-            on_batch(i, losses)
+    with channels_last(net):  # faster backward of depthwise convolutions on CPU
+        for i, (x, y) in enumerate(train_loader):
+            configs = sampler.draw(epoch, rng)
+            batch = None
+            if shard is not None:
+                batch = len(y)
+                x, y = shard(x, y)
+            inputs = [(c, _as_channels_last(net.prepare_input(x, c))) for c in configs]
+            losses.append(sandwich_backward(net, inputs, y, opts.distill, 1.0 / opts.grad_accum, batch,
+                                            opts.distill_temperature, chain=opts.distill_from == "previous"))
+            if (i + 1) % opts.grad_accum == 0 or i + 1 == len(train_loader):
+                if reduce_grads is not None:
+                    reduce_grads()
+                if opts.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), opts.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if on_batch is not None:
+                on_batch(i, losses)
     return losses
+
+
+@contextlib.contextmanager
+def channels_last(net: torch.nn.Module):
+    """4-D weights in channels-last layout for the duration: on CPU the backward of depthwise
+    convolutions is 3x faster there (an epoch of the CNN family 1.6x). Outside, the module is
+    back in the default layout, so evaluation, extraction and export see what they always saw."""
+    if not any(p.dim() == 4 for p in net.parameters()):
+        yield
+        return
+    net.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        net.to(memory_format=torch.contiguous_format)
+
+
+def _as_channels_last(x: Any) -> Any:
+    return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
 
 
 def validation_metrics(net: Supernet, val_loader: DataLoader, train_loader: DataLoader, seed: int) -> dict:

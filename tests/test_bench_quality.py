@@ -28,13 +28,30 @@ def test_quick_run_writes_a_sane_report_and_reuses_standalone(tmp_path):
         assert set(res["calib_sweep"]) == {"64", "128", "all"}
         assert all(c["kendall_tau_std"] >= 0 and c["mean_accuracy_std"] >= 0 for c in res["calib_sweep"].values())
     assert -1 <= result["ceiling"]["kendall_tau_seed_to_seed"] <= 1
-    # a second run reusing the stand-alone results: the same numbers without retraining them
+    # a second run reusing the stand-alone results (runs a and b) and training a third seed
     again = tmp_path / "again.json"
-    proc = _run("--quick", "--variant", "default", "--standalone-from", str(out), "--out", str(again))
+    proc = _run("--quick", "--variant", "default", "--standalone-from", str(out), "--standalone-seeds", "3",
+                "--out", str(again))
     assert proc.returncode == 0, proc.stderr[-2000:]
     second = json.loads(again.read_text())
-    assert second["standalone"] == result["standalone"]
+    for old, new in zip(result["standalone"], second["standalone"], strict=True):
+        runs = new.pop("standalone_runs_folds")
+        assert len(runs) == 3 and runs[:2] == old.pop("standalone_runs_folds")  # reused exactly
+        assert new.pop("standalone_mean") == pytest.approx(sum(sum(f) / len(f) for f in runs) / 3)
+        old.pop("standalone_mean")
+        assert new == old
     assert second["variants"]["default"]["rows"] == result["variants"]["default"]["rows"]  # seeded: reproducible
+    ceiling = second["ceiling"]
+    assert ceiling["runs"] == 3 and list(ceiling["kendall_tau_pairs"]) == ["a-b", "a-c", "b-c"]
+    assert ceiling["kendall_tau_pairs"]["a-b"] == result["ceiling"]["kendall_tau_seed_to_seed"]
+    assert -1 <= ceiling["kendall_tau_one_vs_rest_mean"] <= 1
+    from scipy.stats import kendalltau
+
+    means = [r["standalone_mean"] for r in json.loads(again.read_text())["standalone"]]
+    shared = [r["shared"] for r in second["variants"]["default"]["rows"]]
+    got = second["variants"]["default"]["summary"]["kendall_tau_vs_seed_mean"]
+    want = kendalltau(shared, means).statistic
+    assert got == pytest.approx(0.0 if want != want else want)  # NaN (constant accuracies) reads 0
     rows, summary = result["rows"], result["summary"]
     assert len(rows) == result["meta"]["subnets"] == 4
     macs = [r["macs"] for r in rows]
@@ -62,6 +79,8 @@ def test_quick_run_writes_a_sane_report_and_reuses_standalone(tmp_path):
     (["--variant", "macs,macs"], "a variant is listed twice"),
     (["--jobs", "0"], "--jobs 0: must be 1 to 64"),
     (["--standalone-from", "/nonexistent/q.json"], "--standalone-from /nonexistent/q.json: not a readable"),
+    (["--standalone-seeds", "0"], "--standalone-seeds 0: must be 1 to 10"),
+    (["--standalone-seeds", "3", "--no-ceiling"], "--no-ceiling means one run"),
 ])
 def test_bad_options_are_one_line_errors(args, words, capsys):
     sys.path.insert(0, str(TOOL.parent))

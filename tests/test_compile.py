@@ -255,3 +255,16 @@ def test_interleaved_sweeps_alternate_the_order_and_keep_each_keys_index():
     runs = interleaved_sweeps(["a", "b", "c"], lambda i, k: calls.append((i, k)) or float(len(calls)), 3)
     assert calls == [(0, "a"), (1, "b"), (2, "c"), (2, "c"), (1, "b"), (0, "a"), (0, "a"), (1, "b"), (2, "c")]
     assert runs == {"a": [1.0, 6.0, 7.0], "b": [2.0, 5.0, 8.0], "c": [3.0, 4.0, 9.0]}
+
+
+def test_runner_does_not_retry_or_overwarm_a_model_too_slow_for_its_budget():
+    calls = []
+
+    def slow(_x):
+        calls.append(1)
+        time.sleep(0.05)
+
+    # 0.05 s a call, 0.2 s budget: 20 repeats cannot fit; the warm-up stops at two calls (0.1 s >= 0.05 s)
+    m = get_runner("callable", max_seconds=0.2, warmup=5).measure(slow, None)
+    assert not m.stable and m.attempts == 1 and m.repeats < 20
+    assert len(calls) == 2 + m.repeats

@@ -9,6 +9,9 @@ Run as ``python tools/bench_supernet.py --quality`` (or this file directly). Ste
    (seeded), trained from scratch with the supernet's recipe, epochs and batch (plain cross
    entropy). With ``--ceiling`` (the default) each is trained a second time under another seed:
    the Kendall tau between the two runs is the noise ceiling of any tau against one run.
+   ``--standalone-seeds K`` trains K runs: every variant is also scored against their mean, and
+   each run against the mean of the others bounds what a tau against a mean of seeds can reach.
+   Stand-alone training runs in channels-last layout, as the supernet's does (faster on CPU).
 3. For each training variant (``--variant a,b`` or ``all``): train an ``ElasticCNN`` supernet on
    the task at the same cost as the default (epochs scaled by 4 / (2 + sandwich) subnet passes
    per step), then the shared-weight accuracy of every subnet, batch norm recalibrated on the
@@ -35,6 +38,7 @@ training images per class (400) are kept and the remaining 1397 form the evaluat
 Reproduce::
 
     python tools/bench_supernet.py --quality --variant all --epochs 32 --jobs 2   # the issue-20 table
+    python tools/bench_supernet.py --quality --epochs 32 --standalone-seeds 3 --jobs 2   # a 3-seed reference
     python tools/bench_supernet.py --quality                     # default variant: digits-hard, 20 subnets
     python tools/bench_supernet.py --quality --quick --out q.json
 """
@@ -60,7 +64,7 @@ from nestnas.predictors.macs import count_macs
 from nestnas.supernet import ElasticCNN, SearchSpace
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import accuracy, module_inputs, prepared, recalibrated_subnet
-from nestnas.supernet.train import TrainOptions, make_optimizer, recipe_for, train_supernet
+from nestnas.supernet.train import TrainOptions, channels_last, make_optimizer, recipe_for, train_supernet
 
 TASKS = ("digits", "digits-hard")
 #: Training variants of section 2 (train_supernet options); passes per step are 2 + sandwich.
@@ -79,6 +83,10 @@ VARIANTS = {
     "step-res": {"step_resolution": True},
     "step-res+log-macs+t2": {"step_resolution": True, "sampling": "log-macs", "distill_temperature": 2.0},
     "step-res+progressive+t2": {"step_resolution": True, "progressive": True, "distill_temperature": 2.0},
+    # not at the default's cost: what twice the training buys (Once-for-All trains far longer than one net)
+    "default-2x": {"cost": 2.0},
+    "step-res+log-macs+t2-2x": {"step_resolution": True, "sampling": "log-macs", "distill_temperature": 2.0,
+                                "cost": 2.0},
 }
 SEED = 0
 POOL_SAMPLES = 2000
@@ -159,13 +167,14 @@ def standalone(net, config, train_ds, epochs: int, seed: int) -> torch.nn.Module
     optimizer, scheduler = make_optimizer(module, opts, len(loader))
     torch.manual_seed(seed)
     module.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            logits = module(module_inputs(net, config, net.prepare_input(x, config)))
-            F.cross_entropy(logits, y).backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    with channels_last(module):  # as the supernet trains
+        for _ in range(epochs):
+            for x, y in loader:
+                x = net.prepare_input(x, config).contiguous(memory_format=torch.channels_last)
+                F.cross_entropy(module(module_inputs(net, config, x)), y).backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
     return module.eval()
 
 
@@ -235,8 +244,9 @@ def variant_job(task: str, variant: str, epochs: int, seed: int, folds: int, con
     torch.set_num_threads(1)
     train_ds, fold_dl = _context(task, seed, folds)
     net = _fresh_net(seed)
-    options = VARIANTS[variant]
-    scaled = max(1, round(epochs * 4 / (2 + options.get("sandwich", 2))))
+    options = dict(VARIANTS[variant])
+    cost = options.pop("cost", 1.0)
+    scaled = max(1, round(epochs * cost * 4 / (2 + options.get("sandwich", 2))))
     t0 = time.perf_counter()
     train_supernet(net, DataLoader(train_ds, batch_size=recipe_for(net).batch_size, shuffle=True, drop_last=True),
                    epochs=scaled, seed=seed, progress=False, **options)
@@ -255,6 +265,34 @@ def standalone_job(task: str, epochs: int, seed: int, folds: int, config, train_
     net = _fresh_net(seed)
     module = standalone(net, config, train_ds, epochs, train_seed)
     return _fold_accuracies(net, module, config, fold_dl)
+
+
+def _finite(v) -> float:
+    return 0.0 if math.isnan(v) else float(v)  # constant accuracies: no ranking
+
+
+def _run_name(b: int) -> str:
+    return "abcdefghij"[b]
+
+
+def _ceiling(base: list[dict], runs: int) -> dict:
+    """Seed-to-seed agreement of the stand-alone runs: Kendall tau and mean |difference| over
+    every pair of runs, and (3 runs or more) each run against the mean of the others, the
+    ceiling of a tau against a mean of runs - 1 seeds (a mean of more seeds agrees better)."""
+    from itertools import combinations
+
+    from scipy.stats import kendalltau
+
+    acc = np.array([[np.mean(r["standalone_runs_folds"][b]) for r in base] for b in range(runs)])
+    pairs = list(combinations(range(runs), 2))
+    taus = [_finite(kendalltau(acc[a], acc[b]).statistic) for a, b in pairs]
+    out = {"runs": runs, "kendall_tau_seed_to_seed": float(np.mean(taus)),
+           "kendall_tau_pairs": {f"{_run_name(a)}-{_run_name(b)}": t for (a, b), t in zip(pairs, taus)},
+           "mean_abs_diff_points": float(np.mean([np.abs(acc[a] - acc[b]).mean() for a, b in pairs]) * 100)}
+    if runs >= 3:
+        rest = [_finite(kendalltau(acc[b], np.delete(acc, b, axis=0).mean(axis=0)).statistic) for b in range(runs)]
+        out["kendall_tau_one_vs_rest_mean"] = float(np.mean(rest))
+    return out
 
 
 def _calib_key(nb: int | None) -> str:
@@ -279,6 +317,9 @@ def parse(argv):
     ap.add_argument("--jobs", type=int, default=1, help="processes running variants and stand-alone trainings")
     ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="train every stand-alone subnet twice to measure the seed-to-seed tau (default on)")
+    ap.add_argument("--standalone-seeds", type=int, default=None, metavar="K",
+                    help="stand-alone runs per subnet, each under its own seed (default 2, 1 with --no-ceiling): "
+                         "with 3 or more the tau against their mean has a ceiling (each run against the others' mean)")
     ap.add_argument("--standalone-from", default=None, metavar="REPORT",
                     help="reuse the stand-alone results of this earlier report (same task, epochs, seed, folds)")
     ap.add_argument("--seed", type=int, default=SEED)
@@ -307,6 +348,12 @@ def parse(argv):
         ap.error(f"--epochs {args.epochs}: must be at least 1")
     if not 1 <= args.jobs <= 64:
         ap.error(f"--jobs {args.jobs}: must be 1 to 64")
+    if args.standalone_seeds is not None and not 1 <= args.standalone_seeds <= 10:
+        ap.error(f"--standalone-seeds {args.standalone_seeds}: must be 1 to 10")
+    if args.standalone_seeds is not None and args.standalone_seeds > 1 and not args.ceiling:
+        ap.error(f"--standalone-seeds {args.standalone_seeds} with --no-ceiling: --no-ceiling means one run")
+    args.runs = args.standalone_seeds or (2 if args.ceiling else 1)
+    args.ceiling = args.runs >= 2
     args.reuse = _load_reuse(ap, args) if args.standalone_from else None
     return args
 
@@ -324,9 +371,15 @@ def _load_reuse(ap, args) -> dict:
         if meta.get(key) != getattr(args, key):
             ap.error(f"--standalone-from {args.standalone_from}: {key} is {meta.get(key)!r} there, "
                      f"{getattr(args, key)!r} here")
-    if args.ceiling and not all("standalone_b" in r for r in rows):
-        ap.error(f"--standalone-from {args.standalone_from}: has no ceiling runs; pass --no-ceiling")
-    return {SubnetConfig.from_dict(r["config"]).to_json(): r for r in rows}
+    return {SubnetConfig.from_dict(r["config"]).to_json(): _runs_of(r) for r in rows}  # runs it lacks are trained
+
+
+def _runs_of(row: dict) -> list[list[float]]:
+    """A report row's stand-alone runs (fold accuracies each), in seed order; older reports hold
+    runs a and b only."""
+    if "standalone_runs_folds" in row:
+        return row["standalone_runs_folds"]
+    return [row["standalone_folds"]] + ([row["standalone_b_folds"]] if "standalone_b_folds" in row else [])
 
 
 def _pool(jobs: int):
@@ -354,7 +407,7 @@ def run(args, console: Console | None = None) -> dict:
     from concurrent.futures import as_completed
 
     from rich.progress import Progress
-    from scipy.stats import kendalltau
+    from scipy.stats import kendalltau, spearmanr
 
     t0 = time.perf_counter()
     x_tr, y_tr, _, y_pool = task_arrays(args.task, args.seed)
@@ -365,12 +418,11 @@ def run(args, console: Console | None = None) -> dict:
     alone: dict[tuple[int, int], list[float]] = {}
     if args.reuse is not None:
         for i, c in enumerate(configs):
-            r = args.reuse.get(c.to_json())
-            if r is None:
+            runs = args.reuse.get(c.to_json())
+            if runs is None:
                 raise SystemExit(f"--standalone-from {args.standalone_from}: subnet {i} is not in it")
-            alone[i, 0] = r["standalone_folds"]
-            if args.ceiling:
-                alone[i, 1] = r["standalone_b_folds"]
+            for b, folds in enumerate(runs[:args.runs]):
+                alone[i, b] = folds
     variants: dict[str, dict] = {}
     jobs = {}
     with _pool(args.jobs) as pool, Progress(console=console, transient=True) as bar:
@@ -378,7 +430,7 @@ def run(args, console: Console | None = None) -> dict:
         for v in args.variants:
             jobs[pool.submit(variant_job, args.task, v, args.epochs, args.seed, args.folds, configs)] = ("v", v)
         for i in reversed(range(len(configs))):
-            for b in (0, 1) if args.ceiling else (0,):
+            for b in range(args.runs):
                 if (i, b) not in alone:
                     seed = args.seed + 1 + i + b * CEILING_SEED_OFFSET
                     jobs[pool.submit(standalone_job, args.task, args.epochs, args.seed, args.folds, configs[i],
@@ -392,7 +444,7 @@ def run(args, console: Console | None = None) -> dict:
                 alone[key] = fut.result()
             bar.advance(task)
             if console is not None and not console.is_terminal:  # a log gets one line per finished job
-                what = f"variant {key}" if kind == "v" else f"stand-alone subnet {key[0]} run {'ab'[key[1]]}"
+                what = f"variant {key}" if kind == "v" else f"stand-alone subnet {key[0]} run {_run_name(key[1])}"
                 console.print(f"[{time.perf_counter() - t0:7.0f} s] {what} done "
                               f"({int(bar.tasks[0].completed)}/{len(jobs)})")
     base = []
@@ -403,13 +455,12 @@ def run(args, console: Console | None = None) -> dict:
         if args.ceiling:
             row["standalone_b"], row["standalone_b_se"] = _mean_se(alone[i, 1])
             row["standalone_b_folds"] = alone[i, 1]
+            runs = [alone[i, b] for b in range(args.runs)]
+            row["standalone_runs_folds"] = runs
+            row["standalone_mean"] = float(np.mean([np.mean(f) for f in runs]))
         base.append(row)
     alone_a = np.array([r["standalone"] for r in base])
-    ceiling = None
-    if args.ceiling:
-        alone_b = np.array([r["standalone_b"] for r in base])
-        ceiling = {"kendall_tau_seed_to_seed": float(kendalltau(alone_a, alone_b).statistic),
-                   "mean_abs_diff_points": float(np.abs(alone_a - alone_b).mean() * 100)}
+    ceiling = _ceiling(base, args.runs) if args.ceiling else None
     report = {}
     for v in args.variants:
         res = variants[v]
@@ -422,20 +473,24 @@ def run(args, console: Console | None = None) -> dict:
                          "gap_points": (s - r["standalone"]) * 100})
         summary = summarise(rows)
         if args.ceiling:
-            mean_alone = (alone_a + np.array([r["standalone_b"] for r in base])) / 2
-            summary["kendall_tau_vs_two_seed_mean"] = float(kendalltau([r["shared"] for r in rows],
-                                                                       mean_alone).statistic)
+            mean_alone = np.array([r["standalone_mean"] for r in base])
+            shared = np.array([r["shared"] for r in rows])
+            summary["kendall_tau_vs_seed_mean"] = _finite(kendalltau(shared, mean_alone).statistic)
+            summary["spearman_rho_vs_seed_mean"] = _finite(spearmanr(shared, mean_alone).statistic)
+            summary["mean_gap_vs_seed_mean_points"] = float((shared - mean_alone).mean() * 100)
         report[v] = {"epochs": res["epochs"], "train_seconds": res["train_seconds"], "rows": rows,
                      "summary": summary, "calib_sweep": _sweep_stats(res["sweep"], alone_a)}
     first = report[args.variants[0]]
     return {"meta": {"task": args.task, "variants": args.variants, "subnets": args.subnets, "folds": args.folds,
                      "epochs": args.epochs, "seed": args.seed, "quick": args.quick, "train_images": len(y_tr),
                      "pool_images": len(y_pool), "jobs": args.jobs, "ceiling": args.ceiling,
+                     "standalone_seeds": args.runs,
                      "evaluation": f"{args.folds} stratified folds of the held-out pool; "
                      "mean and standard error over folds",
                      "calibration": f"batch norm recalibrated in batches of {CALIB_BATCH} training images; primary: "
                      f"all of them; sweep: {[_calib_key(n) for n in CALIB_SWEEP]} images x {CALIB_SEEDS} seeds",
-                     "training_cost": "each variant's epochs scaled by 4 / (2 + sandwich) subnet passes per step",
+                     "training_cost": "each variant's epochs scaled by 4 / (2 + sandwich) subnet passes per step; "
+                     "variants named -2x train twice as long",
                      "task_construction": __doc__.split("Tasks. ")[1].split("\n\nReproduce")[0].replace("\n", " "),
                      "seconds": round(time.perf_counter() - t0, 1),
                      "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
@@ -456,12 +511,15 @@ def show(result: dict, console: Console) -> None:
                           f"{r['vs_line_points']:+.1f}" if "vs_line_points" in r else "")
         console.print(table)
     table = Table(title="variants side by side (same subnets, same stand-alone runs, same training cost)")
-    for col in ("variant", "tau", "tau top", "rho", "gap mean", "gap worst", "middle vs line", "targets",
-                "tau by calib 64 / 128 / all (std over seeds)", "train s"):
+    runs = meta.get("standalone_seeds", 2 if result["ceiling"] else 1)
+    for col in ("variant", "tau", "tau top", "rho", f"tau vs mean of {runs}", "gap mean", "gap worst",
+                "middle vs line", "targets", "tau by calib 64 / 128 / all (std over seeds)", "train s"):
         table.add_column(col, justify="right")
     for v, res in result["variants"].items():
         s, cs = res["summary"], res["calib_sweep"]
+        vs_mean = f"{s['kendall_tau_vs_seed_mean']:.3f}" if "kendall_tau_vs_seed_mean" in s else "-"
         table.add_row(v, f"{s['kendall_tau']:.3f}", f"{s['kendall_tau_top_half']:.3f}", f"{s['spearman_rho']:.3f}",
+                      vs_mean,
                       f"{s['mean_gap_points']:+.2f}", f"{s['worst_gap_points']:+.2f}",
                       f"{s['middle_worst_vs_line_points']:+.2f}", f"{sum(s['targets'].values())}/3",
                       " / ".join(f"{cs[k]['kendall_tau']:.2f} ({cs[k]['kendall_tau_std']:.2f})"
@@ -469,8 +527,11 @@ def show(result: dict, console: Console) -> None:
     console.print(table)
     if result["ceiling"]:
         c = result["ceiling"]
-        console.print(f"noise ceiling: stand-alone seed-to-seed Kendall tau {c['kendall_tau_seed_to_seed']:.3f}, "
-                      f"mean |difference| {c['mean_abs_diff_points']:.2f} points")
+        rest = (f"; each run against the mean of the other {c['runs'] - 1}: {c['kendall_tau_one_vs_rest_mean']:.3f}"
+                if "kendall_tau_one_vs_rest_mean" in c else "")
+        console.print(f"noise ceiling: stand-alone seed-to-seed Kendall tau {c['kendall_tau_seed_to_seed']:.3f} "
+                      f"(mean of {len(c.get('kendall_tau_pairs', [0]))} pairs), mean |difference| "
+                      f"{c['mean_abs_diff_points']:.2f} points{rest}")
     for v, res in result["variants"].items():
         s = res["summary"]
         console.print(f"{v}: " + "; ".join(f"{name}: {'met' if met else 'NOT met'}"
