@@ -61,6 +61,11 @@ def test_quick_run_writes_a_sane_report_and_reuses_standalone(tmp_path):
         assert r["shared_se"] >= 0 and r["standalone_se"] >= 0
         assert r["gap_points"] == pytest.approx((r["shared"] - r["standalone"]) * 100)
     assert all("vs_line_points" in r for r in rows[1:-1]) and "vs_line_points" not in rows[0]
+    assert summary["standalone_middle_worst_vs_line_points"] == pytest.approx(
+        min(r["standalone_vs_line_points"] for r in rows[1:-1]))
+    assert len(result["ceiling"]["middle_worst_vs_line_points_per_run"]) == 2
+    assert result["ceiling"]["middle_worst_vs_line_points_per_run"][0] == pytest.approx(
+        summary["standalone_middle_worst_vs_line_points"])  # run a is the one the rows show
     for key in ("kendall_tau", "spearman_rho", "kendall_tau_top_half"):
         assert -1 <= summary[key] <= 1
     assert summary["worst_gap_points"] <= summary["mean_gap_points"]
@@ -132,3 +137,14 @@ def test_shared_folds_matches_subnet_accuracy():
         got = bq.shared_folds(net, config, folds, calib, 4, seed=7)
         want = [subnet_accuracy(net, config, f, calib, calib_batches=4, seed=7) for f in folds]
         assert got == want
+
+
+def test_vs_line_is_the_distance_to_the_log_macs_line():
+    sys.path.insert(0, str(TOOL.parent))
+    import math
+
+    from bench_quality import vs_line
+
+    got = vs_line([0.5, 0.6, 0.9, 1.0], [1, math.e, math.e ** 2, math.e ** 3])
+    assert got.tolist() == pytest.approx([-100 / 15, 100 / 15])  # line: 0.5 + k / 6 at log MACs k
+    assert vs_line([0.7, 0.7], [10, 20]).size == 0  # no middle

@@ -184,6 +184,14 @@ def _mean_se(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
+def vs_line(acc, macs) -> np.ndarray:
+    """Points above (+) or below (-) the line from the smallest to the largest subnet in log MACs,
+    for the subnets between them (``acc`` sorted by MACs)."""
+    acc, logm = np.asarray(acc, float), np.log(np.asarray(macs, float))
+    line = acc[0] + (acc[-1] - acc[0]) * (logm - logm[0]) / max(logm[-1] - logm[0], 1e-12)
+    return ((acc - line) * 100)[1:-1]
+
+
 def summarise(rows: list[dict]) -> dict:
     from scipy.stats import kendalltau, spearmanr
 
@@ -191,17 +199,18 @@ def summarise(rows: list[dict]) -> dict:
     alone = np.array([r["standalone"] for r in rows])
     gaps = (shared - alone) * 100
     top = np.argsort(-alone)[: max(2, len(rows) // 2)]
-    logm = np.log([r["macs"] for r in rows])
-    line = shared[0] + (shared[-1] - shared[0]) * (logm - logm[0]) / max(logm[-1] - logm[0], 1e-12)
-    below = ((shared - line) * 100)[1:-1]
-    for r, b in zip(rows[1:-1], below):
-        r["vs_line_points"] = float(b)
+    below = vs_line(shared, [r["macs"] for r in rows])
+    alone_below = vs_line(alone, [r["macs"] for r in rows])
+    for r, b, ab in zip(rows[1:-1], below, alone_below):
+        r["vs_line_points"], r["standalone_vs_line_points"] = float(b), float(ab)
     tau = float(kendalltau(shared, alone).statistic)
     out = {
         "kendall_tau": tau, "spearman_rho": float(spearmanr(shared, alone).statistic),
         "kendall_tau_top_half": float(kendalltau(shared[top], alone[top]).statistic),
         "mean_gap_points": float(gaps.mean()), "worst_gap_points": float(gaps.min()),
         "middle_worst_vs_line_points": float(below.min()) if len(below) else 0.0,
+        # the same check on stand-alone accuracy: how far the space itself dips below its line
+        "standalone_middle_worst_vs_line_points": float(alone_below.min()) if len(alone_below) else 0.0,
     }
     out = {k: (0.0 if math.isnan(v) else v) for k, v in out.items()}  # constant accuracies: no ranking
     out["targets"] = {
@@ -292,6 +301,9 @@ def _ceiling(base: list[dict], runs: int) -> dict:
     if runs >= 3:
         rest = [_finite(kendalltau(acc[b], np.delete(acc, b, axis=0).mean(axis=0)).statistic) for b in range(runs)]
         out["kendall_tau_one_vs_rest_mean"] = float(np.mean(rest))
+    macs = [r["macs"] for r in base]
+    out["middle_worst_vs_line_points_per_run"] = [float(vs_line(a, macs).min()) for a in acc]
+    out["middle_worst_vs_line_points_of_mean"] = float(vs_line(acc.mean(axis=0), macs).min())
     return out
 
 
@@ -503,12 +515,13 @@ def show(result: dict, console: Console) -> None:
     for v, res in result["variants"].items():
         table = Table(title=f"variant {v}: supernet quality on {meta['task']} ({meta['folds']} folds, "
                             f"{res['epochs']} supernet epochs, {meta['epochs']} stand-alone)")
-        for col in ("#", "MACs", "shared %", "alone %", "gap pts", "vs line pts"):
+        for col in ("#", "MACs", "shared %", "alone %", "gap pts", "vs line pts", "alone vs line"):
             table.add_column(col, justify="right")
         for i, r in enumerate(res["rows"]):
             table.add_row(str(i), f"{r['macs']:,}", f"{100 * r['shared']:.1f} ± {100 * r['shared_se']:.1f}",
                           f"{100 * r['standalone']:.1f} ± {100 * r['standalone_se']:.1f}", f"{r['gap_points']:+.1f}",
-                          f"{r['vs_line_points']:+.1f}" if "vs_line_points" in r else "")
+                          f"{r['vs_line_points']:+.1f}" if "vs_line_points" in r else "",
+                          f"{r['standalone_vs_line_points']:+.1f}" if "standalone_vs_line_points" in r else "")
         console.print(table)
     table = Table(title="variants side by side (same subnets, same stand-alone runs, same training cost)")
     runs = meta.get("standalone_seeds", 2 if result["ceiling"] else 1)
@@ -532,6 +545,10 @@ def show(result: dict, console: Console) -> None:
         console.print(f"noise ceiling: stand-alone seed-to-seed Kendall tau {c['kendall_tau_seed_to_seed']:.3f} "
                       f"(mean of {len(c.get('kendall_tau_pairs', [0]))} pairs), mean |difference| "
                       f"{c['mean_abs_diff_points']:.2f} points{rest}")
+        if "middle_worst_vs_line_points_of_mean" in c:
+            per_run = ", ".join(f"{v:+.1f}" for v in c["middle_worst_vs_line_points_per_run"])
+            console.print(f"stand-alone middle vs line (the space's own dip): {per_run} per run, "
+                          f"{c['middle_worst_vs_line_points_of_mean']:+.1f} for the mean of {c['runs']} runs")
     for v, res in result["variants"].items():
         s = res["summary"]
         console.print(f"{v}: " + "; ".join(f"{name}: {'met' if met else 'NOT met'}"
