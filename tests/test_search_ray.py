@@ -3,12 +3,14 @@ actors survived, and one line when the cluster is lost (with what was saved)."""
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -153,8 +155,10 @@ def test_a_lost_cluster_is_one_line_saying_what_is_saved_and_a_rerun_resumes(tin
         stop.set()
     message = str(err.value)
     assert "\n" not in message and f"saved in the cache {db}" in message and "rerun" in message
-    saved = len(rows(db)) // 2  # accuracy and MACs rows per subnet
-    assert 0 < saved < len(front.evaluated) and f"the {saved} before" in message
+    kept = re.search(r"; (\d+) of this generation's \d+ evaluations and the (\d+) before", message)
+    done, before = map(int, kept.groups())
+    per_metric = Counter(context for context, _, _ in rows(db))  # accuracy runs first, so only it has this generation's
+    assert 0 < before < len(front.evaluated) and sorted(per_metric.values()) == sorted([before, before + done])
     with one_thread(), EvalCache(db) as cache:  # the rerun (here locally) picks up what was saved
         resumed = search(SPACE, tiny[1], cache=cache, state=state, **RUN)
     assert summary(resumed) == summary(front) and resumed.meta["resumed"]
