@@ -99,8 +99,9 @@ def train(
     sorted_ladder: Annotated[bool, typer.Option(help="Draw subnets from a sorted ladder of nested subnets "
                                                      "(SortedNet) instead of at random.")] = False,
     sampling: Annotated[Optional[str], typer.Option(
-        help="How the random subnets are drawn: uniform (every choice uniform), macs (uniform in MACs) or "
-             "log-macs (uniform in log MACs); default: the family recipe's")] = None,
+        help="How the random subnets are drawn: uniform (every choice uniform), macs (uniform in MACs), "
+             "log-macs (uniform in log MACs) or attentive (of 3 candidates at one log-MACs target, the one with "
+             "the highest loss on the step's batch; one process only); default: the family recipe's")] = None,
     progressive: Annotated[Optional[bool], typer.Option(
         "--progressive/--no-progressive", help="Progressive shrinking (Once-for-All): the largest alone, then "
                                                "elastic kernel, depth and width in phases; default: the family "

@@ -100,6 +100,8 @@ def train_distributed(net: Supernet, train_loader, opts: TrainOptions, *, addres
         raise ConfigError(f"workers must be a whole number of at least 1, got {workers!r}")
     if max_failures < -1:
         raise ConfigError(f"max_failures must be -1 (no limit) or more, got {max_failures}")
+    if opts.sampling == "attentive":  # ranks scoring candidates apart could pick different subnets
+        raise ConfigError("sampling 'attentive' trains in one process only; give another sampling for Ray training")
     optimizer, scheduler = make_optimizer(net, opts, len(train_loader))
     result = TrainResult()
     if checkpoint is not None and resume and os.path.exists(checkpoint):

@@ -33,7 +33,7 @@ from nestnas.supernet.checkpoint import read_checkpoint, save_checkpoint
 from nestnas.supernet.config import SubnetConfig
 from nestnas.supernet.evaluate import subnet_accuracy
 from nestnas.supernet.families import family_names, supernet_class
-from nestnas.supernet.sampling import DISTILL_FROM, SAMPLINGS, SubnetSampler, macs_uncountable
+from nestnas.supernet.sampling import DISTILL_FROM, SAMPLINGS, SCORE_ROWS, SubnetSampler, macs_uncountable
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -269,7 +269,7 @@ def train_epoch(net: Supernet, train_loader: DataLoader, opts: TrainOptions, epo
     optimizer.zero_grad(set_to_none=True)
     with channels_last(net):  # faster backward of depthwise convolutions on CPU
         for i, (x, y) in enumerate(train_loader):
-            configs = sampler.draw(epoch, rng)
+            configs = sampler.draw(epoch, rng, score=lambda cs, x=x, y=y: batch_losses(net, x, y, cs))
             batch = None
             if shard is not None:
                 batch = len(y)
@@ -288,6 +288,22 @@ def train_epoch(net: Supernet, train_loader: DataLoader, opts: TrainOptions, epo
             if on_batch is not None:
                 on_batch(i, losses)
     return losses
+
+
+def batch_losses(net: Supernet, x: Any, y: torch.Tensor, configs: list[SubnetConfig]) -> list[float]:
+    """Cross-entropy of each subnet on the first `SCORE_ROWS` rows of a batch, without gradients
+    (what attentive sampling ranks its candidates by)."""
+    x, y = _rows(x, SCORE_ROWS), y[:SCORE_ROWS]
+    with torch.no_grad():
+        return [F.cross_entropy(net(_as_channels_last(net.prepare_input(x, c)), c), y).item() for c in configs]
+
+
+def _rows(x: Any, n: int) -> Any:
+    if isinstance(x, dict):
+        return {k: _rows(v, n) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(v, n) for v in x)
+    return x[:n] if isinstance(x, torch.Tensor) else x
 
 
 @contextlib.contextmanager
@@ -362,7 +378,8 @@ def train_supernet(
     clipping); `grad_accum` (or its alias `accumulate`) batches per optimiser step.
 
     Which subnets each step trains (each left None takes the family recipe's value): `sampling`
-    ("uniform" choices, "macs" uniform in MACs, "log-macs" in log MACs),
+    ("uniform" choices, "macs" uniform in MACs, "log-macs" in log MACs, "attentive": the worst of
+    equal-cost candidates on the step's batch),
     `sorted_ladder`, and `progressive` shrinking (`nestnas.supernet.sampling`); how they learn:
     `distill` from the largest's soft predictions at `distill_temperature`, or with
     `distill_from="previous"` each from the next larger subnet of the step.

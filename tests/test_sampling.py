@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from nestnas.errors import ConfigError
 from nestnas.predictors.macs import count_macs
 from nestnas.supernet import ElasticCNN, ElasticTransformer, SearchSpace
-from nestnas.supernet.sampling import PHASES, SubnetSampler, phase_masks, phase_of
-from nestnas.supernet.train import TrainOptions, distill_loss, train_supernet
+from nestnas.supernet.sampling import ATTENTIVE_POOL, PHASES, SCORE_ROWS, SubnetSampler, phase_masks, phase_of
+from nestnas.supernet.train import TrainOptions, batch_losses, distill_loss, train_supernet
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,50 @@ def test_log_macs_sampling_is_uniform_in_log_cost(cnn):
     linear = SubnetSampler(cnn, TrainOptions(4, sampling="macs", sandwich=1))
     lin = (np.log([_macs(cnn, linear.draw(2, rng)[2]) for _ in range(200)]) - lo) / (hi - lo)
     assert (lin < 0.25).mean() < 0.05 < (share < 0.25).mean()  # linear MACs starve the small end
+
+
+def test_attentive_sampling_trains_the_worst_of_equal_cost_candidates(cnn):
+    rng, span = np.random.default_rng(0), np.log(_macs(cnn, cnn.space.largest()) / _macs(cnn, cnn.space.smallest()))
+    sampler = SubnetSampler(cnn, TrainOptions(4, sampling="attentive", sandwich=2))
+    scored = []
+
+    def score(configs):  # a loss unrelated to cost, so the pick cannot be the nearest by accident
+        losses = [float(np.random.default_rng(list(c.to_json().encode())).uniform()) for c in configs]
+        scored.append((configs, losses))
+        return losses
+
+    for _ in range(30):
+        step = sampler.draw(2, rng, score=score)
+        groups, picks = scored[-2:], step[2:]
+        assert len(picks) == 2
+        for (configs, losses), pick in zip(groups, picks):
+            assert len(configs) == ATTENTIVE_POOL and pick == configs[int(np.argmax(losses))]
+            cost = np.log([_macs(cnn, c) for c in configs])
+            assert cost.max() - cost.min() < 0.1 * span  # candidates of about one cost
+    assert len(scored) == 60
+    with pytest.raises(ConfigError, match="give draw\\(\\) a score"):
+        sampler.draw(2, rng)
+
+
+def test_batch_losses_score_on_the_first_rows_without_gradients():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    torch.manual_seed(0)
+    cnn = ElasticCNN(SearchSpace.mobilenet(), num_classes=10, in_channels=1).train()  # as in a training step
+    configs = [cnn.space.smallest(), cnn.space.largest()]
+    losses = batch_losses(cnn, x, y, configs)
+    head = batch_losses(cnn, x[:SCORE_ROWS], y[:SCORE_ROWS], configs)
+    with torch.no_grad():
+        direct = [torch.nn.functional.cross_entropy(cnn(cnn.prepare_input(x[:SCORE_ROWS], c), c),
+                                                    y[:SCORE_ROWS]).item() for c in configs]
+    assert losses == head and np.allclose(losses, direct, rtol=1e-5) and losses[0] != losses[1]
+    assert all(p.grad is None for p in cnn.parameters())
+
+
+def test_attentive_sampling_is_refused_for_ray_training(cnn):
+    loader = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=4)
+    with pytest.raises(ConfigError, match="sampling 'attentive' trains in one process only"):
+        train_supernet(cnn, loader, epochs=1, sampling="attentive", ray_address="local:2", progress=False)
 
 
 def test_step_resolution_runs_every_subnet_of_a_step_at_one_input_size(cnn):
@@ -128,7 +172,7 @@ def test_temperature_softens_and_rescales_the_distillation_loss():
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(sampling="cost"), "'sampling' is 'cost'; allowed: ['uniform', 'macs', 'log-macs']"),
+    (dict(sampling="cost"), "'sampling' is 'cost'; allowed: ['uniform', 'macs', 'log-macs', 'attentive']"),
     (dict(distill_from="teacher"), "'distill_from' is 'teacher'; allowed: ['largest', 'previous']"),
     (dict(distill_temperature=0.0), "'distill_temperature' must be positive"),
     (dict(sorted_ladder=True, sampling="macs"), "cannot be combined"),
@@ -151,7 +195,8 @@ def _kill_after_2(epoch, metrics):
 
 @pytest.mark.parametrize("options", [dict(sampling="macs"), dict(sampling="log-macs", progressive=True),
                                      dict(progressive=True), dict(step_resolution=True, sorted_ladder=True),
-                                     dict(distill_from="previous", distill_temperature=2.0)])
+                                     dict(distill_from="previous", distill_temperature=2.0),
+                                     dict(sampling="attentive", step_resolution=True)])
 def test_every_option_trains_and_resumes_bit_identically(options, tmp_path):
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)),

@@ -83,6 +83,9 @@ VARIANTS = {
     "step-res": {"step_resolution": True},
     "step-res+log-macs+t2": {"step_resolution": True, "sampling": "log-macs", "distill_temperature": 2.0},
     "step-res+progressive+t2": {"step_resolution": True, "progressive": True, "distill_temperature": 2.0},
+    # scoring 3 candidates per subnet on a quarter of the batch costs about an eighth of a step
+    "attentive": {"sampling": "attentive", "cost": 0.89},
+    "attentive+t2": {"sampling": "attentive", "distill_temperature": 2.0, "cost": 0.89},
     # not at the default's cost: what twice the training buys (Once-for-All trains far longer than one net)
     "default-2x": {"cost": 2.0},
     "step-res+log-macs+t2-2x": {"step_resolution": True, "sampling": "log-macs", "distill_temperature": 2.0,
